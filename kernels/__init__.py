@@ -1,0 +1,21 @@
+"""Pure numpy tensor math for LoRA-Edge: TT-SVD of conv kernels, core contraction, reference ΔW."""
+
+from kernels.digest import weight_sha256
+from kernels.tt import (
+    delta_weight,
+    suffix_kernel,
+    tt_ranks,
+    tt_reconstruct,
+    tt_svd,
+    validate_cores,
+)
+
+__all__ = [
+    "delta_weight",
+    "suffix_kernel",
+    "tt_ranks",
+    "tt_reconstruct",
+    "tt_svd",
+    "validate_cores",
+    "weight_sha256",
+]

@@ -1,0 +1,10 @@
+"""toolchain: LoRA-Edge (tensor-train LoRA) adaptation of edge CNNs, fused into ONNX and TensorRT.
+
+Importing this package imports neither torch nor onnxruntime: the graph stage runs on a Jetson
+with numpy, onnx and onnx-graphsurgeon only.
+"""
+
+from toolchain.errors import ToolchainError
+
+__version__ = "0.1.0"
+__all__ = ["ToolchainError", "__version__"]

@@ -1,0 +1,136 @@
+"""Data sources: the UCI HAPT raw format, the seglearn watch dataset (embedded default), and .npz."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.data.windows import STEP, WINDOW, WindowDataset, concat, sliding_windows
+from toolchain.errors import ToolchainError
+
+HAPT_BASIC = ("WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING", "STANDING", "LAYING")
+HAPT_TEST_USERS = (2, 4, 9, 10, 12, 13, 18, 20, 24)
+WATCH_SHA256 = "eb122f23cdf06ef6bd6c6c5312958ec5cf9d038e2e6d457b8081662c75a42537"
+WATCH_TARGETS = (8, 9, 10)
+
+
+def load_hapt(folder: str | Path, activities: tuple[int, ...] = (1, 2, 3, 4, 5, 6)) -> WindowDataset:
+    """UCI HAPT raw recordings -> 128-sample windows, 50% overlap, inside labelled segments.
+
+    Channels: acc x, y, z (g), gyro x, y, z (rad/s). Classes are ``activities`` in the given order.
+    """
+    raw = Path(folder) / "RawData"
+    labels_path = raw / "labels.txt"
+    if not labels_path.is_file():
+        raise ToolchainError("not a HAPT folder: RawData/labels.txt is missing", seen=str(folder), remedy="point at the folder that holds RawData/ (UCI HAPT layout)")
+    labels = _read_table(labels_path, 5).astype(np.int64)
+    names = _hapt_names(Path(folder))
+    order = np.lexsort((labels[:, 3], labels[:, 0]))
+    parts, cache = [], {}
+    for seg_id, (exp, user, act, start, end) in enumerate(labels[order]):
+        if act not in activities:
+            continue
+        if exp not in cache:
+            cache.clear()
+            cache[exp] = _hapt_signal(raw, int(exp), int(user))
+        sig = cache[exp][start - 1 : end]
+        parts.append((sliding_windows(sig, WINDOW, STEP), activities.index(int(act)), int(user), seg_id))
+    classes = [names.get(a, f"activity_{a}") for a in activities]
+    return concat(parts, classes, "hapt", 6)
+
+
+def _hapt_names(folder: Path) -> dict[int, str]:
+    path = folder / "activity_labels.txt"
+    if not path.is_file():
+        return {i + 1: n for i, n in enumerate(HAPT_BASIC)}
+    out = {}
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            out[int(parts[0])] = parts[1]
+    return out
+
+
+def _hapt_signal(raw: Path, exp: int, user: int) -> np.ndarray:
+    acc, gyro = (raw / f"{k}_exp{exp:02d}_user{user:02d}.txt" for k in ("acc", "gyro"))
+    if not acc.is_file() or not gyro.is_file():
+        raise ToolchainError("HAPT recording named in labels.txt is missing", seen=acc.name, remedy="restore RawData from the UCI distribution")
+    a, g = _read_table(acc, 3), _read_table(gyro, 3)
+    if len(a) != len(g):
+        raise ToolchainError("HAPT acc and gyro files differ in length", seen=(acc.name, len(a), len(g)))
+    return np.concatenate([a, g], axis=1).astype(np.float32)
+
+
+def _read_table(path: Path, cols: int) -> np.ndarray:
+    flat = np.array(path.read_text().split(), dtype=np.float64) if path.stat().st_size else np.zeros(0)
+    if flat.size % cols:
+        raise ToolchainError(f"expected {cols} numbers per row", seen=f"{path.name}: {flat.size} numbers")
+    return flat.reshape(-1, cols)
+
+
+def watch_path() -> Path:
+    """Where the seglearn wheel put its watch dataset (the package is not imported)."""
+    spec = importlib.util.find_spec("seglearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ToolchainError("the embedded default dataset needs the seglearn wheel", seen="seglearn not installed", remedy="pip install seglearn (it is in toolchain's [train] extra)")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "watch_dataset.npy"
+
+
+def load_watch() -> WindowDataset:
+    """seglearn's smartwatch dataset: 10 subjects, 6 channels at 50 Hz, 7 exercise classes.
+
+    The file is a pickled dict, so it is loaded only after its SHA-256 matches the published wheel.
+    """
+    path = watch_path()
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != WATCH_SHA256:
+        raise ToolchainError("seglearn's watch_dataset.npy does not match the known file, refusing to unpickle it", seen=str(path), remedy="reinstall seglearn==1.2.5")
+    d = np.load(path, allow_pickle=True).item()
+    parts = [(sliding_windows(np.asarray(x, dtype=np.float32)), int(y), int(s), i) for i, (x, y, s) in enumerate(zip(d["X"], d["y"], d["subject"], strict=True))]
+    return concat(parts, [str(c) for c in d["y_labels"]], "watch", 6)
+
+
+def load_npz(path: str | Path) -> WindowDataset:
+    """A generic ``.npz`` with X (N, C, T), y (N,), subject (N,); optional segment and classes."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as err:
+        raise ToolchainError("cannot read .npz (pickled arrays are refused)", seen=f"{path}: {err}", remedy="save plain numeric arrays X, y, subject") from None
+    missing = [k for k in ("X", "y", "subject") if k not in arrays]
+    if missing:
+        raise ToolchainError(".npz data needs arrays X, y and subject", seen=f"missing {missing}")
+    y = arrays["y"].astype(np.int64)
+    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(int(y.max()) + 1)]
+    segment = arrays["segment"].astype(np.int64) if "segment" in arrays else arrays["subject"].astype(np.int64)
+    X = arrays["X"].astype(np.float32)
+    if not np.all(np.isfinite(X)):
+        raise ToolchainError(".npz X has NaN or Inf values", seen=str(path))
+    return WindowDataset(X, y, arrays["subject"].astype(np.int64), segment, classes, Path(path).stem)
+
+
+def load_data(spec: str) -> WindowDataset:
+    """``watch`` (embedded default), ``hapt:FOLDER`` or a HAPT folder, or ``file.npz``."""
+    if spec == "watch":
+        return load_watch()
+    if spec.startswith("hapt:"):
+        return load_hapt(spec[5:])
+    if spec.endswith(".npz"):
+        if not Path(spec).is_file():
+            raise ToolchainError("data file does not exist", seen=spec)
+        return load_npz(spec)
+    if Path(spec).is_dir():
+        return load_hapt(spec)
+    raise ToolchainError("unknown data spec", seen=spec, remedy="use watch, hapt:FOLDER, a HAPT folder or a .npz file")
+
+
+def default_targets(ds: WindowDataset) -> tuple[int, ...]:
+    """The usual target subjects: UCI-HAR's test users for HAPT, the last three subjects otherwise."""
+    if ds.name == "hapt":
+        return tuple(t for t in HAPT_TEST_USERS if t in ds.subjects())
+    if ds.name == "watch":
+        return WATCH_TARGETS
+    return tuple(ds.subjects()[-max(1, len(ds.subjects()) // 3) :])

@@ -1,0 +1,98 @@
+"""Built-in HAR backbones for input (batch, channels=6, time=128)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv1d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False), nn.BatchNorm1d(cout)]
+    if act:
+        layers.append(nn.ReLU(inplace=False))
+    return nn.Sequential(*layers)
+
+
+class CNN1D(nn.Module):
+    """A plain 1D CNN: three Conv-BN-ReLU blocks with pooling, global average pool, linear head."""
+
+    def __init__(self, in_channels: int = 6, num_classes: int = 6, width: int = 64) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn(in_channels, width, 7), nn.MaxPool1d(2),
+            _conv_bn(width, width * 2, 5), nn.MaxPool1d(2),
+            _conv_bn(width * 2, width * 2, 3),
+        )
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(width * 2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+class ResBlock1D(nn.Module):
+    """T-ResNet block (Wang et al., 2017): convs with kernels 7, 5, 3 (odd, for symmetric padding) and a 1x1 shortcut."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = _conv_bn(cin, cout, 7)
+        self.conv2 = _conv_bn(cout, cout, 5)
+        self.conv3 = _conv_bn(cout, cout, 3, act=False)
+        self.shortcut = _conv_bn(cin, cout, 1, act=False) if cin != cout else nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
+class ResNet1D(nn.Module):
+    """1D ResNet in the T-ResNet style: three residual blocks (64, 128, 128 channels)."""
+
+    def __init__(self, in_channels: int = 6, num_classes: int = 6, widths: tuple[int, int, int] = (64, 128, 128)) -> None:
+        super().__init__()
+        chans = [in_channels, *widths]
+        self.blocks = nn.Sequential(*[ResBlock1D(chans[i], chans[i + 1]) for i in range(len(widths))])
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.blocks(x)).flatten(1))
+
+
+class InvertedResidual1D(nn.Module):
+    """MobileNetV2 block: 1x1 expand, depthwise k3, 1x1 linear projection, residual when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.expand = _conv_bn(cin, hidden, 1)
+        self.depthwise = _conv_bn(hidden, hidden, 3, stride=stride, groups=hidden)
+        self.project = _conv_bn(hidden, cout, 1, act=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.project(self.depthwise(self.expand(x)))
+        return x + y if self.use_res else y
+
+
+class MobileNet1D(nn.Module):
+    """A 1D MobileNetV2-style depthwise-separable net."""
+
+    SETTINGS = ((16, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4), (32, 1, 4), (64, 2, 4), (64, 1, 4))
+
+    def __init__(self, in_channels: int = 6, num_classes: int = 6, stem: int = 16, last: int = 128) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn(in_channels, stem, 3)]
+        cin = stem
+        for cout, stride, expand in self.SETTINGS:
+            layers.append(InvertedResidual1D(cin, cout, stride, expand))
+            cin = cout
+        layers.append(_conv_bn(cin, last, 1))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(last, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+BACKBONES: dict[str, type[nn.Module]] = {"cnn1d": CNN1D, "resnet1d": ResNet1D, "mobilenet1d": MobileNet1D}

@@ -1,0 +1,126 @@
+"""Build models from a name or ``file.py:callable`` spec, and save / load checkpoints safely."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from toolchain.errors import ToolchainError
+from toolchain.fileio import atomic_path
+from toolchain.models.backbones import BACKBONES
+
+CHECKPOINT_FORMAT = "toolchain-checkpoint"
+
+
+class Standardize(nn.Module):
+    """Per-channel (x - mean) / std with statistics fitted on the source subjects, kept in the model."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1, channels, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class HARModel(nn.Module):
+    """A backbone behind the input standardisation, so deployed models take raw sensor windows."""
+
+    def __init__(self, net: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.norm = Standardize(channels)
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.norm(x))
+
+
+def build_backbone(spec: str, in_channels: int, num_classes: int) -> nn.Module:
+    """A built-in name (cnn1d, resnet1d, mobilenet1d), ``path/file.py:callable`` or ``pkg.mod:callable``."""
+    if spec in BACKBONES:
+        return BACKBONES[spec](in_channels=in_channels, num_classes=num_classes)
+    if ":" not in spec:
+        raise ToolchainError("unknown backbone", seen=spec, remedy=f"use one of {', '.join(BACKBONES)} or path/to/file.py:callable")
+    target, _, attr = spec.rpartition(":")
+    module = _import_target(target, spec)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ToolchainError("model spec does not name a callable", seen=spec, remedy="point at a function or class that returns an nn.Module")
+    accepted = _accepted_kwargs(factory, {"in_channels": in_channels, "num_classes": num_classes})
+    model = factory(**accepted)
+    if not isinstance(model, nn.Module):
+        raise ToolchainError("model callable must return a torch.nn.Module", seen=type(model).__name__)
+    return model
+
+
+def _import_target(target: str, spec: str) -> Any:
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ToolchainError("model file does not exist", seen=target)
+        mod_spec = importlib.util.spec_from_file_location(f"toolchain_user_model_{path.stem}", path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise ToolchainError("cannot import model file", seen=target)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as err:
+        raise ToolchainError("cannot import the model's module", seen=spec, remedy=str(err)) from None
+
+
+def _accepted_kwargs(factory: Any, offered: dict[str, Any]) -> dict[str, Any]:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return offered
+    return {k: v for k, v in offered.items() if k in params}
+
+
+def build_model(spec: str, in_channels: int, num_classes: int) -> HARModel:
+    """The full model: standardisation plus backbone."""
+    return HARModel(build_backbone(spec, in_channels, num_classes), in_channels)
+
+
+def save_checkpoint(model: HARModel, path: str | os.PathLike[str], *, spec: str, classes: list[str], extra: dict[str, Any]) -> None:
+    """Write a checkpoint (tensors and plain data only, loadable with weights_only=True) atomically."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT, "version": 1, "model": spec,
+        "in_channels": int(model.norm.mean.shape[1]), "classes": list(classes),
+        "state_dict": state, **extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None) -> tuple[HARModel, dict[str, Any]]:
+    """Load a checkpoint with ``weights_only=True`` and rebuild its model. Returns (model, payload)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ToolchainError("checkpoint file does not exist", seen=str(p), remedy="run `toolchain pretrain --out base.pt` first")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise ToolchainError("cannot read checkpoint (loaded with weights_only=True)", seen=f"{p}: {type(err).__name__}", remedy="pass a checkpoint written by `toolchain pretrain`") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ToolchainError("not a toolchain checkpoint", seen=str(p), remedy="pass a checkpoint written by `toolchain pretrain`")
+    spec = model_spec or payload["model"]
+    model = build_model(spec, int(payload["in_channels"]), len(payload["classes"]))
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:3] or [str(err)[:200]]
+        raise ToolchainError("checkpoint does not fit the model", seen=f"{spec}: {' '.join(x.strip() for x in first)}", remedy="pass the --model the checkpoint was trained with") from None
+    return model, payload

@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning for convs: config, layers, injection, adapter I/O."""

@@ -1,0 +1,101 @@
+"""LoRA-Edge: a conv wrapped with a tensor-train LoRA update of its output-side core.
+
+The base conv and the TT suffix cores G_2..G_d (from TT-SVD of the pretrained kernel) are frozen;
+only ΔG1 (C_out x r1), initialised to zero, is trained. Forward adds the auxiliary path
+conv(x, suffix kernel, same geometry, r1 channels per group) -> grouped 1x1 conv with ΔG1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels import suffix_kernel, tt_svd, weight_sha256
+from toolchain.adapter_file import ConvGeometry
+from toolchain.errors import ToolchainError
+
+ConvNd = nn.Conv1d | nn.Conv2d
+_CONV_FN = {1: F.conv1d, 2: F.conv2d}
+
+
+def conv_geometry(conv: nn.Module) -> ConvGeometry:
+    """The geometry of an nn.Conv1d / nn.Conv2d, as recorded in adapter files."""
+    if not isinstance(conv, nn.Conv1d | nn.Conv2d):
+        raise ToolchainError("LoRA-Edge targets must be nn.Conv1d or nn.Conv2d", seen=type(conv).__name__, remedy="select conv layers only")
+    pad = conv.padding if isinstance(conv.padding, str) else tuple(int(p) for p in conv.padding)
+    return ConvGeometry(
+        kind="conv1d" if isinstance(conv, nn.Conv1d) else "conv2d",
+        in_channels=conv.in_channels, out_channels=conv.out_channels,
+        kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride), padding=pad,
+        dilation=tuple(conv.dilation), groups=conv.groups, padding_mode=conv.padding_mode,
+        bias=conv.bias is not None,
+    )
+
+
+class LoRAEdgeConv(nn.Module):
+    """A frozen conv plus a trainable TT-LoRA update. ``delta_weight()``, ``merge()``, ``unmerge()``."""
+
+    method = "lora-edge"
+
+    def __init__(self, base: ConvNd, suffix_cores: Sequence[np.ndarray], scaling: float = 1.0, delta_g1: np.ndarray | None = None) -> None:
+        super().__init__()
+        self.geometry = conv_geometry(base)
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.base_sha256 = weight_sha256(base.weight.detach().cpu().numpy())
+        self.scaling = float(scaling)
+        r1 = int(suffix_cores[0].shape[0])
+        self.ranks = (1, r1, *(int(c.shape[2]) for c in suffix_cores))
+        dev = base.weight.device
+        for k, core in enumerate(suffix_cores, start=2):
+            self.register_buffer(f"core{k}", torch.as_tensor(np.asarray(core, dtype=np.float32), device=dev))
+        suffix = torch.as_tensor(suffix_kernel(list(suffix_cores)), device=dev)
+        self.register_buffer("suffix", suffix, persistent=False)
+        init = torch.zeros(base.out_channels, r1) if delta_g1 is None else torch.as_tensor(np.asarray(delta_g1, dtype=np.float32))
+        self.delta_g1 = nn.Parameter(init.to(dev).clone())
+        self.merged = False
+
+    @classmethod
+    def from_pretrained(cls, base: ConvNd, rank: int, scaling: float = 1.0) -> LoRAEdgeConv:
+        """TT-SVD the base kernel at ``rank`` and wrap it with ΔG1 = 0."""
+        cores = tt_svd(base.weight.detach().cpu().numpy(), rank)
+        return cls(base, cores[1:], scaling)
+
+    def suffix_cores(self) -> list[Tensor]:
+        return [getattr(self, f"core{k}") for k in range(2, len(self.ranks))]
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = scaling * ΔG1 x_1 suffix, shape (C_out, C_in/g, k1[, k2])."""
+        return self.scaling * torch.tensordot(self.delta_g1, self.suffix, dims=([1], [0]))
+
+    def _aux(self, x: Tensor) -> Tensor:
+        g = self.base.groups
+        reps = (g,) + (1,) * (self.suffix.dim() - 1)
+        h = self.base._conv_forward(x, self.suffix.repeat(reps), None)  # same stride/padding/dilation/mode
+        up = self.delta_g1.reshape(*self.delta_g1.shape, *([1] * (self.suffix.dim() - 2)))
+        return _CONV_FN[self.suffix.dim() - 2](h, up, groups=g)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.scaling * self._aux(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + ΔW; forward then costs what the base conv costs."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``."""
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
