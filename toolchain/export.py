@@ -1,0 +1,133 @@
+"""PyTorch -> ONNX export of base, unfused-adapted and fused models (`toolchain export`)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from kernels import weight_sha256
+from toolchain.errors import ToolchainError
+
+OPSET = 18
+WINDOW = 128
+
+
+@dataclass
+class ExportOptions:
+    dynamic_batch: bool = False
+    fold_bn: bool = False
+    batch: int = 1
+
+
+def to_onnx(model: nn.Module, in_channels: int, opts: ExportOptions, length: int = WINDOW) -> onnx.ModelProto:
+    """Export with torch.export (dynamo). ``fold_bn`` runs onnxscript's optimizer, which folds
+    BatchNorm into Conv weights *under the same names*; the per-channel scales are recorded."""
+    model = model.eval().cpu()
+    batch = max(opts.batch, 2) if opts.dynamic_batch else opts.batch
+    x = torch.randn(batch, in_channels, length)
+    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if opts.dynamic_batch else None
+    with _quiet():
+        program = torch.onnx.export(model, (x,), dynamo=True, optimize=opts.fold_bn, opset_version=OPSET, dynamic_shapes=dyn,
+                                    input_names=["x"], output_names=["logits"], verbose=False, external_data=False)
+    if program is None:
+        raise ToolchainError("torch.onnx.export returned nothing", seen=type(model).__name__)
+    proto = program.model_proto
+    _strip_stack_traces(proto)
+    if opts.fold_bn:
+        scales = fold_scales(model, proto)
+        if scales:
+            proto.metadata_props.add(key="toolchain.weight_scales", value=json.dumps(scales, sort_keys=True))
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet():  # type: ignore[no-untyped-def]
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def _strip_stack_traces(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node Python stack traces: they embed local file paths."""
+    for node in proto.graph.node:
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+
+
+def fold_scales(model: nn.Module, proto: onnx.ModelProto) -> dict[str, dict[str, object]]:
+    """For every conv weight the optimizer rescaled: {param: {base_sha256, scale}} with W_onnx = scale[o] * W[o]."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    out: dict[str, dict[str, object]] = {}
+    for name, p in model.named_parameters():
+        conv = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if not name.endswith(".weight") or not isinstance(conv, nn.Conv1d | nn.Conv2d) or name not in inits:
+            continue
+        base = p.detach().cpu().numpy()
+        got = onnx.numpy_helper.to_array(inits[name])
+        if got.shape != base.shape or weight_sha256(got) == weight_sha256(base):
+            continue
+        flat_b, flat_g = base.reshape(len(base), -1).astype(np.float64), got.reshape(len(got), -1).astype(np.float64)
+        scale = (flat_b * flat_g).sum(1) / np.maximum((flat_b * flat_b).sum(1), 1e-30)
+        if not np.allclose(flat_g, scale[:, None] * flat_b, rtol=1e-4, atol=1e-6 * float(np.abs(flat_g).max() or 1)):
+            raise ToolchainError("the exporter changed a conv weight by more than a per-channel scale", seen=name, remedy="export without --fold-bn")
+        out[name] = {"base_sha256": weight_sha256(base), "scale": [float(s) for s in scale]}
+    return out
+
+
+def export(checkpoint: str, out: str, *, adapter: str | None = None, fuse: bool = False, opts: ExportOptions | None = None, force: bool = False) -> dict[str, str]:
+    """`toolchain export`: base model, unfused adapted model, or base exported then fused in ONNX."""
+    from graphs.fuse import fuse_model
+    from graphs.onnx_io import save_onnx
+    from toolchain import __version__
+    from toolchain.adapter_file import load_adapter
+    from toolchain.fileio import check_output, sha256_file
+    from toolchain.models.registry import load_checkpoint
+    from toolchain.peft.inject import apply_adapter
+
+    opts = opts or ExportOptions()
+    check_output(out, [checkpoint, adapter], force=force)
+    if fuse and adapter is None:
+        raise ToolchainError("--fuse needs --adapter", seen="no adapter", remedy="pass --adapter adapter.safetensors")
+    model, payload = load_checkpoint(checkpoint)
+    ad = load_adapter(adapter) if adapter else None
+    kind = "base"
+    if ad is not None and not fuse:
+        apply_adapter(model, ad)
+        kind = "unfused"
+    proto = to_onnx(model, int(payload["in_channels"]), opts)
+    meta = {"toolchain.kind": kind, "toolchain.checkpoint_sha256": sha256_file(checkpoint), "toolchain.version": __version__,
+            "toolchain.classes": json.dumps(payload["classes"])}
+    if ad is not None and adapter is not None:
+        meta["toolchain.adapter_sha256"] = sha256_file(adapter)
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    if ad is not None and fuse:
+        base_bytes = proto.SerializeToString()
+        import hashlib
+
+        prov = {"toolchain.fused": "true", "toolchain.base_sha256": hashlib.sha256(base_bytes).hexdigest(),
+                "toolchain.adapter_sha256": meta["toolchain.adapter_sha256"], "toolchain.version": __version__, "toolchain.kind": "fused"}
+        del proto.metadata_props[:]
+        proto.metadata_props.extend([onnx.StringStringEntryProto(key=k, value=v) for k, v in meta.items() if k not in ("toolchain.adapter_sha256", "toolchain.kind")]
+                                    + [p for p in onnx.load_from_string(base_bytes).metadata_props if p.key == "toolchain.weight_scales"])
+        proto = fuse_model(proto, ad, prov)
+    onnx.checker.check_model(proto)
+    save_onnx(proto, out)
+    return {p.key: p.value for p in proto.metadata_props}
