@@ -64,6 +64,151 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
+def _dyn(text: str) -> tuple[int, int, int]:
+    vals = _ints(text)
+    if len(vals) != 3 or not 1 <= vals[0] <= vals[1] <= vals[2]:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from toolchain.export import ExportOptions, export
+
+    meta = export(a.checkpoint, a.output, adapter=a.adapter, fuse=a.fuse, opts=ExportOptions(dynamic_batch=a.dynamic_batch, fold_bn=a.fold_bn), force=a.force)
+    print(f"exported {meta.get('toolchain.kind')} model -> {a.output}")
+    return 0
+
+
+def cmd_fuse(a: argparse.Namespace) -> int:
+    from graphs.fuse import fuse_files
+
+    prov = fuse_files(a.base, a.adapter, a.output, force=a.force)
+    print(f"fused {a.adapter} into {a.base} -> {a.output} (adapter sha256 {prov['toolchain.adapter_sha256'][:12]})")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from toolchain.verify import VerifyOptions, verify
+
+    opts = VerifyOptions(data=None if a.data == "none" else a.data, real=a.real, random=a.random, atol=a.atol, rtol=a.rtol)
+    report = verify(a.model, a.reference, a.out_dir, engine=a.engine, opts=opts)
+    for runner, outputs in report["comparisons"].items():
+        for name, st in outputs.items():
+            print(f"{runner} vs reference, output {name}: max abs {st['max_abs']:.3g}, max rel {st['max_rel']:.3g} (atol {report['atol']}, rtol {report['rtol']})")
+    print(f"{'PASSED' if report['passed'] else 'FAILED'}: report {a.out_dir}/verify.json; re-check with "
+          f"polygraphy run {a.model} --onnxrt --load-inputs {report['inputs']} --load-outputs {report['outputs']}")
+    return 0 if report["passed"] else 1
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from toolchain.bench import bench
+    from toolchain.fileio import write_bytes_atomic
+
+    res = bench([a.model, *a.vs], warmup=a.warmup, runs=a.runs, provider=a.provider, threads=a.threads)
+    for r in res["results"]:
+        print(f"{r['model']}: median {r['median_ms']:.4f} ms, p90 {r['p90_ms']:.4f}, p99 {r['p99_ms']:.4f}, ratio {r['ratio_to_first']:.3f}")
+    if a.json:
+        write_bytes_atomic(a.json, (json.dumps(res, indent=2) + "\n").encode())
+    return 0
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from toolchain.trt_engine import BuildOptions, build_engine
+
+    info = build_engine(a.model, a.output, BuildOptions(fp16=a.fp16, refit=a.refit, timing_cache=a.timing_cache, dynamic_batch=a.dynamic_batch), force=a.force)
+    print(f"built TensorRT {info['tensorrt_version']} engine -> {a.output}")
+    return 0
+
+
+def cmd_refit(a: argparse.Namespace) -> int:
+    from toolchain.trt_engine import refit_engine
+
+    info = refit_engine(a.engine, a.model, a.output, force=a.force)
+    print(f"refit {info['weights_set']} weights from {a.model} -> {a.output}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from toolchain.demo import run_demo
+
+    return run_demo(a.out, quick=a.quick, force=a.force)
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from toolchain.inspect_file import describe
+
+    print_json(describe(a.file))
+    return 0
+
+
+def _add_graph_commands(sub: Any) -> None:
+    p = sub.add_parser("export", help="export base, unfused-adapted or fused ONNX")
+    p.add_argument("--checkpoint", default="base.pt", help="(default base.pt)")
+    p.add_argument("--adapter", default=None, help="adapter file; without --fuse the auxiliary path is exported as explicit nodes")
+    p.add_argument("--fuse", action="store_true", help="export the base model, then fuse the adapter into its Conv initializers")
+    p.add_argument("-o", "--output", default="model.onnx", help="(default model.onnx)")
+    p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch axis (default: fixed batch 1)")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into Conv weights (records per-channel scales for fusion)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("fuse", help="fuse an adapter into a base ONNX model (no torch needed)")
+    p.add_argument("base")
+    p.add_argument("adapter")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("verify", help="Polygraphy parity of a fused model (and engine) against the unfused reference")
+    p.add_argument("model")
+    p.add_argument("--reference", required=True, help="the unfused model (toolchain export --adapter without --fuse)")
+    p.add_argument("--engine", default=None, help="also compare a TensorRT engine (needs TensorRT)")
+    p.add_argument("--data", default="watch", help="real windows from this data spec, or none (default watch)")
+    p.add_argument("--real", type=int, default=16, help="real batches (default 16)")
+    p.add_argument("--random", type=int, default=8, help="random batches (default 8)")
+    p.add_argument("--atol", type=float, default=None, help="default 1e-4 (1e-2 for an fp16 engine)")
+    p.add_argument("--rtol", type=float, default=None, help="default 1e-4 (1e-2 for an fp16 engine)")
+    p.add_argument("--out-dir", default="verify_out", help="report and Polygraphy RunResults (default verify_out)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="ONNX Runtime latency, interleaved, with ratios to the first model")
+    p.add_argument("model")
+    p.add_argument("--vs", nargs="*", default=[], help="other models to time side by side")
+    p.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt (default cpu)")
+    p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("build", help="build a TensorRT 10.x engine (needs TensorRT and a GPU)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--refit", action="store_true", help="refittable engine (only the fused weights, where TensorRT allows)")
+    p.add_argument("--timing-cache", default=None)
+    p.add_argument("--dynamic-batch", type=_dyn, default=None, metavar="MIN,OPT,MAX")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("refit", help="update a refittable engine from a newly fused model")
+    p.add_argument("engine")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_refit)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded default")
+    p.add_argument("--out", default="demo_out", help="(default demo_out)")
+    p.add_argument("--quick", action="store_true", help="fewer training steps (for tests)")
+    p.add_argument("--force", action="store_true", help="reuse a non-empty output folder")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("inspect", help="say what an adapter, ONNX model or engine file is")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolchain", description=__doc__)
     parser.add_argument("--version", action="version", version=f"toolchain {__version__}")
@@ -92,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     _train_args(p, 5e-3, 32, 15)
     p.set_defaults(func=cmd_finetune)
+    _add_graph_commands(sub)
     return parser
 
 

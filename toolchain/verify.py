@@ -75,7 +75,9 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
 
+    G_LOGGER.module_severity = G_LOGGER.WARNING
     opts = opts or VerifyOptions()
     name, shape = input_info(reference)
     if input_info(model) != (name, shape):

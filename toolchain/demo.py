@@ -1,0 +1,69 @@
+"""`toolchain demo`: the whole pipeline on the embedded default, with a summary table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from toolchain.errors import ToolchainError
+from toolchain.fileio import write_bytes_atomic
+
+
+def run_demo(out: str, *, quick: bool = False, force: bool = False) -> int:
+    """pretrain -> finetune (LoRA-Edge) -> export base/unfused/fused -> verify -> bench -> build."""
+    from toolchain.bench import bench
+    from toolchain.export import export
+    from toolchain.peft.inject import AdaptConfig
+    from toolchain.train import TrainConfig
+    from toolchain.trt_engine import tensorrt_status
+    from toolchain.verify import VerifyOptions, verify
+    from toolchain.workflows import FinetuneJob, PretrainJob, finetune, pretrain
+
+    d = Path(out)
+    if d.exists() and any(d.iterdir()) and not force:
+        raise ToolchainError("the demo folder is not empty", seen=str(d), remedy="pass --force to overwrite its files, or choose another --out")
+    d.mkdir(parents=True, exist_ok=True)
+    p = {k: str(d / v) for k, v in dict(ckpt="base.pt", adapter="adapter.safetensors", base="base.onnx", unfused="unfused.onnx", fused="fused.onnx").items()}
+    print("1/6 pretrain cnn1d on the watch dataset's source subjects")
+    pre = pretrain(PretrainJob(out=p["ckpt"], train=TrainConfig(lr=2e-3, epochs=2 if quick else 8, progress=not quick), force=True))
+    print("2/6 finetune with LoRA-Edge (rank 4) on the target subjects")
+    ft = finetune(FinetuneJob(checkpoint=p["ckpt"], out=p["adapter"], adapt=AdaptConfig(rank=4),
+                              train=TrainConfig(lr=5e-3, batch_size=32, epochs=2 if quick else 15, progress=not quick), force=True))
+    print("3/6 export base, unfused and fused ONNX")
+    export(p["ckpt"], p["base"], force=True)
+    export(p["ckpt"], p["unfused"], adapter=p["adapter"], force=True)
+    export(p["ckpt"], p["fused"], adapter=p["adapter"], fuse=True, force=True)
+    print("4/6 verify fused against unfused with Polygraphy")
+    ver = verify(p["fused"], p["unfused"], str(d / "verify"), opts=VerifyOptions(real=8 if quick else 16))
+    print("5/6 bench base, fused and unfused with ONNX Runtime")
+    lat = bench([p["base"], p["fused"], p["unfused"]], warmup=10, runs=50 if quick else 300)
+    missing = tensorrt_status()
+    print(f"6/6 TensorRT build: {'skipped, ' + missing if missing else 'building'}")
+    build: dict[str, Any] = {"skipped": missing}
+    if not missing:
+        from toolchain.trt_engine import BuildOptions, build_engine
+
+        build = build_engine(p["fused"], str(d / "fused.plan"), BuildOptions(fp16=True), force=True)
+    report = {"pretrain": pre, "finetune": ft, "verify": ver, "bench": lat, "build": build}
+    write_bytes_atomic(d / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    print(summary(report))
+    return 0 if ver["passed"] else 1
+
+
+def summary(report: dict[str, Any]) -> str:
+    ft, ver, lat = report["finetune"], report["verify"], report["bench"]["results"]
+    err = ver["comparisons"]["model"]
+    worst = max(v["max_abs"] for v in err.values())
+    rows = [
+        ("macro-F1 before -> after", f"{ft['f1_before']:.3f} -> {ft['f1_after']:.3f}"),
+        ("accuracy before -> after", f"{ft['accuracy_before']:.3f} -> {ft['accuracy_after']:.3f}"),
+        ("trainable parameters", f"{ft['trainable_params']} / {ft['total_params']} ({100 * ft['trainable_fraction']:.2f}%)"),
+        ("parity fused vs unfused", f"max abs err {worst:.2e} ({'PASSED' if ver['passed'] else 'FAILED'}, atol {ver['atol']})"),
+        ("latency median base", f"{lat[0]['median_ms']:.4f} ms"),
+        ("latency fused / base", f"{lat[1]['ratio_to_first']:.3f}"),
+        ("latency unfused / base", f"{lat[2]['ratio_to_first']:.3f}"),
+        ("TensorRT engine", report["build"].get("skipped") or "built"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["", f"{'step'.ljust(width)} | result", f"{'-' * width}-|-{'-' * 40}"] + [f"{k.ljust(width)} | {v}" for k, v in rows])

@@ -1,0 +1,57 @@
+"""`toolchain inspect`: what an adapter, ONNX model or engine file is, without torch or a GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from toolchain.errors import ToolchainError
+from toolchain.fileio import sha256_file
+
+
+def describe(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ToolchainError("file does not exist", seen=str(p))
+    head = p.read_bytes()[:16]
+    if p.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+        return _adapter(p)
+    if p.suffix in (".plan", ".engine"):
+        return _engine(p)
+    return _onnx(p)
+
+
+def _adapter(p: Path) -> dict[str, Any]:
+    from toolchain.adapter_file import FORMAT_VERSION, load_adapter
+
+    a = load_adapter(p)
+    return {"kind": "adapter", "file": str(p), "sha256": sha256_file(p), "method": a.method, "format_version": FORMAT_VERSION,
+            "info": a.info, "layers": [{"name": x.name, "param": x.param, "ranks": list(x.ranks), "weight_shape": list(x.geometry.weight_shape),
+                                        "groups": x.geometry.groups, "base_sha256": x.base_sha256} for x in a.layers],
+            "extras": [e.param for e in a.extras], "trainable_values": int(sum(t.size for k, t in a.tensors.items() if k.endswith("delta_g1") or k.startswith("extra:")))}
+
+
+def _onnx(p: Path) -> dict[str, Any]:
+    from graphs.onnx_io import load_onnx
+
+    m = load_onnx(p)
+    meta = {x.key: x.value for x in m.metadata_props}
+    inits = {t.name for t in m.graph.initializer}
+
+    def io(values: Any) -> list[dict[str, Any]]:
+        return [{"name": v.name, "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]} for v in values if v.name not in inits]
+
+    return {"kind": "onnx", "file": str(p), "sha256": sha256_file(p), "fused": meta.get("toolchain.fused") == "true",
+            "exported_as": meta.get("toolchain.kind"), "base_sha256": meta.get("toolchain.base_sha256"), "adapter_sha256": meta.get("toolchain.adapter_sha256"),
+            "toolchain_version": meta.get("toolchain.version"), "opset": [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")],
+            "ir_version": m.ir_version, "inputs": io(m.graph.input), "outputs": io(m.graph.output), "nodes": len(m.graph.node)}
+
+
+def _engine(p: Path) -> dict[str, Any]:
+    from toolchain.trt_engine import sidecar_path
+
+    side = sidecar_path(p)
+    return {"kind": "tensorrt-engine", "file": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size,
+            "build_info": json.loads(side.read_text()) if side.is_file() else None,
+            "note": "layer and binding details need TensorRT and a GPU; the build info comes from the sidecar JSON"}
