@@ -76,20 +76,24 @@ def _find_slot(layer: LayerRecord, slots: dict[str, WeightSlot], scales: dict[st
         entry = scales.get(layer.param)
         if entry and entry.get("base_sha256") == layer.base_sha256:
             return slot, np.asarray(entry["scale"], dtype=np.float64)
-        raise ToolchainError(f"layer {layer.name}: Conv weight {layer.param} is not the base weight the adapter was trained against",
-                             seen=f"sha256 {got[:12]} vs adapter {layer.base_sha256[:12]}",
-                             remedy="fuse into the base model this adapter came from (BatchNorm folded? export with `toolchain export --fold-bn`, which records the fold scales)")
+        raise ToolchainError(
+            f"layer {layer.name}: Conv weight {layer.param} is not the base weight the adapter was trained against",
+            seen=f"sha256 {got[:12]} vs adapter {layer.base_sha256[:12]}",
+            remedy="fuse into the base model this adapter came from (BatchNorm folded? export with `toolchain export --fold-bn`, which records the fold scales)",
+        )
     for other in slots.values():  # names differ: fall back to the content hash
         if weight_sha256(other.values()) == layer.base_sha256:
             return other, None
-    raise ToolchainError(f"layer {layer.name}: no Conv weight in the model matches the adapter (by name or SHA-256)", seen=layer.param,
-                         remedy="fuse into the base model this adapter came from")
+    raise ToolchainError(f"layer {layer.name}: no Conv weight in the model matches the adapter (by name or SHA-256)", seen=layer.param, remedy="fuse into the base model this adapter came from")
 
 
 def _check_consumers(layer: LayerRecord, slot: WeightSlot) -> None:
     if len(slot.consumers) > 1:
-        raise ToolchainError(f"layer {layer.name}: its weight {slot.name} feeds {len(slot.consumers)} Conv nodes, and fusing would change all of them",
-                             seen=[n.name for n in slot.consumers][:4], remedy="export the base model without weight sharing or deduplication")
+        raise ToolchainError(
+            f"layer {layer.name}: its weight {slot.name} feeds {len(slot.consumers)} Conv nodes, and fusing would change all of them",
+            seen=[n.name for n in slot.consumers][:4],
+            remedy="export the base model without weight sharing or deduplication",
+        )
     geom, node = layer.geometry, slot.consumers[0]
     if int(node.attrs.get("group", 1)) != geom.groups:
         raise ToolchainError(f"layer {layer.name}: Conv group differs from the adapter's", seen=(node.attrs.get("group", 1), geom.groups))
@@ -126,8 +130,9 @@ def fuse_adapter(graph: gs.Graph, adapter: Adapter, scales: dict[str, dict] | No
 def _apply_extra(graph: gs.Graph, extra: ExtraRecord, value: np.ndarray) -> None:
     tensor = graph.tensors().get(extra.param)
     if not isinstance(tensor, gs.Constant):
-        raise ToolchainError("adapter tensor has no initializer of that name in the model", seen=extra.param,
-                             remedy="BatchNorm folded at export cannot take trained BN parameters: export without --fold-bn")
+        raise ToolchainError(
+            "adapter tensor has no initializer of that name in the model", seen=extra.param, remedy="BatchNorm folded at export cannot take trained BN parameters: export without --fold-bn"
+        )
     old = np.asarray(tensor.values)
     if extra.base_sha256 is not None and weight_sha256(old) != extra.base_sha256:
         raise ToolchainError("a base tensor the adapter replaces differs from the one it was trained against", seen=extra.param, remedy="fuse into the matching base model")
@@ -162,8 +167,9 @@ def fuse_model(model: onnx.ModelProto, adapter: Adapter, provenance: dict[str, s
     """ModelProto in, fused ModelProto out, with the base's IR version, opset and metadata kept."""
     meta = {p.key: p.value for p in model.metadata_props}
     if meta.get("toolchain.fused") == "true":
-        raise ToolchainError("the model is already fused", seen=f"adapter sha256 {meta.get('toolchain.adapter_sha256', '?')[:12]}",
-                             remedy="fuse into the unfused base model (toolchain export without --adapter)")
+        raise ToolchainError(
+            "the model is already fused", seen=f"adapter sha256 {meta.get('toolchain.adapter_sha256', '?')[:12]}", remedy="fuse into the unfused base model (toolchain export without --adapter)"
+        )
     changed: list[str] = []
     graph = fuse_adapter(gs.import_onnx(model), adapter, read_scales(model), changed)
     fused = gs.export_onnx(graph, do_type_check=True)
@@ -186,8 +192,7 @@ def fuse_files(base: str | os.PathLike[str], adapter_path: str | os.PathLike[str
     check_output(out, [base, adapter_path], force=force)
     model = load_onnx(base)
     adapter = load_adapter(adapter_path)
-    provenance = {"toolchain.fused": "true", "toolchain.base_sha256": sha256_file(base),
-                  "toolchain.adapter_sha256": sha256_file(adapter_path), "toolchain.version": __version__}
+    provenance = {"toolchain.fused": "true", "toolchain.base_sha256": sha256_file(base), "toolchain.adapter_sha256": sha256_file(adapter_path), "toolchain.version": __version__}
     fused = fuse_model(model, adapter, provenance)
     onnx.checker.check_model(fused)
     save_onnx(fused, Path(out))

@@ -51,11 +51,16 @@ class ConvGeometry:
     def from_dict(cls, d: dict[str, Any]) -> ConvGeometry:
         pad = d["padding"]
         return cls(
-            kind=str(d["kind"]), in_channels=int(d["in_channels"]), out_channels=int(d["out_channels"]),
-            kernel_size=tuple(int(v) for v in d["kernel_size"]), stride=tuple(int(v) for v in d["stride"]),
+            kind=str(d["kind"]),
+            in_channels=int(d["in_channels"]),
+            out_channels=int(d["out_channels"]),
+            kernel_size=tuple(int(v) for v in d["kernel_size"]),
+            stride=tuple(int(v) for v in d["stride"]),
             padding=pad if isinstance(pad, str) else tuple(int(v) for v in pad),
-            dilation=tuple(int(v) for v in d["dilation"]), groups=int(d["groups"]),
-            padding_mode=str(d.get("padding_mode", "zeros")), bias=bool(d.get("bias", True)),
+            dilation=tuple(int(v) for v in d["dilation"]),
+            groups=int(d["groups"]),
+            padding_mode=str(d.get("padding_mode", "zeros")),
+            bias=bool(d.get("bias", True)),
         )
 
 
@@ -212,7 +217,11 @@ def _layer_to_dict(layer: LayerRecord) -> dict[str, Any]:
 
 def _layer_from_dict(d: dict[str, Any]) -> LayerRecord:
     return LayerRecord(
-        name=str(d["name"]), param=str(d["param"]), method=str(d["method"]),
-        geometry=ConvGeometry.from_dict(d["geometry"]), ranks=tuple(int(r) for r in d["ranks"]),
-        scaling=float(d["scaling"]), base_sha256=str(d["base_sha256"]),
+        name=str(d["name"]),
+        param=str(d["param"]),
+        method=str(d["method"]),
+        geometry=ConvGeometry.from_dict(d["geometry"]),
+        ranks=tuple(int(r) for r in d["ranks"]),
+        scaling=float(d["scaling"]),
+        base_sha256=str(d["base_sha256"]),
     )

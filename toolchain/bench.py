@@ -51,8 +51,10 @@ def bench(models: list[str], *, warmup: int = 20, runs: int = 200, provider: str
             t0 = time.perf_counter_ns()
             sessions[i].run(None, {name: x})
             times[i, r] = (time.perf_counter_ns() - t0) / 1e6
-    stats = [{"model": m, "median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "p99_ms": float(np.percentile(t, 99)),
-              "mean_ms": float(t.mean())} for m, t in zip(models, times, strict=True)]
+    stats: list[dict[str, Any]] = [
+        {"model": m, "median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean())}
+        for m, t in zip(models, times, strict=True)
+    ]
     for s in stats:
         s["ratio_to_first"] = s["median_ms"] / stats[0]["median_ms"]
     return {"provider": provider, "threads": threads, "warmup": warmup, "runs": runs, "input_shape": [d or 1 for d in shape], "results": stats}

@@ -45,8 +45,10 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     from toolchain.workflows import PretrainJob, pretrain
 
     m = pretrain(PretrainJob(out=a.out, model=a.model, data=a.data, targets=a.target_subjects, train=_train_config(a), force=a.force))
-    print(f"pretrained {a.model} on subjects {m['source_subjects']}: source F1 {m['f1_source']:.3f}, "
-          f"target {m['target_subjects']} F1 {m['f1_target']:.3f} ({m['steps']} steps, {m['train_seconds']:.1f} s) -> {a.out}")
+    print(
+        f"pretrained {a.model} on subjects {m['source_subjects']}: source F1 {m['f1_source']:.3f}, "
+        f"target {m['target_subjects']} F1 {m['f1_target']:.3f} ({m['steps']} steps, {m['train_seconds']:.1f} s) -> {a.out}"
+    )
     return 0
 
 
@@ -57,9 +59,11 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     adapt = AdaptConfig(method=a.method, rank=a.rank, scaling=a.scaling, targets=a.targets, train=tuple(a.train), update_bn_stats=a.update_bn_stats)
     job = FinetuneJob(checkpoint=a.checkpoint, out=a.out, adapt=adapt, data=a.data, targets=a.target_subjects, train=_train_config(a), force=a.force)
     m = finetune(job)
-    print(f"{m['method']} rank {m['rank']}: {m['trainable_params']} of {m['total_params']} parameters trained "
-          f"({100 * m['trainable_fraction']:.2f}%), macro-F1 {m['f1_before']:.3f} -> {m['f1_after']:.3f}, "
-          f"accuracy {m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f} ({m['steps']} steps, {m['train_seconds']:.1f} s)")
+    print(
+        f"{m['method']} rank {m['rank']}: {m['trainable_params']} of {m['total_params']} parameters trained "
+        f"({100 * m['trainable_fraction']:.2f}%), macro-F1 {m['f1_before']:.3f} -> {m['f1_after']:.3f}, "
+        f"accuracy {m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f} ({m['steps']} steps, {m['train_seconds']:.1f} s)"
+    )
     print(f"wrote {a.out} and {metrics_path(a.out)}")
     return 0
 
@@ -95,8 +99,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
     for runner, outputs in report["comparisons"].items():
         for name, st in outputs.items():
             print(f"{runner} vs reference, output {name}: max abs {st['max_abs']:.3g}, max rel {st['max_rel']:.3g} (atol {report['atol']}, rtol {report['rtol']})")
-    print(f"{'PASSED' if report['passed'] else 'FAILED'}: report {a.out_dir}/verify.json; re-check with "
-          f"polygraphy run {a.model} --onnxrt --load-inputs {report['inputs']} --load-outputs {report['outputs']}")
+    print(
+        f"{'PASSED' if report['passed'] else 'FAILED'}: report {a.out_dir}/verify.json; re-check with "
+        f"polygraphy run {a.model} --onnxrt --load-inputs {report['inputs']} --load-outputs {report['outputs']}"
+    )
     return 0 if report["passed"] else 1
 
 

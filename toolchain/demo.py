@@ -28,8 +28,7 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False) -> int:
     print("1/6 pretrain cnn1d on the watch dataset's source subjects")
     pre = pretrain(PretrainJob(out=p["ckpt"], train=TrainConfig(lr=2e-3, epochs=2 if quick else 8, progress=not quick), force=True))
     print("2/6 finetune with LoRA-Edge (rank 4) on the target subjects")
-    ft = finetune(FinetuneJob(checkpoint=p["ckpt"], out=p["adapter"], adapt=AdaptConfig(rank=4),
-                              train=TrainConfig(lr=5e-3, batch_size=32, epochs=2 if quick else 15, progress=not quick), force=True))
+    ft = finetune(FinetuneJob(checkpoint=p["ckpt"], out=p["adapter"], adapt=AdaptConfig(rank=4), train=TrainConfig(lr=5e-3, batch_size=32, epochs=2 if quick else 15, progress=not quick), force=True))
     print("3/6 export base, unfused and fused ONNX")
     export(p["ckpt"], p["base"], force=True)
     export(p["ckpt"], p["unfused"], adapter=p["adapter"], force=True)

@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -37,8 +36,9 @@ def to_onnx(model: nn.Module, in_channels: int, opts: ExportOptions, length: int
     x = torch.randn(batch, in_channels, length)
     dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if opts.dynamic_batch else None
     with _quiet():
-        program = torch.onnx.export(model, (x,), dynamo=True, optimize=opts.fold_bn, opset_version=OPSET, dynamic_shapes=dyn,
-                                    input_names=["x"], output_names=["logits"], verbose=False, external_data=False)
+        program = torch.onnx.export(
+            model, (x,), dynamo=True, optimize=opts.fold_bn, opset_version=OPSET, dynamic_shapes=dyn, input_names=["x"], output_names=["logits"], verbose=False, external_data=False
+        )
     if program is None:
         raise ToolchainError("torch.onnx.export returned nothing", seen=type(model).__name__)
     proto = program.model_proto
@@ -112,8 +112,7 @@ def export(checkpoint: str, out: str, *, adapter: str | None = None, fuse: bool 
         apply_adapter(model, ad)
         kind = "unfused"
     proto = to_onnx(model, int(payload["in_channels"]), opts)
-    meta = {"toolchain.kind": kind, "toolchain.checkpoint_sha256": sha256_file(checkpoint), "toolchain.version": __version__,
-            "toolchain.classes": json.dumps(payload["classes"])}
+    meta = {"toolchain.kind": kind, "toolchain.checkpoint_sha256": sha256_file(checkpoint), "toolchain.version": __version__, "toolchain.classes": json.dumps(payload["classes"])}
     if ad is not None and adapter is not None:
         meta["toolchain.adapter_sha256"] = sha256_file(adapter)
     for k, v in meta.items():
@@ -122,11 +121,18 @@ def export(checkpoint: str, out: str, *, adapter: str | None = None, fuse: bool 
         base_bytes = proto.SerializeToString()
         import hashlib
 
-        prov = {"toolchain.fused": "true", "toolchain.base_sha256": hashlib.sha256(base_bytes).hexdigest(),
-                "toolchain.adapter_sha256": meta["toolchain.adapter_sha256"], "toolchain.version": __version__, "toolchain.kind": "fused"}
+        prov = {
+            "toolchain.fused": "true",
+            "toolchain.base_sha256": hashlib.sha256(base_bytes).hexdigest(),
+            "toolchain.adapter_sha256": meta["toolchain.adapter_sha256"],
+            "toolchain.version": __version__,
+            "toolchain.kind": "fused",
+        }
         del proto.metadata_props[:]
-        proto.metadata_props.extend([onnx.StringStringEntryProto(key=k, value=v) for k, v in meta.items() if k not in ("toolchain.adapter_sha256", "toolchain.kind")]
-                                    + [p for p in onnx.load_from_string(base_bytes).metadata_props if p.key == "toolchain.weight_scales"])
+        proto.metadata_props.extend(
+            [onnx.StringStringEntryProto(key=k, value=v) for k, v in meta.items() if k not in ("toolchain.adapter_sha256", "toolchain.kind")]
+            + [p for p in onnx.load_from_string(base_bytes).metadata_props if p.key == "toolchain.weight_scales"]
+        )
         proto = fuse_model(proto, ad, prov)
     onnx.checker.check_model(proto)
     save_onnx(proto, out)

@@ -26,10 +26,19 @@ def _adapter(p: Path) -> dict[str, Any]:
     from toolchain.adapter_file import FORMAT_VERSION, load_adapter
 
     a = load_adapter(p)
-    return {"kind": "adapter", "file": str(p), "sha256": sha256_file(p), "method": a.method, "format_version": FORMAT_VERSION,
-            "info": a.info, "layers": [{"name": x.name, "param": x.param, "ranks": list(x.ranks), "weight_shape": list(x.geometry.weight_shape),
-                                        "groups": x.geometry.groups, "base_sha256": x.base_sha256} for x in a.layers],
-            "extras": [e.param for e in a.extras], "trainable_values": int(sum(t.size for k, t in a.tensors.items() if k.endswith("delta_g1") or k.startswith("extra:")))}
+    return {
+        "kind": "adapter",
+        "file": str(p),
+        "sha256": sha256_file(p),
+        "method": a.method,
+        "format_version": FORMAT_VERSION,
+        "info": a.info,
+        "layers": [
+            {"name": x.name, "param": x.param, "ranks": list(x.ranks), "weight_shape": list(x.geometry.weight_shape), "groups": x.geometry.groups, "base_sha256": x.base_sha256} for x in a.layers
+        ],
+        "extras": [e.param for e in a.extras],
+        "trainable_values": int(sum(t.size for k, t in a.tensors.items() if k.endswith("delta_g1") or k.startswith("extra:"))),
+    }
 
 
 def _onnx(p: Path) -> dict[str, Any]:
@@ -42,16 +51,32 @@ def _onnx(p: Path) -> dict[str, Any]:
     def io(values: Any) -> list[dict[str, Any]]:
         return [{"name": v.name, "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]} for v in values if v.name not in inits]
 
-    return {"kind": "onnx", "file": str(p), "sha256": sha256_file(p), "fused": meta.get("toolchain.fused") == "true",
-            "exported_as": meta.get("toolchain.kind"), "base_sha256": meta.get("toolchain.base_sha256"), "adapter_sha256": meta.get("toolchain.adapter_sha256"),
-            "toolchain_version": meta.get("toolchain.version"), "opset": [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")],
-            "ir_version": m.ir_version, "inputs": io(m.graph.input), "outputs": io(m.graph.output), "nodes": len(m.graph.node)}
+    return {
+        "kind": "onnx",
+        "file": str(p),
+        "sha256": sha256_file(p),
+        "fused": meta.get("toolchain.fused") == "true",
+        "exported_as": meta.get("toolchain.kind"),
+        "base_sha256": meta.get("toolchain.base_sha256"),
+        "adapter_sha256": meta.get("toolchain.adapter_sha256"),
+        "toolchain_version": meta.get("toolchain.version"),
+        "opset": [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")],
+        "ir_version": m.ir_version,
+        "inputs": io(m.graph.input),
+        "outputs": io(m.graph.output),
+        "nodes": len(m.graph.node),
+    }
 
 
 def _engine(p: Path) -> dict[str, Any]:
     from toolchain.trt_engine import sidecar_path
 
     side = sidecar_path(p)
-    return {"kind": "tensorrt-engine", "file": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size,
-            "build_info": json.loads(side.read_text()) if side.is_file() else None,
-            "note": "layer and binding details need TensorRT and a GPU; the build info comes from the sidecar JSON"}
+    return {
+        "kind": "tensorrt-engine",
+        "file": str(p),
+        "sha256": sha256_file(p),
+        "bytes": p.stat().st_size,
+        "build_info": json.loads(side.read_text()) if side.is_file() else None,
+        "note": "layer and binding details need TensorRT and a GPU; the build info comes from the sidecar JSON",
+    }

@@ -68,8 +68,15 @@ def evaluate(model: nn.Module, ds: WindowDataset, device: torch.device) -> tuple
     return macro_f1(ds.y, pred, len(ds.classes)), accuracy(ds.y, pred)
 
 
-def train(model: nn.Module, data: WindowDataset, cfg: TrainConfig, *, set_mode: Callable[[nn.Module], None] | None = None,
-          eval_data: WindowDataset | None = None, optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    data: WindowDataset,
+    cfg: TrainConfig,
+    *,
+    set_mode: Callable[[nn.Module], None] | None = None,
+    eval_data: WindowDataset | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
     """Train the parameters with requires_grad on ``data``; cross-entropy, Adam unless given."""
     if len(data) == 0:
         raise ToolchainError("no training windows", seen=0, remedy="check the subject selection")

@@ -16,8 +16,7 @@ from typing import Any
 from toolchain.errors import ToolchainError
 from toolchain.fileio import atomic_path, check_output, sha256_file, write_bytes_atomic
 
-HOWTO = ("install TensorRT 10.x: on a Jetson Orin Nano flash JetPack 6.x (it ships TensorRT 10.3 and python3-libnvinfer); "
-         "on an x86 machine with an NVIDIA GPU `pip install tensorrt`")
+HOWTO = "install TensorRT 10.x: on a Jetson Orin Nano flash JetPack 6.x (it ships TensorRT 10.3 and python3-libnvinfer); on an x86 machine with an NVIDIA GPU `pip install tensorrt`"
 
 
 @dataclass
@@ -81,21 +80,32 @@ def build_engine(onnx_path: str, out: str, opts: BuildOptions, *, force: bool = 
         lo, opt, hi = opts.dynamic_batch
         profiles = [Profile().add(name, min=[lo, *shape[1:]], opt=[opt, *shape[1:]], max=[hi, *shape[1:]])]
     individual = bool(refit_names) and hasattr(trt.BuilderFlag, "REFIT_INDIVIDUAL")
-    config = CreateConfig(fp16=opts.fp16, refittable=opts.refit and not individual, profiles=profiles,
-                          load_timing_cache=opts.timing_cache if opts.timing_cache and Path(opts.timing_cache).is_file() else None,
-                          memory_pool_limits={trt.MemoryPoolType.WORKSPACE: opts.workspace_mb << 20})
+    config = CreateConfig(
+        fp16=opts.fp16,
+        refittable=opts.refit and not individual,
+        profiles=profiles,
+        load_timing_cache=opts.timing_cache if opts.timing_cache and Path(opts.timing_cache).is_file() else None,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: opts.workspace_mb << 20},
+    )
     if individual:
+
         def mark(builder: Any, network: Any, cfg: Any) -> None:
             cfg.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
             for n in refit_names:
                 if not network.mark_weights_refittable(n):
                     raise ToolchainError("TensorRT could not mark a fused weight refittable", seen=n)
+
         config = PostprocessConfig(config, mark)
     engine_bytes = EngineBytesFromNetwork(NetworkFromOnnxPath(onnx_path), config=config, save_timing_cache=opts.timing_cache)()
     with atomic_path(out) as tmp:
         tmp.write_bytes(bytes(engine_bytes))
-    info = {"onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path), "tensorrt_version": trt.__version__,
-            "options": asdict(opts), "refittable_weights": refit_names if individual else ("all" if opts.refit else [])}
+    info = {
+        "onnx": str(onnx_path),
+        "onnx_sha256": sha256_file(onnx_path),
+        "tensorrt_version": trt.__version__,
+        "options": asdict(opts),
+        "refittable_weights": refit_names if individual else ("all" if opts.refit else []),
+    }
     write_bytes_atomic(sidecar_path(out), (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
     return info
 

@@ -66,8 +66,14 @@ def error_stats(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Max and mean absolute and relative error, and the smallest atol (rtol=0) / rtol (atol=0) that pass."""
     diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
     rel = diff / np.maximum(np.abs(ref.astype(np.float64)), 1e-12)
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "max_rel": float(rel.max()), "mean_rel": float(rel.mean()),
-            "min_passing_atol": float(diff.max()), "min_passing_rtol": float(rel.max())}
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "max_rel": float(rel.max()),
+        "mean_rel": float(rel.mean()),
+        "min_passing_atol": float(diff.max()),
+        "min_passing_rtol": float(rel.max()),
+    }
 
 
 def verify(model: str, reference: str, out_dir: str, *, engine: str | None = None, opts: VerifyOptions | None = None) -> dict[str, Any]:
@@ -83,8 +89,10 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
     if input_info(model) != (name, shape):
         raise ToolchainError("the model and the reference have different inputs", seen=(input_info(model), (name, shape)))
     feeds = make_feeds(name, shape, opts)
-    runners = [OnnxrtRunner(SessionFromOnnx(str(reference), providers=["CPUExecutionProvider"]), name="reference"),
-               OnnxrtRunner(SessionFromOnnx(str(model), providers=["CPUExecutionProvider"]), name="model")]
+    runners = [
+        OnnxrtRunner(SessionFromOnnx(str(reference), providers=["CPUExecutionProvider"]), name="reference"),
+        OnnxrtRunner(SessionFromOnnx(str(model), providers=["CPUExecutionProvider"]), name="model"),
+    ]
     fp16 = False
     if engine:
         from toolchain.trt_engine import engine_runner
@@ -99,16 +107,26 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
     save_json(feeds, str(outdir / "inputs.json"))
     results.save(str(outdir / "outputs.json"))
     accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
-    report = {"reference": str(reference), "model": str(model), "engine": engine, "atol": atol, "rtol": rtol,
-              "iterations": len(feeds), "real_windows": opts.real if opts.data else 0, "random_inputs": opts.random,
-              "comparisons": _per_output(results), "passed": bool(accuracy), "inputs": str(outdir / "inputs.json"),
-              "outputs": str(outdir / "outputs.json")}
+    report = {
+        "reference": str(reference),
+        "model": str(model),
+        "engine": engine,
+        "atol": atol,
+        "rtol": rtol,
+        "iterations": len(feeds),
+        "real_windows": opts.real if opts.data else 0,
+        "random_inputs": opts.random,
+        "comparisons": _per_output(results),
+        "passed": bool(accuracy),
+        "inputs": str(outdir / "inputs.json"),
+        "outputs": str(outdir / "outputs.json"),
+    }
     write_bytes_atomic(outdir / "verify.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     return report
 
 
 def _per_output(results: Any) -> dict[str, dict[str, dict[str, float]]]:
-    ref_name, ref_iters = results[0]
+    _, ref_iters = results[0]
     out: dict[str, dict[str, dict[str, float]]] = {}
     for runner_name, iters in list(results)[1:]:
         per: dict[str, list[dict[str, float]]] = {}

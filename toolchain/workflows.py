@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from kernels import tt_ranks
-
 from toolchain.adapter_file import save_adapter
 from toolchain.data.sources import default_targets, load_data
 from toolchain.data.windows import fit_standardization, split_subjects, time_split
@@ -69,9 +68,18 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
     dev = resolve_device(job.train.device)
     f1_src, acc_src = evaluate(model, source, dev)
     f1_tgt, acc_tgt = evaluate(model, target, dev)
-    metrics = {"model": job.model, "data": job.data, "source_subjects": source.subjects(), "target_subjects": list(targets),
-               "steps": result.steps, "train_seconds": result.seconds, "f1_source": f1_src, "accuracy_source": acc_src,
-               "f1_target": f1_tgt, "accuracy_target": acc_tgt}
+    metrics = {
+        "model": job.model,
+        "data": job.data,
+        "source_subjects": source.subjects(),
+        "target_subjects": list(targets),
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+        "f1_source": f1_src,
+        "accuracy_source": acc_src,
+        "f1_target": f1_tgt,
+        "accuracy_target": acc_tgt,
+    }
     save_checkpoint(model.cpu(), job.out, spec=job.model, classes=ds.classes, extra={"data": job.data, "pretrain": metrics})
     return metrics
 
@@ -98,12 +106,25 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     result = train(model, adapt_set, job.train, set_mode=lambda m: set_train_mode(m, job.adapt.update_bn_stats))
     f1_after, acc_after = evaluate(model, test_set, dev)
     metrics = {
-        "method": job.adapt.method, "rank": job.adapt.rank, "targets": job.adapt.targets, "layers": len(layers),
-        "trainable_params": trainable, "total_params": total, "trainable_fraction": trainable / total,
-        "f1_before": f1_before, "f1_after": f1_after, "accuracy_before": acc_before, "accuracy_after": acc_after,
-        "steps": result.steps, "train_seconds": result.seconds, "peak_rss_mb": peak_rss_mb(),
-        "target_subjects": list(targets), "adapt_windows": len(adapt_set), "test_windows": len(test_set),
-        "checkpoint": str(job.checkpoint), "train_config": asdict(job.train),
+        "method": job.adapt.method,
+        "rank": job.adapt.rank,
+        "targets": job.adapt.targets,
+        "layers": len(layers),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": trainable / total,
+        "f1_before": f1_before,
+        "f1_after": f1_after,
+        "accuracy_before": acc_before,
+        "accuracy_after": acc_after,
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "target_subjects": list(targets),
+        "adapt_windows": len(adapt_set),
+        "test_windows": len(test_set),
+        "checkpoint": str(job.checkpoint),
+        "train_config": asdict(job.train),
     }
     info = {"rank": job.adapt.rank, "targets": job.adapt.targets, "checkpoint_model": payload["model"], "classes": list(ds.classes)}
     adapter = extract_adapter(model.cpu(), {k: v.cpu() for k, v in base_state.items()}, job.adapt, info)

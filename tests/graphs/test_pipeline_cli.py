@@ -64,8 +64,11 @@ def test_verify_passes_for_fused_and_fails_for_base(art, tmp_path):
 def test_polygraphy_can_recheck_by_hand(art, tmp_path):
     out = tmp_path / "v"
     main(["verify", str(art["fused"]), "--reference", str(art["unfused"]), "--out-dir", str(out), "--real", "2", "--random", "1"])
-    proc = subprocess.run(["polygraphy", "run", str(art["fused"]), "--onnxrt", "--load-inputs", str(out / "inputs.json"),
-                           "--load-outputs", str(out / "outputs.json"), "--atol", "1e-4", "--rtol", "1e-4"], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["polygraphy", "run", str(art["fused"]), "--onnxrt", "--load-inputs", str(out / "inputs.json"), "--load-outputs", str(out / "outputs.json"), "--atol", "1e-4", "--rtol", "1e-4"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 

@@ -18,8 +18,7 @@ def models(tmp_path_factory):
     for seed, a in ((0, a1), (1, a2)):
         assert main(["finetune", "--checkpoint", str(ck), "--out", str(a), "--steps", "20", "--seed", str(seed), "--no-progress"]) == 0
     out = {"dir": d}
-    for name, args in {"unfused1": ["--adapter", str(a1)], "fused1": ["--adapter", str(a1), "--fuse"], "unfused2": ["--adapter", str(a2)],
-                       "fused2": ["--adapter", str(a2), "--fuse"]}.items():
+    for name, args in {"unfused1": ["--adapter", str(a1)], "fused1": ["--adapter", str(a1), "--fuse"], "unfused2": ["--adapter", str(a2)], "fused2": ["--adapter", str(a2), "--fuse"]}.items():
         out[name] = d / f"{name}.onnx"
         assert main(["export", "--checkpoint", str(ck), *args, "-o", str(out[name])]) == 0
     return out

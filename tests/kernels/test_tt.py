@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -28,7 +30,7 @@ def test_full_rank_reconstruction_is_exact(shape):
 def test_rank_clipped_per_bond(shape, rank, expected):
     assert tt_ranks(shape, rank) == expected
     cores = tt_svd(np.ones(shape, dtype=np.float32), rank)
-    assert tuple(c.shape[0] for c in cores) + (1,) == expected
+    assert (*tuple(c.shape[0] for c in cores), 1) == expected
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
@@ -40,7 +42,7 @@ def test_bad_rank_is_refused(bad):
 def test_truncation_error_decreases_with_rank():
     w = np.random.default_rng(1).standard_normal((16, 8, 3)).astype(np.float32)
     errs = [np.linalg.norm(tt_reconstruct(tt_svd(w, r)) - w) for r in (1, 2, 4, 8, 16)]
-    assert all(a >= b - 1e-5 for a, b in zip(errs, errs[1:], strict=False))
+    assert all(a >= b - 1e-5 for a, b in itertools.pairwise(errs))
     assert errs[-1] < 1e-4 < errs[0]
 
 

@@ -19,7 +19,7 @@ def _adapter(tmp_path, train=()):
     cfg = AdaptConfig(rank=3, train=train)
     inject(model, cfg)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     adapter = extract_adapter(model, base_state, cfg, {"rank": 3})
@@ -92,7 +92,7 @@ def test_corrupt_adapters_are_refused(tmp_path, mutate, message):
 
 
 def test_non_finite_values_are_refused(tmp_path):
-    _, _, adapter, path = _adapter(tmp_path)
+    _, _, adapter, _ = _adapter(tmp_path)
     name = next(k for k in adapter.tensors if k.endswith("delta_g1"))
     adapter.tensors[name] = adapter.tensors[name].copy()
     adapter.tensors[name][0, 0] = np.nan
@@ -102,7 +102,7 @@ def test_non_finite_values_are_refused(tmp_path):
 
 
 def test_conv_geometry_roundtrips_for_2d(tmp_path):
-    conv, _, rank = make_conv("2d-stride-dil")
+    conv, _, _ = make_conv("2d-stride-dil")
     from toolchain.peft.lora_edge import conv_geometry
 
     g = conv_geometry(conv)

@@ -24,8 +24,7 @@ def test_finetune_writes_adapter_and_metrics(base_ckpt, tmp_path):
     out = tmp_path / "adapter.safetensors"
     assert main(["finetune", "--checkpoint", str(base_ckpt), "--rank", "2", "--out", str(out), "--steps", "30", "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "adapter.metrics.json").read_text())
-    for key in ("method", "rank", "trainable_params", "total_params", "trainable_fraction", "f1_before", "f1_after",
-                "accuracy_before", "accuracy_after", "steps", "train_seconds", "peak_rss_mb"):
+    for key in ("method", "rank", "trainable_params", "total_params", "trainable_fraction", "f1_before", "f1_after", "accuracy_before", "accuracy_after", "steps", "train_seconds", "peak_rss_mb"):
         assert key in metrics
     assert metrics["steps"] == 30 and metrics["method"] == "lora-edge"
     adapter = load_adapter(out)

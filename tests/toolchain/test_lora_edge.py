@@ -62,7 +62,7 @@ def test_only_delta_g1_gets_gradients(geom_id):
 
 
 def test_scaling_scales_delta():
-    _, layer, x = _wrapped("1d-plain")
+    _, layer, _ = _wrapped("1d-plain")
     d1 = layer.delta_weight().detach().clone()
     layer.scaling = 2.0
     torch.testing.assert_close(layer.delta_weight(), 2 * d1)

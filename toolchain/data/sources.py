@@ -29,7 +29,8 @@ def load_hapt(folder: str | Path, activities: tuple[int, ...] = (1, 2, 3, 4, 5, 
     labels = _read_table(labels_path, 5).astype(np.int64)
     names = _hapt_names(Path(folder))
     order = np.lexsort((labels[:, 3], labels[:, 0]))
-    parts, cache = [], {}
+    parts: list[tuple[np.ndarray, int, int, int]] = []
+    cache: dict[int, np.ndarray] = {}
     for seg_id, (exp, user, act, start, end) in enumerate(labels[order]):
         if act not in activities:
             continue

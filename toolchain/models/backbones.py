@@ -18,8 +18,10 @@ class CNN1D(nn.Module):
     def __init__(self, in_channels: int = 6, num_classes: int = 6, width: int = 64) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv_bn(in_channels, width, 7), nn.MaxPool1d(2),
-            _conv_bn(width, width * 2, 5), nn.MaxPool1d(2),
+            _conv_bn(in_channels, width, 7),
+            nn.MaxPool1d(2),
+            _conv_bn(width, width * 2, 5),
+            nn.MaxPool1d(2),
             _conv_bn(width * 2, width * 2, 3),
         )
         self.pool = nn.AdaptiveAvgPool1d(1)

@@ -22,6 +22,9 @@ CHECKPOINT_FORMAT = "toolchain-checkpoint"
 class Standardize(nn.Module):
     """Per-channel (x - mean) / std with statistics fitted on the source subjects, kept in the model."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(1, channels, 1))
@@ -36,7 +39,7 @@ class HARModel(nn.Module):
 
     def __init__(self, net: nn.Module, channels: int) -> None:
         super().__init__()
-        self.norm = Standardize(channels)
+        self.norm: Standardize = Standardize(channels)
         self.net = net
 
     def forward(self, x: Tensor) -> Tensor:
@@ -97,9 +100,13 @@ def save_checkpoint(model: HARModel, path: str | os.PathLike[str], *, spec: str,
     """Write a checkpoint (tensors and plain data only, loadable with weights_only=True) atomically."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
-        "format": CHECKPOINT_FORMAT, "version": 1, "model": spec,
-        "in_channels": int(model.norm.mean.shape[1]), "classes": list(classes),
-        "state_dict": state, **extra,
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "model": spec,
+        "in_channels": int(model.norm.mean.shape[1]),
+        "classes": list(classes),
+        "state_dict": state,
+        **extra,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

@@ -71,7 +71,7 @@ def inject(model: nn.Module, config: AdaptConfig) -> list[str]:
         p.requires_grad_(False)
     for name in names:
         conv = model.get_submodule(name)
-        _replace(model, name, LoRAEdgeConv.from_pretrained(conv, config.rank, config.scaling))
+        _replace(model, name, LoRAEdgeConv.from_pretrained(conv, config.rank, config.scaling))  # type: ignore[arg-type]
     unfreeze_extras(model, config.train)
     return names
 
@@ -122,8 +122,7 @@ def extract_adapter(model: nn.Module, base_state: dict[str, torch.Tensor], confi
     """Every tensor that differs from the base: ΔG1 and suffix cores per layer, plus trained extras."""
     layers, tensors = [], {}
     for name, layer in adapter_layers(model).items():
-        rec = LayerRecord(name=name, param=f"{name}.weight", method=layer.method, geometry=layer.geometry,
-                          ranks=layer.ranks, scaling=layer.scaling, base_sha256=layer.base_sha256)
+        rec = LayerRecord(name=name, param=f"{name}.weight", method=layer.method, geometry=layer.geometry, ranks=layer.ranks, scaling=layer.scaling, base_sha256=layer.base_sha256)
         values = [layer.delta_g1, *layer.suffix_cores()]
         tensors.update({k: v.detach().cpu().numpy().astype(np.float32) for k, v in zip(rec.tensor_names(), values, strict=True)})
         layers.append(rec)
@@ -131,14 +130,14 @@ def extract_adapter(model: nn.Module, base_state: dict[str, torch.Tensor], confi
     for pname, t in _trained_extras(model, config):
         base_t = base_state.get(pname)
         same_shape = base_t is not None and tuple(base_t.shape) == tuple(t.shape)
-        digest = weight_sha256(base_t.cpu().numpy()) if same_shape else None
+        digest = weight_sha256(base_t.cpu().numpy()) if base_t is not None and same_shape else None
         extras.append(ExtraRecord(param=pname, shape=tuple(t.shape), base_sha256=digest))
         tensors["extra:" + pname] = t.detach().cpu().numpy().astype(np.float32)
     return Adapter(method=config.method, layers=layers, extras=extras, tensors=tensors, info=info)
 
 
 def _trained_extras(model: nn.Module, config: AdaptConfig) -> list[tuple[str, torch.Tensor]]:
-    out = [(base_name(n), p) for n, p in model.named_parameters() if p.requires_grad and not n.endswith("delta_g1")]
+    out: list[tuple[str, torch.Tensor]] = [(base_name(n), p) for n, p in model.named_parameters() if p.requires_grad and not n.endswith("delta_g1")]
     if config.update_bn_stats:
         for n, m in model.named_modules():
             if isinstance(m, _BN) and m.running_mean is not None and m.running_var is not None:
@@ -156,17 +155,20 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> None:
             raise ToolchainError("adapter layer is not in the model", seen=rec.name, remedy="use the base checkpoint the adapter was trained from") from None
         got = weight_sha256(conv.weight.detach().cpu().numpy()) if isinstance(conv, nn.Conv1d | nn.Conv2d) else None
         if got != rec.base_sha256:
-            raise ToolchainError(f"layer {rec.name}: the base weight differs from the one the adapter was trained against",
-                                 seen=f"sha256 {str(got)[:12]} vs adapter {rec.base_sha256[:12]}", remedy="use the matching base checkpoint")
+            raise ToolchainError(
+                f"layer {rec.name}: the base weight differs from the one the adapter was trained against",
+                seen=f"sha256 {str(got)[:12]} vs adapter {rec.base_sha256[:12]}",
+                remedy="use the matching base checkpoint",
+            )
         delta, *suffix = adapter.layer_tensors(rec)
-        _replace(model, rec.name, LoRAEdgeConv(conv, suffix, rec.scaling, delta))
+        _replace(model, rec.name, LoRAEdgeConv(conv, suffix, rec.scaling, delta))  # type: ignore[arg-type]
     state = dict(model.state_dict())
     for extra in adapter.extras:
         _set_extra(model, params, state, extra, adapter.extra_tensor(extra))
 
 
 def _set_extra(model: nn.Module, params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], extra: ExtraRecord, value: np.ndarray) -> None:
-    target = params.get(extra.param)
+    target: torch.Tensor | None = params.get(extra.param)
     if target is None:
         target = state.get(extra.param)
     if target is None:

@@ -29,9 +29,14 @@ def conv_geometry(conv: nn.Module) -> ConvGeometry:
     pad = conv.padding if isinstance(conv.padding, str) else tuple(int(p) for p in conv.padding)
     return ConvGeometry(
         kind="conv1d" if isinstance(conv, nn.Conv1d) else "conv2d",
-        in_channels=conv.in_channels, out_channels=conv.out_channels,
-        kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride), padding=pad,
-        dilation=tuple(conv.dilation), groups=conv.groups, padding_mode=conv.padding_mode,
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=tuple(conv.kernel_size),
+        stride=tuple(conv.stride),
+        padding=pad,
+        dilation=tuple(conv.dilation),
+        groups=conv.groups,
+        padding_mode=conv.padding_mode,
         bias=conv.bias is not None,
     )
 
@@ -40,11 +45,12 @@ class LoRAEdgeConv(nn.Module):
     """A frozen conv plus a trainable TT-LoRA update. ``delta_weight()``, ``merge()``, ``unmerge()``."""
 
     method = "lora-edge"
+    suffix: Tensor
 
     def __init__(self, base: ConvNd, suffix_cores: Sequence[np.ndarray], scaling: float = 1.0, delta_g1: np.ndarray | None = None) -> None:
         super().__init__()
         self.geometry = conv_geometry(base)
-        self.base = base
+        self.base: ConvNd = base
         for p in base.parameters():
             p.requires_grad_(False)
         self.base_sha256 = weight_sha256(base.weight.detach().cpu().numpy())
