@@ -76,6 +76,12 @@ def _digests(slots: list[WeightSlot]) -> dict[str, str]:
 def _find_slot(layer: LayerRecord, slots: dict[str, WeightSlot], scales: dict[str, dict], digests: dict[str, str]) -> tuple[WeightSlot, np.ndarray | None]:
     """The layer's Conv weight and its per-channel BN-fold scale (None when unscaled)."""
     slot = slots.get(layer.param)
+    if slot is not None and tuple(slot.values().shape) != layer.geometry.weight_shape:
+        raise ToolchainError(
+            f"layer {layer.name}: the Conv weight's shape does not fit the adapter layer",
+            seen=(tuple(slot.values().shape), layer.geometry.weight_shape),
+            remedy="fuse into the base model this adapter came from",
+        )
     if slot is not None:
         got = digests[slot.name]
         if got == layer.base_sha256:
@@ -129,7 +135,10 @@ def fuse_adapter(graph: gs.Graph, adapter: Adapter, scales: dict[str, dict] | No
             raise ToolchainError(f"layer {layer.name}: ΔW shape does not match the Conv weight", seen=(delta.shape, base.shape))
         if scale is not None:
             delta = (delta * scale.reshape(-1, *([1] * (delta.ndim - 1)))).astype(np.float32)
-        slot.set_values((base + delta).astype(base.dtype))
+        fused = (base + delta).astype(base.dtype)
+        if not np.all(np.isfinite(fused)):
+            raise ToolchainError(f"layer {layer.name}: the fused weight has NaN or Inf values", seen=slot.name, remedy="check the base model and the adapter; neither may hold non-finite values")
+        slot.set_values(fused)
         changed.append(slot.name)
     for extra in adapter.extras:
         _apply_extra(graph, extra, adapter.extra_tensor(extra))
@@ -173,16 +182,31 @@ def read_scales(model: onnx.ModelProto) -> dict[str, dict]:
     return scales
 
 
+def _check_finite(model: onnx.ModelProto) -> None:
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) and not np.all(np.isfinite(onnx.numpy_helper.to_array(t))):
+            raise ToolchainError("the ONNX model has NaN or Inf values", seen=f"initializer {t.name}", remedy="fix or re-export the base model")
+
+
 def fuse_model(model: onnx.ModelProto, adapter: Adapter, provenance: dict[str, str]) -> onnx.ModelProto:
     """ModelProto in, fused ModelProto out, with the base's IR version, opset and metadata kept."""
     meta = {p.key: p.value for p in model.metadata_props}
     if meta.get("toolchain.fused") == "true":
+        same = meta.get("toolchain.adapter_sha256") == provenance.get("toolchain.adapter_sha256")
         raise ToolchainError(
-            "the model is already fused", seen=f"adapter sha256 {meta.get('toolchain.adapter_sha256', '?')[:12]}", remedy="fuse into the unfused base model (toolchain export without --adapter)"
+            "the model is already fused" + (" with this very adapter" if same else " with another adapter"),
+            seen=f"fused with adapter sha256 {meta.get('toolchain.adapter_sha256', '?')[:12]}, this adapter {provenance.get('toolchain.adapter_sha256', '?')[:12]}",
+            remedy="fuse into the unfused base model (toolchain export without --adapter)",
         )
+    _check_finite(model)
     changed: list[str] = []
-    graph = fuse_adapter(gs.import_onnx(model), adapter, read_scales(model), changed)
-    fused = gs.export_onnx(graph, do_type_check=True)
+    try:
+        graph = fuse_adapter(gs.import_onnx(model), adapter, read_scales(model), changed)
+        fused = gs.export_onnx(graph, do_type_check=True)
+    except ToolchainError:
+        raise
+    except Exception as err:  # a malformed graph can trip onnx-graphsurgeon in many ways
+        raise ToolchainError("cannot rewrite this ONNX graph", seen=f"{type(err).__name__}: {str(err)[:160]}", remedy="check the model with onnx.checker and re-export it") from None
     fused.ir_version = model.ir_version
     del fused.opset_import[:]
     fused.opset_import.extend(model.opset_import)

@@ -11,6 +11,7 @@ from toolchain.errors import ToolchainError
 from toolchain.fileio import atomic_path
 
 TWO_GB = 2**31 - 1
+MAX_ONNX_BYTES = TWO_GB
 
 
 def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
@@ -41,6 +42,8 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     p = Path(path)
     if not p.is_file():
         raise ToolchainError("ONNX model file does not exist", seen=str(p))
+    if p.stat().st_size > MAX_ONNX_BYTES:
+        raise ToolchainError("ONNX file is larger than protobuf allows (2 GB); weights over that belong in external data", seen=p.stat().st_size)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as err:  # protobuf raises DecodeError and others

@@ -86,8 +86,9 @@ def resnet50_like(seed: int = 0) -> tuple[onnx.ModelProto, list[tuple[str, np.nd
     head = (rng.standard_normal((1000, 2048)) * 0.02).astype(np.float32)
     inits += [numpy_helper.from_array(head, "fc.weight")]
     nodes += [helper.make_node("GlobalAveragePool", [cur], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]), helper.make_node("Gemm", ["flat", "fc.weight"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "resnet50_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], inits)
+    graph = helper.make_graph(
+        nodes, "resnet50_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     return model, convs

@@ -6,6 +6,7 @@ allocated, so a header that declares a 100 GB tensor is refused, not loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -126,7 +127,23 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> None:
         "info": json.dumps(adapter.info, sort_keys=True),
     }
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in adapter.tensors.items()}
+    meta["content_sha256"] = content_digest(tensors, meta)
     write_bytes_atomic(path, save(tensors, metadata=meta))
+
+
+def content_digest(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> str:
+    """SHA-256 over every tensor (name, shape, bytes) and every metadata entry but this one.
+
+    An integrity check against bit flips and truncation, not a signature: whoever can write the
+    file can recompute it.
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = np.ascontiguousarray(tensors[name], dtype="<f4")
+        h.update(f"{name}|{list(t.shape)}|".encode())
+        h.update(t.tobytes())
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "content_sha256"}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def load_adapter(path: str | os.PathLike[str]) -> Adapter:
@@ -151,6 +168,8 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
         raise ToolchainError("adapter metadata is not valid", seen=f"{type(err).__name__}: {err}", remedy="the file is corrupt; re-export it") from None
     adapter = Adapter(method=str(meta.get("method")), layers=layers, extras=extras, tensors=tensors, info=info if isinstance(info, dict) else {})
     validate_adapter(adapter)
+    if not all(isinstance(v, str) for v in meta.values()) or meta.get("content_sha256") != content_digest(tensors, meta):
+        raise ToolchainError("adapter content does not match its checksum (content_sha256): the file is corrupt or was edited", seen=str(p), remedy="re-export or re-download the adapter")
     return adapter
 
 

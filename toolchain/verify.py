@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.errors import ToolchainError
-from toolchain.fileio import write_bytes_atomic
+from toolchain.fileio import atomic_path, write_bytes_atomic
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
@@ -104,8 +104,10 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
     results = Comparator.run(runners, data_loader=feeds)
     outdir = Path(out_dir)
     outdir.mkdir(parents=True, exist_ok=True)
-    save_json(feeds, str(outdir / "inputs.json"))
-    results.save(str(outdir / "outputs.json"))
+    with atomic_path(outdir / "inputs.json") as tmp:
+        save_json(feeds, str(tmp))
+    with atomic_path(outdir / "outputs.json") as tmp:
+        results.save(str(tmp))
     accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
     report = {
         "reference": str(reference),
