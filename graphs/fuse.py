@@ -184,7 +184,13 @@ def read_scales(model: onnx.ModelProto) -> dict[str, dict]:
 
 def _check_finite(model: onnx.ModelProto) -> None:
     for t in model.graph.initializer:
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) and not np.all(np.isfinite(onnx.numpy_helper.to_array(t))):
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            continue
+        try:
+            values = onnx.numpy_helper.to_array(t)
+        except Exception as err:  # data that does not fit the declared dims
+            raise ToolchainError("an ONNX initializer's data does not match its declared shape", seen=f"{t.name}: {str(err)[:100]}", remedy="the model is corrupt; re-export it") from None
+        if not np.all(np.isfinite(values)):
             raise ToolchainError("the ONNX model has NaN or Inf values", seen=f"initializer {t.name}", remedy="fix or re-export the base model")
 
 
