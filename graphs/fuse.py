@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from kernels import delta_weight, suffix_kernel, weight_sha256
+from kernels import delta_weight, dora_weight, lora_delta, suffix_kernel, weight_sha256
 from toolchain.adapter_file import Adapter, ExtraRecord, LayerRecord, load_adapter
 from toolchain.errors import ToolchainError
 from toolchain.fileio import check_output, sha256_file
@@ -49,9 +49,33 @@ class WeightSlot:
 
 
 def layer_delta(layer: LayerRecord, adapter: Adapter) -> np.ndarray:
-    """ΔW of one adapted layer from the adapter's tensors (the kernels' reference ΔW)."""
-    delta, *suffix = adapter.layer_tensors(layer)
-    return delta_weight(delta, suffix_kernel(suffix), layer.scaling)
+    """ΔW of one additive layer (lora-edge, lora) from the adapter's tensors (the kernels' reference)."""
+    if layer.method == "lora-edge":
+        delta, *suffix = adapter.layer_tensors(layer)
+        return delta_weight(delta, suffix_kernel(suffix), layer.scaling)
+    a, b = adapter.layer_tensors(layer)[:2]
+    return lora_delta(a, b, layer.geometry.groups, layer.scaling)
+
+
+def new_weight(layer: LayerRecord, adapter: Adapter, base: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """The fused weight. ``scale``: per-output-channel BatchNorm fold factors already in ``base``."""
+    shape = (-1,) + (1,) * (base.ndim - 1)
+    if layer.method == "dora":
+        a, b, m = adapter.layer_tensors(layer)
+        if scale is None:
+            return dora_weight(base, a, b, m, layer.geometry.groups, layer.scaling)
+        if np.any(scale == 0):
+            raise ToolchainError(
+                f"layer {layer.name}: a BatchNorm fold scale is 0, so the unfolded weight cannot be recovered for DoRA", seen=int(np.sum(scale == 0)), remedy="export without --fold-bn"
+            )
+        unfolded = (base / scale.reshape(shape)).astype(np.float32)
+        return (dora_weight(unfolded, a, b, m, layer.geometry.groups, layer.scaling) * scale.reshape(shape)).astype(np.float32)
+    delta = layer_delta(layer, adapter)
+    if delta.shape != base.shape:
+        raise ToolchainError(f"layer {layer.name}: ΔW shape does not match the Conv weight", seen=(delta.shape, base.shape))
+    if scale is not None:
+        delta = (delta * scale.reshape(shape)).astype(np.float32)
+    return (base + delta).astype(base.dtype)
 
 
 def weight_slots(graph: gs.Graph, op: str = "Conv", index: int = 1) -> dict[str, WeightSlot]:
@@ -120,6 +144,13 @@ def fuse_adapter(graph: gs.Graph, adapter: Adapter, scales: dict[str, dict] | No
     ``changed``, when given, receives the names of the tensors that were rewritten.
     """
     changed = [] if changed is None else changed
+    unfusable = [x.name for x in adapter.layers if x.method == "adapter"]
+    if unfusable:
+        raise ToolchainError(
+            "bottleneck adapters add layers, so they cannot be fused into Conv weights",
+            seen=f"{len(unfusable)} adapter blocks, e.g. {unfusable[0]}",
+            remedy="deploy the unfused export (toolchain export --adapter FILE, without --fuse) and measure its cost with toolchain bench",
+        )
     slots = weight_slots(graph)
     digests = _digests([slots[x.param] for x in adapter.layers if x.param in slots])
     claimed: dict[str, str] = {}
@@ -129,13 +160,7 @@ def fuse_adapter(graph: gs.Graph, adapter: Adapter, scales: dict[str, dict] | No
             raise ToolchainError("two adapter layers resolve to the same Conv weight", seen=(claimed[slot.name], layer.name))
         claimed[slot.name] = layer.name
         _check_consumers(layer, slot)
-        base = slot.values()
-        delta = layer_delta(layer, adapter)
-        if delta.shape != base.shape:
-            raise ToolchainError(f"layer {layer.name}: ΔW shape does not match the Conv weight", seen=(delta.shape, base.shape))
-        if scale is not None:
-            delta = (delta * scale.reshape(-1, *([1] * (delta.ndim - 1)))).astype(np.float32)
-        fused = (base + delta).astype(base.dtype)
+        fused = new_weight(layer, adapter, slot.values(), scale)
         if not np.all(np.isfinite(fused)):
             raise ToolchainError(f"layer {layer.name}: the fused weight has NaN or Inf values", seen=slot.name, remedy="check the base model and the adapter; neither may hold non-finite values")
         slot.set_values(fused)

@@ -1,6 +1,7 @@
 """Pure numpy tensor math for LoRA-Edge: TT-SVD of conv kernels, core contraction, reference ΔW."""
 
 from kernels.digest import weight_sha256
+from kernels.lora import channel_norm, dora_weight, lora_delta
 from kernels.tt import (
     delta_weight,
     suffix_kernel,
@@ -11,7 +12,10 @@ from kernels.tt import (
 )
 
 __all__ = [
+    "channel_norm",
     "delta_weight",
+    "dora_weight",
+    "lora_delta",
     "suffix_kernel",
     "tt_ranks",
     "tt_reconstruct",

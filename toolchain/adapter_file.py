@@ -79,9 +79,28 @@ class LayerRecord:
 
     def tensor_names(self) -> list[str]:
         """Names of this layer's tensors in the file."""
+        n = self.name
         if self.method == "lora-edge":
-            return [f"{self.name}.delta_g1"] + [f"{self.name}.core{k}" for k in range(2, len(self.ranks))]
+            return [f"{n}.delta_g1"] + [f"{n}.core{k}" for k in range(2, len(self.ranks))]
+        if self.method in ("lora", "dora"):
+            return [f"{n}.lora_A", f"{n}.lora_B"] + ([f"{n}.magnitude"] if self.method == "dora" else [])
+        if self.method == "adapter":
+            return [f"{n}.down.weight", f"{n}.down.bias", f"{n}.up.weight", f"{n}.up.bias"]
         raise ToolchainError("unknown layer method in adapter", seen=self.method, remedy="upgrade toolchain")
+
+    def expected_shapes(self) -> list[tuple[int, ...]] | None:
+        """Shapes its tensors must have (None: checked by the TT core validation instead)."""
+        g = self.geometry
+        shape = g.weight_shape
+        if self.method in ("lora", "dora"):
+            (r,) = self.ranks
+            out = [(g.groups * r, *shape[1:]), (shape[0], r)]
+            return [*out, (shape[0],)] if self.method == "dora" else out
+        if self.method == "adapter":
+            (h,) = self.ranks
+            ones = (1,) * len(g.kernel_size)
+            return [(h, g.out_channels, *ones), (h,), (g.out_channels, h, *ones), (g.out_channels,)]
+        return None
 
 
 @dataclass(frozen=True)
@@ -181,6 +200,12 @@ def validate_adapter(adapter: Adapter) -> None:
         if missing:
             raise ToolchainError("adapter is missing tensors for a layer", seen=missing[:3], remedy="the file is incomplete; re-export it")
         shape = layer.geometry.weight_shape
+        expected = layer.expected_shapes()
+        if expected is not None:
+            got = [tuple(t.shape) for t in adapter.layer_tensors(layer)]
+            if got != expected or min(layer.ranks) < 1:
+                raise ToolchainError(f"layer {layer.name}: {layer.method} tensor shapes do not fit its geometry and rank", seen=(got, expected), remedy="the file is corrupt; re-export it")
+            continue
         if len(layer.ranks) != len(shape) + 1:
             raise ToolchainError(f"layer {layer.name}: ranks must have one more entry than the kernel has modes", seen=(layer.ranks, shape))
         delta, *suffix = adapter.layer_tensors(layer)

@@ -11,6 +11,8 @@ from typing import Any
 from toolchain import __version__
 from toolchain.errors import ToolchainError
 
+METHODS = ("lora-edge", "lora", "dora", "adapter", "full", "galore", "head", "bitfit")  # toolchain.peft.inject.METHODS, without importing torch
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -21,9 +23,9 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _train_args(p: argparse.ArgumentParser, lr: float, batch: int, epochs: int) -> None:
+def _train_args(p: argparse.ArgumentParser, lr: float | None, batch: int, epochs: int) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr})")
+    g.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr if lr else 'per method: 1e-3 for full and galore, else 5e-3'})")
     g.add_argument("--batch-size", type=int, default=batch, help=f"(default {batch})")
     g.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training windows (default {epochs})")
     g.add_argument("--steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
@@ -35,6 +37,10 @@ def _train_args(p: argparse.ArgumentParser, lr: float, batch: int, epochs: int) 
 def _train_config(a: argparse.Namespace) -> Any:
     from toolchain.train import TrainConfig
 
+    if a.lr is None:
+        from toolchain.workflows import METHOD_LR
+
+        a.lr = METHOD_LR[a.method] if a.method in METHOD_LR else 5e-3
     for name in ("lr", "batch_size", "epochs"):
         if getattr(a, name) <= 0:
             raise ToolchainError(f"--{name.replace('_', '-')} must be > 0", seen=getattr(a, name))
@@ -44,7 +50,8 @@ def _train_config(a: argparse.Namespace) -> Any:
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from toolchain.workflows import PretrainJob, pretrain
 
-    m = pretrain(PretrainJob(out=a.out, model=a.model, data=a.data, targets=a.target_subjects, train=_train_config(a), force=a.force))
+    excl = tuple(c for c in a.exclude_classes.split(",") if c) if a.exclude_classes else ()
+    m = pretrain(PretrainJob(out=a.out, model=a.model, data=a.data, targets=a.target_subjects, train=_train_config(a), force=a.force, exclude_classes=excl))
     print(
         f"pretrained {a.model} on subjects {m['source_subjects']}: source F1 {m['f1_source']:.3f}, "
         f"target {m['target_subjects']} F1 {m['f1_target']:.3f} ({m['steps']} steps, {m['train_seconds']:.1f} s) -> {a.out}"
@@ -56,7 +63,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from toolchain.peft.inject import AdaptConfig
     from toolchain.workflows import FinetuneJob, finetune, metrics_path
 
-    adapt = AdaptConfig(method=a.method, rank=a.rank, scaling=a.scaling, targets=a.targets, train=tuple(a.train), update_bn_stats=a.update_bn_stats)
+    adapt = AdaptConfig(method=a.method, rank=a.rank, scaling=a.scaling, targets=a.targets, train=tuple(a.train), update_bn_stats=a.update_bn_stats, reduction=a.reduction)
     job = FinetuneJob(checkpoint=a.checkpoint, out=a.out, adapt=adapt, data=a.data, targets=a.target_subjects, train=_train_config(a), force=a.force)
     m = finetune(job)
     print(
@@ -225,15 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="watch", help="watch (embedded default), hapt:FOLDER, a HAPT folder or file.npz (default watch)")
     p.add_argument("--target-subjects", type=_ints, default=None, help="subjects held out for adaptation (default: the dataset's usual ones)")
     p.add_argument("--out", default="base.pt", help="checkpoint to write (default base.pt)")
+    p.add_argument("--exclude-classes", default="", help="comma-separated class names or indices to leave out (unseen-class studies)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     _train_args(p, 2e-3, 64, 8)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="adapt a checkpoint to target subjects; write an adapter")
     p.add_argument("--checkpoint", default="base.pt", help="base checkpoint from pretrain (default base.pt)")
-    p.add_argument("--method", default="lora-edge", help="adaptation method (default lora-edge)")
-    p.add_argument("--rank", type=int, default=4, help="TT rank, clipped per bond (default 4)")
-    p.add_argument("--scaling", type=float, default=1.0, help="ΔW scale (default 1.0)")
+    p.add_argument("--method", default="lora-edge", choices=METHODS, help="adaptation method (default lora-edge)")
+    p.add_argument("--rank", type=int, default=4, help="rank: TT rank clipped per bond (lora-edge), LoRA/DoRA rank, GaLore projection rank (default 4)")
+    p.add_argument("--scaling", type=float, default=1.0, help="ΔW scale; for lora/dora this is alpha / r (default 1.0)")
+    p.add_argument("--reduction", type=int, default=4, help="bottleneck width = channels // reduction for --method adapter (default 4)")
     p.add_argument("--targets", default="all", help="convs to adapt: all, pointwise, or a regex on module names (default all)")
     p.add_argument("--train", action="append", default=[], choices=["head", "bn"], help="also train the classifier head or BatchNorm affine (repeatable)")
     p.add_argument("--update-bn-stats", action="store_true", help="let BatchNorm running statistics move (frozen by default)")
@@ -241,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-subjects", type=_ints, default=None, help="subjects to adapt to (default: those held out at pretraining)")
     p.add_argument("--out", default="adapter.safetensors", help="adapter to write; metrics go to <name>.metrics.json (default adapter.safetensors)")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
-    _train_args(p, 5e-3, 32, 15)
+    _train_args(p, None, 32, 15)
     p.set_defaults(func=cmd_finetune)
     _add_graph_commands(sub)
     return parser

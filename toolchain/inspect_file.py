@@ -37,7 +37,8 @@ def _adapter(p: Path) -> dict[str, Any]:
             {"name": x.name, "param": x.param, "ranks": list(x.ranks), "weight_shape": list(x.geometry.weight_shape), "groups": x.geometry.groups, "base_sha256": x.base_sha256} for x in a.layers
         ],
         "extras": [e.param for e in a.extras],
-        "trainable_values": int(sum(t.size for k, t in a.tensors.items() if k.endswith("delta_g1") or k.startswith("extra:"))),
+        "trained_values": int(sum(t.size for k, t in a.tensors.items() if ".core" not in k)),
+        "fusable": all(x.method != "adapter" for x in a.layers),
     }
 
 

@@ -9,19 +9,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kernels import tt_ranks
 from toolchain.adapter_file import save_adapter
 from toolchain.data.sources import default_targets, load_data
-from toolchain.data.windows import fit_standardization, split_subjects, time_split
+from toolchain.data.windows import WindowDataset, fit_standardization, split_subjects, time_split
 from toolchain.errors import ToolchainError
 from toolchain.fileio import check_output, write_bytes_atomic
 from toolchain.models.registry import build_model, load_checkpoint, save_checkpoint
-from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_train_mode
+from toolchain.peft.galore import GaLoreAdam
+from toolchain.peft.inject import LOW_RANK, METHODS, AdaptConfig, extract_adapter, inject, set_train_mode
 from toolchain.train import TrainConfig, count_params, evaluate, peak_rss_mb, resolve_device, train
 
 DEFAULT_DATA = "watch"
+# Adam learning rates per method: full-rank updates of all weights need a smaller step.
+METHOD_LR = {"lora-edge": 5e-3, "lora": 5e-3, "dora": 5e-3, "adapter": 5e-3, "head": 5e-3, "bitfit": 5e-3, "full": 1e-3, "galore": 1e-3}
 PRETRAIN_DEFAULTS = TrainConfig(lr=2e-3, batch_size=64, epochs=8)
 FINETUNE_DEFAULTS = TrainConfig(lr=5e-3, batch_size=32, epochs=15)
 
@@ -34,6 +38,7 @@ class PretrainJob:
     targets: tuple[int, ...] | None = None
     train: TrainConfig = field(default_factory=lambda: copy.copy(PRETRAIN_DEFAULTS))
     force: bool = False
+    exclude_classes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -59,6 +64,8 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
     check_output(job.out, force=job.force)
     ds = load_data(job.data)
     targets = job.targets or default_targets(ds)
+    if job.exclude_classes:
+        ds = drop_classes(ds, job.exclude_classes)
     source, target = split_subjects(ds, targets)
     model = build_model(job.model, ds.X.shape[1], len(ds.classes))
     mean, std = fit_standardization(source)
@@ -84,26 +91,67 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
     return metrics
 
 
+def drop_classes(ds: WindowDataset, names: tuple[str, ...]) -> WindowDataset:
+    """Remove the windows of ``names`` (class names or indices) and renumber the remaining classes."""
+    drop = {ds.classes[int(n)] if n.isdigit() and int(n) < len(ds.classes) else n for n in names}
+    unknown = drop - set(ds.classes)
+    if unknown or len(drop) >= len(ds.classes) - 1:
+        raise ToolchainError("--exclude-classes must name existing classes and leave at least two", seen=sorted(unknown) or sorted(drop), remedy=f"choose from {ds.classes}")
+    keep = [c for c in ds.classes if c not in drop]
+    remap = np.array([keep.index(c) if c in keep else -1 for c in ds.classes])
+    mask = remap[ds.y] >= 0
+    out = ds.take(mask)
+    return WindowDataset(out.X, remap[out.y], out.subject, out.segment, keep, ds.name)
+
+
+def expand_head(model: torch.nn.Module, old: list[str], new: list[str]) -> None:
+    """A classifier for ``new`` classes from one for ``old`` (a subset): known rows are copied."""
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    head = torch.nn.Linear(linear.in_features, len(new), bias=linear.bias is not None)
+    with torch.no_grad():
+        head.weight.mul_(0.1)
+        for i, name in enumerate(old):
+            head.weight[new.index(name)] = linear.weight[i]
+            if head.bias is not None and linear.bias is not None:
+                head.bias[new.index(name)] = linear.bias[i]
+    name = next(n for n, m in model.named_modules() if m is linear)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, head)
+
+
 def finetune(job: FinetuneJob) -> dict[str, Any]:
     """Adapt a checkpoint to the target subjects; write the adapter and its metrics JSON."""
-    if job.adapt.method == "lora-edge":
+    if job.adapt.method not in METHODS:
+        raise ToolchainError("unknown adaptation method", seen=job.adapt.method, remedy=f"use one of {', '.join(METHODS)}")
+    if job.adapt.method in LOW_RANK:
         tt_ranks((1, 1), job.adapt.rank)  # validates the rank before any work
     out, mpath = check_output(job.out, [job.checkpoint], force=job.force), metrics_path(job.out)
     check_output(mpath, [job.checkpoint], force=job.force)
     model, payload = load_checkpoint(job.checkpoint)
     ds = load_data(job.data or payload["data"])
-    if list(ds.classes) != list(payload["classes"]):
-        raise ToolchainError("the data's classes differ from the checkpoint's", seen=(ds.classes, payload["classes"]), remedy="finetune on data with the classes the base model was trained on")
+    old_classes = list(payload["classes"])
+    new_classes = old_classes != list(ds.classes)
+    if new_classes and not set(old_classes) < set(ds.classes):
+        raise ToolchainError(
+            "the data's classes are neither the checkpoint's nor a superset of them", seen=(ds.classes, old_classes), remedy="finetune on data with the classes the base model was trained on (or more)"
+        )
     targets = job.targets or tuple(payload["pretrain"]["target_subjects"])
     _, target = split_subjects(ds, targets)
     adapt_set, test_set = time_split(target, job.adapt_fraction)
     dev = resolve_device(job.train.device)
     model.to(dev)
-    f1_before, acc_before = evaluate(model, test_set, dev)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    layers = inject(model, job.adapt)
+    adapt_cfg = job.adapt
+    if new_classes:  # unseen classes: a head that has them, trained
+        expand_head(model, old_classes, list(ds.classes))
+        model.to(dev)
+        if adapt_cfg.method not in ("full", "galore", "head"):
+            adapt_cfg = _with_head(adapt_cfg)
+    f1_before, acc_before = evaluate(model, test_set, dev)
+    layers = inject(model, adapt_cfg)
     trainable, total = count_params(model)
-    result = train(model, adapt_set, job.train, set_mode=lambda m: set_train_mode(m, job.adapt.update_bn_stats))
+    opt = make_optimizer(model, adapt_cfg, job.train.lr)
+    result = train(model, adapt_set, job.train, set_mode=lambda m: set_train_mode(m, adapt_cfg.update_bn_stats), optimizer=opt)
     f1_after, acc_after = evaluate(model, test_set, dev)
     metrics = {
         "method": job.adapt.method,
@@ -127,7 +175,24 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
         "train_config": asdict(job.train),
     }
     info = {"rank": job.adapt.rank, "targets": job.adapt.targets, "checkpoint_model": payload["model"], "classes": list(ds.classes)}
-    adapter = extract_adapter(model.cpu(), {k: v.cpu() for k, v in base_state.items()}, job.adapt, info)
+    adapter = extract_adapter(model.cpu(), {k: v.cpu() for k, v in base_state.items()}, adapt_cfg, info)
     save_adapter(adapter, out)
+    metrics["adapter_bytes"] = out.stat().st_size
     write_bytes_atomic(mpath, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
     return metrics
+
+
+def _with_head(cfg: AdaptConfig) -> AdaptConfig:
+    new = copy.copy(cfg)
+    new.train = tuple(sorted({*cfg.train, "head"}))
+    return new
+
+
+def make_optimizer(model: torch.nn.Module, cfg: AdaptConfig, lr: float) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters; GaLore's projected Adam for ``galore``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ToolchainError("nothing to train: every parameter is frozen", seen=cfg.method)
+    if cfg.method == "galore":
+        return GaLoreAdam(params, lr=lr, rank=cfg.rank)
+    return torch.optim.Adam(params, lr=lr)

@@ -1,30 +1,44 @@
-"""Put adapter layers into any nn.Module, freeze the rest, and move adapters to and from files."""
+"""Put PEFT methods into any nn.Module, freeze the rest, and move adapters to and from files.
+
+Methods: lora-edge (TT-LoRA), lora, dora, adapter (bottleneck), full, galore (full-rank weights,
+low-rank gradients: an optimizer, see ``galore.py``), head, bitfit.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from kernels import weight_sha256
-from toolchain.adapter_file import Adapter, ExtraRecord, LayerRecord
+from toolchain.adapter_file import Adapter, ConvGeometry, ExtraRecord, LayerRecord
 from toolchain.errors import ToolchainError
+from toolchain.peft.lora import BottleneckAdapter, LoRAConv
 from toolchain.peft.lora_edge import LoRAEdgeConv
 
+METHODS = ("lora-edge", "lora", "dora", "adapter", "full", "galore", "head", "bitfit")
+LOW_RANK = ("lora-edge", "lora", "dora", "galore")
+MERGEABLE = tuple(m for m in METHODS if m != "adapter")
 TARGET_CHOICES = ("all", "pointwise")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+Wrapper = LoRAEdgeConv | LoRAConv | BottleneckAdapter
+_INNER = {LoRAEdgeConv: "base", LoRAConv: "base", BottleneckAdapter: "block"}
 
 
 @dataclass
 class AdaptConfig:
     """What to adapt and what else to train.
 
-    targets: "all" convs, "pointwise" (1x1, groups=1) convs, or a regex searched in module names.
+    targets: "all" convs, "pointwise" (1x1, groups=1) convs, or a regex searched in module names;
+    for ``adapter``, "all" means the blocks of the model's longest nn.Sequential.
+    scaling: ΔW scale for lora-edge; for lora/dora, alpha = scaling * rank (PEFT's alpha / r).
     train: extra parameter groups to train: "head" (the last nn.Linear), "bn" (BatchNorm affine).
     update_bn_stats: let BatchNorm running statistics move during adaptation (frozen by default).
+    reduction: bottleneck width = channels // reduction for ``adapter``.
     """
 
     method: str = "lora-edge"
@@ -33,6 +47,7 @@ class AdaptConfig:
     targets: str = "all"
     train: tuple[str, ...] = field(default_factory=tuple)
     update_bn_stats: bool = False
+    reduction: int = 4
 
 
 def select_targets(model: nn.Module, targets: str) -> list[str]:
@@ -43,11 +58,7 @@ def select_targets(model: nn.Module, targets: str) -> list[str]:
     elif targets == "pointwise":
         names = [n for n, m in convs.items() if all(k == 1 for k in m.kernel_size) and m.groups == 1]
     else:
-        try:
-            pattern = re.compile(targets)
-        except re.error as err:
-            raise ToolchainError("--targets must be all, pointwise or a valid regex", seen=targets, remedy=str(err)) from None
-        matched = [n for n, m in model.named_modules() if n and pattern.search(n) and not _inside_match(n, pattern)]
+        matched = _regex_modules(model, targets)
         bad = [n for n in matched if n not in convs and not any(c.startswith(n + ".") for c in convs)]
         if bad:
             raise ToolchainError("a LoRA target must be a Conv1d or Conv2d module", seen=f"{bad[0]} ({type(model.get_submodule(bad[0])).__name__})", remedy="narrow --targets to conv layers")
@@ -57,22 +68,96 @@ def select_targets(model: nn.Module, targets: str) -> list[str]:
     return names
 
 
+def _regex_modules(model: nn.Module, targets: str) -> list[str]:
+    try:
+        pattern = re.compile(targets)
+    except re.error as err:
+        raise ToolchainError("--targets must be all, pointwise or a valid regex", seen=targets, remedy=str(err)) from None
+    return [n for n, _ in model.named_modules() if n and pattern.search(n) and not _inside_match(n, pattern)]
+
+
 def _inside_match(name: str, pattern: re.Pattern[str]) -> bool:
     parts = name.split(".")
     return any(pattern.search(".".join(parts[:i])) for i in range(1, len(parts)))
 
 
+def select_blocks(model: nn.Module, targets: str) -> dict[str, tuple[int, int]]:
+    """Blocks to put bottleneck adapters after: name -> (output channels, spatial dims)."""
+    if targets == "all":
+        seqs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]
+        seqs = [(n, m) for n, m in seqs if sum(_has_conv(c) for c in m.children()) >= 2]
+        if not seqs:
+            raise ToolchainError("found no nn.Sequential of conv blocks to put adapters after", seen=type(model).__name__, remedy="name the blocks with --targets REGEX")
+        name, seq = max(seqs, key=lambda nm: sum(_has_conv(c) for c in nm[1].children()))
+        names = [f"{name}.{c}" if name else c for c, m in seq.named_children() if _has_conv(m)]
+    else:
+        names = _regex_modules(model, targets)
+    shapes = _output_shapes(model, names)
+    blocks = {n: (s[1], len(s) - 2) for n, s in shapes.items() if len(s) in (3, 4)}
+    if not blocks:
+        raise ToolchainError("no selected block outputs a (batch, channels, ...) feature map", seen=targets)
+    return blocks
+
+
+def _has_conv(m: nn.Module) -> bool:
+    return any(isinstance(x, nn.Conv1d | nn.Conv2d) for x in m.modules())
+
+
+def _output_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]]:
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d))
+    spatial = (32, 32) if isinstance(first, nn.Conv2d) else (128,)
+    x = torch.zeros(1, first.in_channels, *spatial)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Any:
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:  # returns None: the output is kept
+            if isinstance(out, torch.Tensor):
+                shapes.setdefault(name, tuple(out.shape))
+
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
 def inject(model: nn.Module, config: AdaptConfig) -> list[str]:
-    """Wrap the selected convs with LoRA-Edge layers in place; freeze all else but ``config.train``."""
-    if config.method != "lora-edge":
-        raise ToolchainError("unknown adaptation method", seen=config.method, remedy="use --method lora-edge")
-    names = select_targets(model, config.targets)
+    """Apply ``config.method`` in place: wrap layers where the method does, and set requires_grad."""
+    if config.method not in METHODS:
+        raise ToolchainError("unknown adaptation method", seen=config.method, remedy=f"use one of {', '.join(METHODS)}")
+    if config.method in ("full", "galore"):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return []
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in names:
-        conv = model.get_submodule(name)
-        _replace(model, name, LoRAEdgeConv.from_pretrained(conv, config.rank, config.scaling))  # type: ignore[arg-type]
-    unfreeze_extras(model, config.train)
+    names: list[str] = []
+    if config.method in ("lora-edge", "lora", "dora"):
+        names = select_targets(model, config.targets)
+        for name in names:
+            conv = model.get_submodule(name)
+            if config.method == "lora-edge":
+                layer: nn.Module = LoRAEdgeConv.from_pretrained(conv, config.rank, config.scaling)  # type: ignore[arg-type]
+            else:
+                layer = LoRAConv(conv, config.rank, config.scaling * config.rank, dora=config.method == "dora")  # type: ignore[arg-type]
+            _replace(model, name, layer)
+    elif config.method == "adapter":
+        for name, (channels, dims) in select_blocks(model, config.targets).items():
+            _replace(model, name, BottleneckAdapter(model.get_submodule(name), channels, dims, max(1, channels // config.reduction)))
+            names.append(name)
+    extra = set(config.train) | ({"head"} if config.method == "head" else set()) | ({"bn"} if config.method == "bitfit" else set())
+    unfreeze_extras(model, tuple(sorted(extra)))
+    if config.method == "bitfit":
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.requires_grad_(True)
     return names
 
 
@@ -109,22 +194,29 @@ def set_train_mode(model: nn.Module, update_bn_stats: bool) -> None:
                 m.eval()
 
 
-def adapter_layers(model: nn.Module) -> dict[str, LoRAEdgeConv]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAEdgeConv)}
+def adapter_layers(model: nn.Module) -> dict[str, Wrapper]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAEdgeConv | LoRAConv | BottleneckAdapter)}
 
 
-def base_name(adapted_name: str) -> str:
-    """The base model's name for a parameter of the adapted model (drops the wrapper's ``base.``)."""
-    return re.sub(r"(^|\.)base\.", r"\1", adapted_name)
+def base_names(model: nn.Module) -> dict[str, str]:
+    """Adapted-model parameter/buffer name -> the base model's name (drops the wrappers' inner segment)."""
+    prefixes = {f"{n}.{_INNER[type(m)]}.": f"{n}." for n, m in adapter_layers(model).items()}
+    out = {}
+    for name in [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]:
+        base = name
+        for old, new in prefixes.items():
+            if base.startswith(old):
+                base = new + base[len(old) :]
+        out[name] = base
+    return out
 
 
 def extract_adapter(model: nn.Module, base_state: dict[str, torch.Tensor], config: AdaptConfig, info: dict[str, object]) -> Adapter:
-    """Every tensor that differs from the base: ΔG1 and suffix cores per layer, plus trained extras."""
+    """Every tensor that differs from the base: each wrapper's tensors, plus trained extras."""
     layers, tensors = [], {}
     for name, layer in adapter_layers(model).items():
-        rec = LayerRecord(name=name, param=f"{name}.weight", method=layer.method, geometry=layer.geometry, ranks=layer.ranks, scaling=layer.scaling, base_sha256=layer.base_sha256)
-        values = [layer.delta_g1, *layer.suffix_cores()]
-        tensors.update({k: v.detach().cpu().numpy().astype(np.float32) for k, v in zip(rec.tensor_names(), values, strict=True)})
+        rec = _record(name, layer)
+        tensors.update({k: v.detach().cpu().numpy().astype(np.float32) for k, v in zip(rec.tensor_names(), layer.tensors(), strict=True)})
         layers.append(rec)
     extras = []
     for pname, t in _trained_extras(model, config):
@@ -136,46 +228,67 @@ def extract_adapter(model: nn.Module, base_state: dict[str, torch.Tensor], confi
     return Adapter(method=config.method, layers=layers, extras=extras, tensors=tensors, info=info)
 
 
+def _record(name: str, layer: Wrapper) -> LayerRecord:
+    if isinstance(layer, BottleneckAdapter):
+        d = layer.dims
+        geom = ConvGeometry("conv1d" if d == 1 else "conv2d", layer.channels, layer.channels, (1,) * d, (1,) * d, (0,) * d, (1,) * d, 1, "zeros", True)
+        return LayerRecord(name=name, param="", method="adapter", geometry=geom, ranks=layer.ranks, scaling=1.0, base_sha256="")
+    return LayerRecord(name=name, param=f"{name}.weight", method=layer.method, geometry=layer.geometry, ranks=layer.ranks, scaling=layer.scaling, base_sha256=layer.base_sha256)
+
+
 def _trained_extras(model: nn.Module, config: AdaptConfig) -> list[tuple[str, torch.Tensor]]:
-    out: list[tuple[str, torch.Tensor]] = [(base_name(n), p) for n, p in model.named_parameters() if p.requires_grad and not n.endswith("delta_g1")]
+    names = base_names(model)
+    wrapped = {f"{n}.{p}" for n, m in adapter_layers(model).items() for p, t in m.named_parameters() if any(t is x for x in m.tensors())}
+    out: list[tuple[str, torch.Tensor]] = [(names[n], p) for n, p in model.named_parameters() if p.requires_grad and n not in wrapped]
     if config.update_bn_stats:
         for n, m in model.named_modules():
             if isinstance(m, _BN) and m.running_mean is not None and m.running_var is not None:
-                out += [(base_name(f"{n}.running_mean"), m.running_mean), (base_name(f"{n}.running_var"), m.running_var)]
+                out += [(names[f"{n}.running_mean"], m.running_mean), (names[f"{n}.running_var"], m.running_var)]
     return out
 
 
 def apply_adapter(model: nn.Module, adapter: Adapter) -> None:
     """Load an adapter into a base model in place (unmerged), checking every base weight's hash."""
-    params = dict(model.named_parameters())
     for rec in adapter.layers:
         try:
-            conv = model.get_submodule(rec.name)
+            target = model.get_submodule(rec.name)
         except AttributeError:
             raise ToolchainError("adapter layer is not in the model", seen=rec.name, remedy="use the base checkpoint the adapter was trained from") from None
-        got = weight_sha256(conv.weight.detach().cpu().numpy()) if isinstance(conv, nn.Conv1d | nn.Conv2d) else None
+        values = adapter.layer_tensors(rec)
+        if rec.method == "adapter":
+            layer: nn.Module = BottleneckAdapter(target, rec.geometry.out_channels, len(rec.geometry.kernel_size), rec.ranks[0])
+            layer.load(values)  # type: ignore[operator]
+            _replace(model, rec.name, layer)
+            continue
+        got = weight_sha256(target.weight.detach().cpu().numpy()) if isinstance(target, nn.Conv1d | nn.Conv2d) else None
         if got != rec.base_sha256:
             raise ToolchainError(
                 f"layer {rec.name}: the base weight differs from the one the adapter was trained against",
                 seen=f"sha256 {str(got)[:12]} vs adapter {rec.base_sha256[:12]}",
                 remedy="use the matching base checkpoint",
             )
-        delta, *suffix = adapter.layer_tensors(rec)
-        _replace(model, rec.name, LoRAEdgeConv(conv, suffix, rec.scaling, delta))  # type: ignore[arg-type]
-    state = dict(model.state_dict())
+        if rec.method == "lora-edge":
+            delta, *suffix = values
+            layer = LoRAEdgeConv(target, suffix, rec.scaling, delta)  # type: ignore[arg-type]
+        else:
+            layer = LoRAConv(target, rec.ranks[0], rec.scaling * rec.ranks[0], dora=rec.method == "dora")  # type: ignore[arg-type]
+            layer.load(values)
+        _replace(model, rec.name, layer)
+    to_adapted = {v: k for k, v in base_names(model).items()}
     for extra in adapter.extras:
-        _set_extra(model, params, state, extra, adapter.extra_tensor(extra))
+        _set_extra(model, extra, adapter.extra_tensor(extra), to_adapted.get(extra.param, extra.param))
 
 
-def _set_extra(model: nn.Module, params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], extra: ExtraRecord, value: np.ndarray) -> None:
-    target: torch.Tensor | None = params.get(extra.param)
+def _set_extra(model: nn.Module, extra: ExtraRecord, value: np.ndarray, key: str) -> None:
+    """Copy an extra tensor into the parameter or buffer ``key`` of the (adapted) model."""
+    target: torch.Tensor | None = dict(model.named_parameters()).get(key)
     if target is None:
-        target = state.get(extra.param)
+        target = dict(model.named_buffers()).get(key)
     if target is None:
         raise ToolchainError("adapter extra tensor names no tensor of the model", seen=extra.param)
     if tuple(target.shape) != tuple(value.shape):
-        _resize_linear(model, extra.param, value.shape)
-        target = dict(model.named_parameters())[extra.param]
+        _resize_linear(model, key, value.shape)
+        target = dict(model.named_parameters())[key]
     with torch.no_grad():
         target.copy_(torch.as_tensor(value))
 
@@ -186,5 +299,4 @@ def _resize_linear(model: nn.Module, pname: str, shape: tuple[int, ...]) -> None
     mod = model.get_submodule(mod_name)
     if not isinstance(mod, nn.Linear):
         raise ToolchainError("adapter tensor shape does not fit the model", seen=(pname, shape))
-    out_features = shape[0]
-    _replace(model, mod_name, nn.Linear(mod.in_features, out_features, bias=mod.bias is not None))
+    _replace(model, mod_name, nn.Linear(mod.in_features, shape[0], bias=mod.bias is not None))

@@ -75,6 +75,10 @@ class LoRAEdgeConv(nn.Module):
     def suffix_cores(self) -> list[Tensor]:
         return [getattr(self, f"core{k}") for k in range(2, len(self.ranks))]
 
+    def tensors(self) -> list[Tensor]:
+        """The adapter-file tensors, in ``LayerRecord.tensor_names()`` order."""
+        return [self.delta_g1, *self.suffix_cores()]
+
     def delta_weight(self) -> Tensor:
         """ΔW = scaling * ΔG1 x_1 suffix, shape (C_out, C_in/g, k1[, k2])."""
         return self.scaling * torch.tensordot(self.delta_g1, self.suffix, dims=([1], [0]))
