@@ -147,6 +147,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.out, quick=a.quick, force=a.force)
 
 
+def cmd_compare(a: argparse.Namespace) -> int:
+    from toolchain.compare import CompareJob, run_compare
+
+    methods = tuple(m for m in a.methods.split(",") if m)
+    job = CompareJob(out=a.out, methods=methods, backbone=a.backbone, data=a.data, ranks=a.ranks, steps=a.steps, eval_every=a.eval_every, seed=a.seed, targets=a.targets, progress=not a.no_progress)
+    rows = run_compare(job)
+    print(open(f"{a.out}/results.md").read())
+    print(f"{len(rows)} runs; results.md, results.csv, f1_vs_step.png, memory.png, params_vs_f1.png in {a.out}")
+    return 0
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     from toolchain.inspect_file import describe
 
@@ -216,6 +227,19 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="fewer training steps (for tests)")
     p.add_argument("--force", action="store_true", help="reuse a non-empty output folder")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help="every PEFT method on one backbone: F1, parameters, FLOPs, memory, time to target")
+    p.add_argument("--methods", default="lora-edge,lora,dora,galore,adapter,bitfit,head,full", help="comma-separated (default: all eight)")
+    p.add_argument("--backbone", default="cnn1d", help="(default cnn1d)")
+    p.add_argument("--data", default="watch", help="(default watch)")
+    p.add_argument("--out", default="compare_out", help="results and the resumable cache of finished runs (default compare_out)")
+    p.add_argument("--ranks", type=_ints, default=(2, 4, 8), help="ranks of the low-rank methods (default 2,4,8)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
+    p.add_argument("--eval-every", type=int, default=25, help="steps between F1 evaluations (default 25)")
+    p.add_argument("--targets", default="all", help="conv selection for lora-edge/lora/dora (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("inspect", help="say what an adapter, ONNX model or engine file is")
     p.add_argument("file")

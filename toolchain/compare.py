@@ -1,0 +1,237 @@
+"""`toolchain compare`: every PEFT method on one backbone and dataset, profiled side by side.
+
+Each (method, rank) run starts from the same pretrained base, adapts on the target subjects'
+adaptation windows, records macro-F1 on their test windows during training, and is profiled
+(parameters, adapter file size, FLOPs and memory of a training step, step time). Finished runs are
+cached as JSON in OUT/runs, so an interrupted grid resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolchain.adapter_file import save_adapter
+from toolchain.data.sources import load_data
+from toolchain.data.windows import split_subjects, time_split
+from toolchain.errors import ToolchainError
+from toolchain.fileio import write_bytes_atomic
+from toolchain.models.registry import load_checkpoint
+from toolchain.peft.inject import LOW_RANK, METHODS, AdaptConfig, extract_adapter, inject, set_train_mode
+from toolchain.profile import profile_step
+from toolchain.train import TrainConfig, count_params, evaluate, train
+from toolchain.workflows import METHOD_LR, PretrainJob, make_optimizer, pretrain
+
+TARGET_FRACTION = 0.95
+
+
+@dataclass
+class CompareJob:
+    out: str
+    methods: tuple[str, ...] = ("lora-edge", "lora", "dora", "galore", "adapter", "bitfit", "head", "full")
+    backbone: str = "cnn1d"
+    data: str = "watch"
+    ranks: tuple[int, ...] = (2, 4, 8)
+    steps: int = 300
+    eval_every: int = 25
+    batch_size: int = 32
+    seed: int = 0
+    targets: str = "all"
+    pretrain_epochs: int = 8
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def grid(job: CompareJob) -> list[tuple[str, int]]:
+    bad = [m for m in job.methods if m not in METHODS]
+    if bad:
+        raise ToolchainError("unknown method in --methods", seen=bad, remedy=f"use {', '.join(METHODS)}")
+    return [(m, r) for m in job.methods for r in (job.ranks if m in LOW_RANK else (0,))]
+
+
+def run_compare(job: CompareJob) -> list[dict[str, Any]]:
+    out = Path(job.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "adapters").mkdir(exist_ok=True)
+    ckpt = out / f"base_{job.backbone}.pt"
+    if not ckpt.is_file():
+        pretrain(PretrainJob(out=str(ckpt), model=job.backbone, data=job.data, train=TrainConfig(lr=2e-3, epochs=job.pretrain_epochs, seed=job.seed, progress=False)))
+    base, payload = load_checkpoint(ckpt)
+    ds = load_data(job.data)
+    _, target = split_subjects(ds, payload["pretrain"]["target_subjects"])
+    adapt, test = time_split(target)
+    from tqdm.auto import tqdm
+
+    rows = []
+    for method, rank in tqdm(grid(job), desc=f"compare {job.backbone}", disable=not job.progress):
+        cache = out / "runs" / f"{job.backbone}_{method}_r{rank}_s{job.seed}.json"
+        if cache.is_file():
+            rows.append(json.loads(cache.read_text()))
+            continue
+        row = run_one(base, adapt, test, method, rank, job, out)
+        write_bytes_atomic(cache, json.dumps(row, indent=1).encode())
+        rows.append(row)
+    add_time_to_target(rows)
+    write_reports(rows, out)
+    return rows
+
+
+def run_one(base: torch.nn.Module, adapt: Any, test: Any, method: str, rank: int, job: CompareJob, out: Path) -> dict[str, Any]:
+    torch.manual_seed(job.seed)
+    model = copy.deepcopy(base)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = AdaptConfig(method=method, rank=max(rank, 1), targets=job.targets)
+    inject(model, cfg)
+    trainable, total = count_params(model)
+    lr = METHOD_LR[method]
+    x, y = torch.from_numpy(adapt.X[: job.batch_size]), torch.from_numpy(adapt.y[: job.batch_size])
+    probe = copy.deepcopy(model)  # the profiled step must not move the model that is trained below
+    prof = profile_step(probe, make_optimizer(probe, cfg, lr), x, y, lambda m: set_train_mode(m, False))
+    f1_0 = evaluate(model, test, torch.device("cpu"))[0]
+    tc = TrainConfig(lr=lr, batch_size=job.batch_size, steps=job.steps, seed=job.seed, eval_every=job.eval_every, progress=False)
+    res = train(model, adapt, tc, set_mode=lambda m: set_train_mode(m, False), eval_data=test, optimizer=make_optimizer(model, cfg, lr))
+    f1, acc = evaluate(model, test, torch.device("cpu"))
+    path = out / "adapters" / f"{job.backbone}_{method}_r{rank}.safetensors"
+    save_adapter(extract_adapter(model, state, cfg, {"compare": True}), path)
+    return {
+        "backbone": job.backbone,
+        "method": method,
+        "rank": rank,
+        "seed": job.seed,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": trainable / total,
+        "adapter_bytes": path.stat().st_size,
+        "f1_start": f1_0,
+        "f1_final": f1,
+        "accuracy_final": acc,
+        "history": [[0, f1_0], *res.history],
+        "steps": res.steps,
+        "train_seconds": res.seconds,
+        "seconds_per_step": res.seconds / max(res.steps, 1),
+        "fusable": method != "adapter",
+        **prof.as_dict(),
+    }
+
+
+def add_time_to_target(rows: list[dict[str, Any]]) -> None:
+    """Steps and seconds to reach 95% of full fine-tuning's final macro-F1 (None if never)."""
+    full = [r["f1_final"] for r in rows if r["method"] == "full"]
+    if not full:
+        return
+    target = TARGET_FRACTION * float(np.mean(full))
+    for r in rows:
+        hit = next((s for s, f in r["history"] if f >= target), None)
+        r["target_f1"] = target
+        r["steps_to_target"] = hit
+        r["seconds_to_target"] = None if hit is None else hit * r["seconds_per_step"]
+
+
+COLUMNS = [
+    "backbone",
+    "method",
+    "rank",
+    "trainable_params",
+    "trainable_fraction",
+    "adapter_bytes",
+    "f1_start",
+    "f1_final",
+    "steps_to_target",
+    "seconds_to_target",
+    "seconds_per_step",
+    "forward_flops",
+    "backward_flops",
+    "optimizer_flops",
+    "total_flops",
+    "param_bytes",
+    "grad_bytes",
+    "optimizer_bytes",
+    "activation_bytes",
+    "fusable",
+]
+
+
+def write_reports(rows: list[dict[str, Any]], out: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(out / "results.csv", buf.getvalue().encode())
+    write_bytes_atomic(out / "results.md", markdown(rows).encode())
+    plot(rows, out)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = "| method | rank | trainable | % | adapter KiB | F1 start | F1 final | steps to target | s to target | MFLOP/step | memory MiB (param/grad/opt/act) | fusable |\n"
+    head += "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    mib = 1 / (1 << 20)
+    lines = [
+        f"| {r['method']} | {r['rank'] or '-'} | {r['trainable_params']} | {100 * r['trainable_fraction']:.2f} | {r['adapter_bytes'] / 1024:.1f} | {r['f1_start']:.3f} | "
+        f"{r['f1_final']:.3f} | {r.get('steps_to_target') if r.get('steps_to_target') is not None else 'not reached'} | "
+        f"{_fmt(r.get('seconds_to_target'))} | {r['total_flops'] / 1e6:.1f} | "
+        f"{r['param_bytes'] * mib:.2f}/{r['grad_bytes'] * mib:.2f}/{r['optimizer_bytes'] * mib:.2f}/{r['activation_bytes'] * mib:.2f} | {'yes' if r['fusable'] else 'no'} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _label(r: dict[str, Any]) -> str:
+    return f"{r['method']} r{r['rank']}" if r["rank"] else r["method"]
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        h = np.array(r["history"])
+        ax.plot(h[:, 0], h[:, 1], label=_label(r))
+    if rows and "target_f1" in rows[0]:
+        ax.axhline(rows[0]["target_f1"], color="k", ls="--", lw=0.8, label="95% of full FT")
+    ax.set(xlabel="step", ylabel="macro-F1 (test windows)", title=f"{rows[0]['backbone']}: F1 during adaptation")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, out / "f1_vs_step.png")
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    labels = [_label(r) for r in rows]
+    bottom = np.zeros(len(rows))
+    for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes"):
+        vals = np.array([r[key] for r in rows]) / (1 << 20)
+        ax.bar(labels, vals, bottom=bottom, label=key.replace("_bytes", ""))
+        bottom += vals
+    ax.set(ylabel="MiB", title="training memory by category (one step)")
+    ax.tick_params(axis="x", rotation=60)
+    ax.legend()
+    _save(fig, out / "memory.png")
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        ax.scatter(r["trainable_params"], r["f1_final"])
+        ax.annotate(_label(r), (r["trainable_params"], r["f1_final"]), fontsize=7)
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="final macro-F1", title="parameters vs F1")
+    _save(fig, out / "params_vs_f1.png")
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
