@@ -64,7 +64,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from toolchain.workflows import FinetuneJob, finetune, metrics_path
 
     adapt = AdaptConfig(method=a.method, rank=a.rank, scaling=a.scaling, targets=a.targets, train=tuple(a.train), update_bn_stats=a.update_bn_stats, reduction=a.reduction)
-    job = FinetuneJob(checkpoint=a.checkpoint, out=a.out, adapt=adapt, data=a.data, targets=a.target_subjects, train=_train_config(a), force=a.force)
+    job = FinetuneJob(checkpoint=a.checkpoint, out=a.out, adapt=adapt, data=a.data, targets=a.target_subjects, train=_train_config(a), force=a.force, model=a.model)
     m = finetune(job)
     print(
         f"{m['method']} rank {m['rank']}: {m['trainable_params']} of {m['total_params']} parameters trained "
@@ -85,7 +85,7 @@ def _dyn(text: str) -> tuple[int, int, int]:
 def cmd_export(a: argparse.Namespace) -> int:
     from toolchain.export import ExportOptions, export
 
-    meta = export(a.checkpoint, a.output, adapter=a.adapter, fuse=a.fuse, opts=ExportOptions(dynamic_batch=a.dynamic_batch, fold_bn=a.fold_bn), force=a.force)
+    meta = export(a.checkpoint, a.output, adapter=a.adapter, fuse=a.fuse, opts=ExportOptions(dynamic_batch=a.dynamic_batch, fold_bn=a.fold_bn), force=a.force, model=a.model)
     print(f"exported {meta.get('toolchain.kind')} model -> {a.output}")
     return 0
 
@@ -99,9 +99,11 @@ def cmd_fuse(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from toolchain.verify import VerifyOptions, verify
+    from toolchain.verify import VerifyOptions, parse_tolerance, verify
 
-    opts = VerifyOptions(data=None if a.data == "none" else a.data, real=a.real, random=a.random, atol=a.atol, rtol=a.rtol)
+    atol = parse_tolerance(a.atol) if a.atol else None
+    rtol = parse_tolerance(a.rtol) if a.rtol else None
+    opts = VerifyOptions(data=None if a.data == "none" else a.data, real=a.real, random=a.random, atol=atol, rtol=rtol)
     report = verify(a.model, a.reference, a.out_dir, engine=a.engine, opts=opts)
     for runner, outputs in report["comparisons"].items():
         for name, st in outputs.items():
@@ -169,6 +171,7 @@ def _add_graph_commands(sub: Any) -> None:
     p = sub.add_parser("export", help="export base, unfused-adapted or fused ONNX")
     p.add_argument("--checkpoint", default="base.pt", help="(default base.pt)")
     p.add_argument("--adapter", default=None, help="adapter file; without --fuse the auxiliary path is exported as explicit nodes")
+    p.add_argument("--model", default=None, help="the model a plain state_dict checkpoint belongs to")
     p.add_argument("--fuse", action="store_true", help="export the base model, then fuse the adapter into its Conv initializers")
     p.add_argument("-o", "--output", default="model.onnx", help="(default model.onnx)")
     p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch axis (default: fixed batch 1)")
@@ -190,8 +193,8 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--data", default="watch", help="real windows from this data spec, or none (default watch)")
     p.add_argument("--real", type=int, default=16, help="real batches (default 16)")
     p.add_argument("--random", type=int, default=8, help="random batches (default 8)")
-    p.add_argument("--atol", type=float, default=None, help="default 1e-4 (1e-2 for an fp16 engine)")
-    p.add_argument("--rtol", type=float, default=None, help="default 1e-4 (1e-2 for an fp16 engine)")
+    p.add_argument("--atol", default=None, help="a number or per output NAME:NUMBER,... (default 1e-4; 1e-2 for an fp16 engine)")
+    p.add_argument("--rtol", default=None, help="a number or per output NAME:NUMBER,... (default 1e-4; 1e-2 for an fp16 engine)")
     p.add_argument("--out-dir", default="verify_out", help="report and Polygraphy RunResults (default verify_out)")
     p.set_defaults(func=cmd_verify)
 
@@ -262,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="adapt a checkpoint to target subjects; write an adapter")
-    p.add_argument("--checkpoint", default="base.pt", help="base checkpoint from pretrain (default base.pt)")
+    p.add_argument("--checkpoint", default="base.pt", help="base checkpoint from pretrain, or a plain state_dict of --model's backbone (default base.pt)")
+    p.add_argument("--model", default=None, help="the model the checkpoint's weights belong to (needed for a plain state_dict)")
     p.add_argument("--method", default="lora-edge", choices=METHODS, help="adaptation method (default lora-edge)")
     p.add_argument("--rank", type=int, default=4, help="rank: TT rank clipped per bond (lora-edge), LoRA/DoRA rank, GaLore projection rank (default 4)")
     p.add_argument("--scaling", type=float, default=1.0, help="ΔW scale; for lora/dora this is alpha / r (default 1.0)")

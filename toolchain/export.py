@@ -91,7 +91,7 @@ def fold_scales(model: nn.Module, proto: onnx.ModelProto) -> dict[str, dict[str,
     return out
 
 
-def export(checkpoint: str, out: str, *, adapter: str | None = None, fuse: bool = False, opts: ExportOptions | None = None, force: bool = False) -> dict[str, str]:
+def export(checkpoint: str, out: str, *, adapter: str | None = None, fuse: bool = False, opts: ExportOptions | None = None, force: bool = False, model: str | None = None) -> dict[str, str]:
     """`toolchain export`: base model, unfused adapted model, or base exported then fused in ONNX."""
     from graphs.fuse import fuse_model
     from graphs.onnx_io import save_onnx
@@ -105,13 +105,13 @@ def export(checkpoint: str, out: str, *, adapter: str | None = None, fuse: bool 
     check_output(out, [checkpoint, adapter], force=force)
     if fuse and adapter is None:
         raise ToolchainError("--fuse needs --adapter", seen="no adapter", remedy="pass --adapter adapter.safetensors")
-    model, payload = load_checkpoint(checkpoint)
+    net, payload = load_checkpoint(checkpoint, model)
     ad = load_adapter(adapter) if adapter else None
     kind = "base"
     if ad is not None and not fuse:
-        apply_adapter(model, ad)
+        apply_adapter(net, ad)
         kind = "unfused"
-    proto = to_onnx(model, int(payload["in_channels"]), opts)
+    proto = to_onnx(net, int(payload["in_channels"]), opts)
     meta = {"toolchain.kind": kind, "toolchain.checkpoint_sha256": sha256_file(checkpoint), "toolchain.version": __version__, "toolchain.classes": json.dumps(payload["classes"])}
     if ad is not None and adapter is not None:
         meta["toolchain.adapter_sha256"] = sha256_file(adapter)

@@ -23,8 +23,8 @@ class VerifyOptions:
     data: str | None = "watch"
     real: int = 16
     random: int = 8
-    atol: float | None = None
-    rtol: float | None = None
+    atol: float | dict[str, float] | None = None  # one value, or per output name
+    rtol: float | dict[str, float] | None = None
     seed: int = 0
 
 
@@ -60,6 +60,25 @@ def make_feeds(name: str, shape: list[int | None], opts: VerifyOptions) -> list[
     dims = [batch, *[d or 1 for d in shape[1:]]]
     feeds += [{name: (scale * rng.standard_normal(dims)).astype(np.float32)} for _ in range(opts.random)]
     return feeds
+
+
+def _tolerance(value: float | dict[str, float] | None, default: float) -> float | dict[str, float]:
+    """Polygraphy takes a float or a per-output dict; "" keys the default for unnamed outputs."""
+    if value is None:
+        return default
+    if isinstance(value, dict):
+        return {"": default, **value}
+    return value
+
+
+def parse_tolerance(text: str) -> float | dict[str, float]:
+    """``1e-4`` or ``logits:1e-4,aux:1e-3`` (per output)."""
+    try:
+        if ":" not in text:
+            return float(text)
+        return {k.strip(): float(v) for k, v in (item.rsplit(":", 1) for item in text.split(",") if item)}
+    except ValueError:
+        raise ToolchainError("a tolerance is a number or NAME:NUMBER[,NAME:NUMBER...]", seen=text) from None
 
 
 def error_stats(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -100,7 +119,7 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
         runner, fp16 = engine_runner(engine)
         runners.append(runner)
     default = FP16_TOL if fp16 else FP32_TOL
-    atol, rtol = opts.atol if opts.atol is not None else default, opts.rtol if opts.rtol is not None else default
+    atol, rtol = _tolerance(opts.atol, default), _tolerance(opts.rtol, default)
     results = Comparator.run(runners, data_loader=feeds)
     outdir = Path(out_dir)
     outdir.mkdir(parents=True, exist_ok=True)

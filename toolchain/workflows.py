@@ -51,6 +51,7 @@ class FinetuneJob:
     train: TrainConfig = field(default_factory=lambda: copy.copy(FINETUNE_DEFAULTS))
     adapt_fraction: float = 0.8
     force: bool = False
+    model: str | None = None  # needed for a plain state_dict checkpoint; rebuilds a toolchain one otherwise
 
 
 def metrics_path(adapter_out: str | os.PathLike[str]) -> Path:
@@ -127,15 +128,17 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
         tt_ranks((1, 1), job.adapt.rank)  # validates the rank before any work
     out, mpath = check_output(job.out, [job.checkpoint], force=job.force), metrics_path(job.out)
     check_output(mpath, [job.checkpoint], force=job.force)
-    model, payload = load_checkpoint(job.checkpoint)
-    ds = load_data(job.data or payload["data"])
+    model, payload = load_checkpoint(job.checkpoint, job.model)
+    ds = load_data(job.data or payload["data"] or DEFAULT_DATA)
+    if payload.get("plain_state_dict") and len(payload["classes"]) == len(ds.classes):
+        payload["classes"] = list(ds.classes)  # a plain state_dict has class indices only
     old_classes = list(payload["classes"])
     new_classes = old_classes != list(ds.classes)
     if new_classes and not set(old_classes) < set(ds.classes):
         raise ToolchainError(
             "the data's classes are neither the checkpoint's nor a superset of them", seen=(ds.classes, old_classes), remedy="finetune on data with the classes the base model was trained on (or more)"
         )
-    targets = job.targets or tuple(payload["pretrain"]["target_subjects"])
+    targets = job.targets or tuple(payload["pretrain"]["target_subjects"] or default_targets(ds))
     _, target = split_subjects(ds, targets)
     adapt_set, test_set = time_split(target, job.adapt_fraction)
     dev = resolve_device(job.train.device)

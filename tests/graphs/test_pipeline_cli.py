@@ -59,6 +59,8 @@ def test_verify_passes_for_fused_and_fails_for_base(art, tmp_path):
     assert report["passed"] and stats["max_abs"] < 1e-4 and report["iterations"] == 6
     assert (out / "inputs.json").is_file() and (out / "outputs.json").is_file()
     assert main(["verify", str(art["base"]), "--reference", str(art["unfused"]), "--out-dir", str(tmp_path / "w"), "--real", "4", "--random", "2"]) == 1
+    loose = ["--atol", "logits:1000", "--rtol", "logits:1000"]  # per-output tolerances
+    assert main(["verify", str(art["base"]), "--reference", str(art["unfused"]), "--out-dir", str(tmp_path / "x"), "--real", "2", "--random", "1", *loose]) == 0
 
 
 def test_polygraphy_can_recheck_by_hand(art, tmp_path):

@@ -91,3 +91,26 @@ def test_console_script_exit_status_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "finetune", "--checkpoint", str(tmp_path / "none.pt")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "checkpoint file does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plain_state_dict_with_model_spec(tmp_path):
+    """A user's own backbone and weights (a plain state_dict), adapted and exported through --model."""
+    (tmp_path / "userbb.py").write_text(
+        "from torch import nn\n"
+        "def build(in_channels=6, num_classes=7):\n"
+        "    return nn.Sequential(nn.Conv1d(in_channels, 12, 5, padding=2), nn.ReLU(), nn.Conv1d(12, 12, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(12, num_classes))\n"
+    )
+    spec = f"{tmp_path / 'userbb.py'}:build"
+    import importlib.util
+
+    mod_spec = importlib.util.spec_from_file_location("userbb", tmp_path / "userbb.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    torch.save(mod.build().state_dict(), tmp_path / "weights.pt")
+    ad = tmp_path / "a.safetensors"
+    assert main(["finetune", "--checkpoint", str(tmp_path / "weights.pt"), "--model", spec, "--out", str(ad), "--steps", "5", "--no-progress"]) == 0
+    assert [layer.name for layer in load_adapter(ad).layers] == ["net.0", "net.2"]
+    assert main(["export", "--checkpoint", str(tmp_path / "weights.pt"), "--model", spec, "--adapter", str(ad), "--fuse", "-o", str(tmp_path / "f.onnx")]) == 0
+    assert main(["finetune", "--checkpoint", str(tmp_path / "weights.pt"), "--out", str(tmp_path / "b.safetensors"), "--steps", "1", "--no-progress"]) == 2

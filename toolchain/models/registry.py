@@ -121,6 +121,8 @@ def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None)
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file
         raise ToolchainError("cannot read checkpoint (loaded with weights_only=True)", seen=f"{p}: {type(err).__name__}", remedy="pass a checkpoint written by `toolchain pretrain`") from None
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return _from_state_dict(payload, model_spec, p)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ToolchainError("not a toolchain checkpoint", seen=str(p), remedy="pass a checkpoint written by `toolchain pretrain`")
     spec = model_spec or payload["model"]
@@ -130,4 +132,35 @@ def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None)
     except RuntimeError as err:
         first = str(err).splitlines()[1:3] or [str(err)[:200]]
         raise ToolchainError("checkpoint does not fit the model", seen=f"{spec}: {' '.join(x.strip() for x in first)}", remedy="pass the --model the checkpoint was trained with") from None
+    return model, payload
+
+
+def _from_state_dict(state: dict[str, torch.Tensor], model_spec: str | None, path: Path) -> tuple[HARModel, dict[str, Any]]:
+    """A plain state_dict for the backbone of ``--model`` (inputs taken as already standardised).
+
+    Channels come from the first conv kernel, classes from the last matrix (the classifier).
+    """
+    if not model_spec:
+        raise ToolchainError("a plain state_dict needs the model it belongs to", seen=str(path), remedy="pass --model NAME, path/file.py:callable or pkg.mod:callable")
+    kernels = [v for v in state.values() if v.dim() >= 3]
+    matrices = [v for v in state.values() if v.dim() == 2]
+    if not kernels or not matrices:
+        raise ToolchainError("cannot tell input channels and classes from this state_dict (no conv kernel or no classifier matrix)", seen=str(path))
+    in_channels, num_classes = int(kernels[0].shape[1]), int(matrices[-1].shape[0])
+    model = build_model(model_spec, in_channels, num_classes)
+    try:
+        model.net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:3] or [str(err)[:200]]
+        raise ToolchainError("checkpoint does not fit the model", seen=f"{model_spec}: {' '.join(x.strip() for x in first)}", remedy="pass the --model the weights belong to") from None
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "model": model_spec,
+        "in_channels": in_channels,
+        "classes": [str(i) for i in range(num_classes)],
+        "data": None,
+        "pretrain": {"target_subjects": None},
+        "plain_state_dict": True,
+    }
     return model, payload
