@@ -22,15 +22,16 @@ def mem(r: dict) -> int:
     return r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"] + r["activation_bytes"]
 
 
-def summarise(rows: list[dict]) -> list[str]:
+def summarise(rows: list[dict], fraction: float = 0.95) -> list[str]:
     full = next((r for r in rows if r["method"] == "full"), None)
     if full is None:
         return ["(no full fine-tuning run yet)"]
-    target = 0.95 * full["f1_final"]
+    target = fraction * full["f1_final"]
     for r in rows:
         r["steps_to_target"] = next((s for s, f in r["history"] if f >= target), None)
     b = rows[0]["backbone"]
-    out = [f"**{b}** (full fine-tuning: macro-F1 {full['f1_final']:.3f}, {mem(full) / 2**20:.2f} MiB, {full['total_flops'] / 1e6:.0f} MFLOP per step)", ""]
+    out = [f"**{b}**, target {100 * fraction:.0f}% of full fine-tuning's F1 = {target:.3f} (full: macro-F1 {full['f1_final']:.3f}, {mem(full) / 2**20:.2f} MiB, "
+           f"{full['total_flops'] / 1e6:.0f} MFLOP per step; source model F1 {full['f1_start']:.3f})", ""]
     savings = [1 - mem(r) / mem(full) for r in rows if r["method"] in PEFT]
     no_act = [1 - (mem(r) - r["activation_bytes"]) / (mem(full) - full["activation_bytes"]) for r in rows if r["method"] in PEFT]
     out.append(f"- memory saved by PEFT methods vs full: mean {100 * np.mean(savings):.1f}% of the training-step total, "
@@ -58,8 +59,9 @@ def summarise(rows: list[dict]) -> list[str]:
 def main() -> None:
     for folder in sys.argv[1:]:
         rows = load(Path(folder))
-        if rows:
-            print("\n".join(summarise(rows)), "\n")
+        for fraction in (0.95, 0.99):
+            if rows:
+                print("\n".join(summarise(rows, fraction)), "\n")
 
 
 if __name__ == "__main__":
