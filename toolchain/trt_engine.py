@@ -79,7 +79,8 @@ def build_engine(onnx_path: str, out: str, opts: BuildOptions, *, force: bool = 
         name, shape = input_info(onnx_path)
         lo, opt, hi = opts.dynamic_batch
         profiles = [Profile().add(name, min=[lo, *shape[1:]], opt=[opt, *shape[1:]], max=[hi, *shape[1:]])]
-    individual = bool(refit_names) and hasattr(trt.BuilderFlag, "REFIT_INDIVIDUAL")
+    # TensorRT 10.0+ can refit chosen weights only (REFIT_INDIVIDUAL + mark_weights_refittable); older: all weights
+    individual = bool(refit_names) and hasattr(trt.BuilderFlag, "REFIT_INDIVIDUAL") and hasattr(trt.INetworkDefinition, "mark_weights_refittable")
     config = CreateConfig(
         fp16=opts.fp16,
         refittable=opts.refit and not individual,
