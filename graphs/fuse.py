@@ -259,7 +259,13 @@ def fuse_files(base: str | os.PathLike[str], adapter_path: str | os.PathLike[str
         base_hash = pool.submit(sha256_file, base)
         model = load_onnx(base)
         adapter = load_adapter(adapter_path)
-        provenance = {"toolchain.fused": "true", "toolchain.base_sha256": base_hash.result(), "toolchain.adapter_sha256": sha256_file(adapter_path), "toolchain.version": __version__}
+        provenance = {
+            "toolchain.fused": "true",
+            "toolchain.base_sha256": base_hash.result(),
+            "toolchain.adapter_sha256": sha256_file(adapter_path),
+            "toolchain.kind": "fused",
+            "toolchain.version": __version__,
+        }
     fused = fuse_model(model, adapter, provenance)  # same nodes as the checked base; only values changed
     save_onnx(fused, Path(out))
     return provenance
