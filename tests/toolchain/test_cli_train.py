@@ -9,6 +9,7 @@ import torch
 
 from toolchain.adapter_file import load_adapter
 from toolchain.cli import main
+from toolchain.fileio import _umask
 
 QUICK = ["--epochs", "1", "--no-progress"]
 
@@ -28,6 +29,7 @@ def test_finetune_writes_adapter_and_metrics(base_ckpt, tmp_path):
         assert key in metrics
     assert metrics["steps"] == 30 and metrics["method"] == "lora-edge"
     adapter = load_adapter(out)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not the 0600 of a temporary file
     assert len(adapter.layers) == 3 and all(layer.ranks[1] <= 2 for layer in adapter.layers)
     assert metrics["trainable_params"] == sum(adapter.tensors[layer.name + ".delta_g1"].size for layer in adapter.layers)
 
