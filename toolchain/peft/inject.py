@@ -149,7 +149,8 @@ def inject(model: nn.Module, config: AdaptConfig) -> list[str]:
                 layer = LoRAConv(conv, config.rank, config.scaling * config.rank, dora=config.method == "dora")  # type: ignore[arg-type]
             _replace(model, name, layer)
     elif config.method == "adapter":
-        for name, (channels, dims) in select_blocks(model, config.targets).items():
+        blocks = "all" if config.targets in TARGET_CHOICES else config.targets  # "pointwise" selects convs, not blocks
+        for name, (channels, dims) in select_blocks(model, blocks).items():
             _replace(model, name, BottleneckAdapter(model.get_submodule(name), channels, dims, max(1, channels // config.reduction)))
             names.append(name)
     extra = set(config.train) | ({"head"} if config.method == "head" else set()) | ({"bn"} if config.method == "bitfit" else set())
