@@ -1,6 +1,6 @@
 """Per-step cost of every PEFT method on the three backbones (no training): FLOPs and memory by category.
 
-    python scripts/bench_profile.py --rank 4 --batch 32
+python scripts/bench_profile.py --rank 4 --batch 32
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ def main() -> None:
         full_noact = full_tot - full.activation_bytes
         for method, (frac, p) in rows.items():
             tot = p.param_bytes + p.grad_bytes + p.optimizer_bytes + p.activation_bytes
-            print(f"| {name} | {method} | {100 * frac:.2f} | {p.forward_flops / 1e6:.0f} / {p.backward_flops / 1e6:.0f} / {p.optimizer_flops / 1e6:.2f} | "
-                  f"{p.param_bytes * mib:.2f} / {p.grad_bytes * mib:.2f} / {p.optimizer_bytes * mib:.2f} / {p.activation_bytes * mib:.2f} | {tot * mib:.2f} | "
-                  f"{100 * (1 - tot / full_tot):.1f}% | {100 * (1 - (tot - p.activation_bytes) / full_noact):.1f}% |")
+            print(
+                f"| {name} | {method} | {100 * frac:.2f} | {p.forward_flops / 1e6:.0f} / {p.backward_flops / 1e6:.0f} / {p.optimizer_flops / 1e6:.2f} | "
+                f"{p.param_bytes * mib:.2f} / {p.grad_bytes * mib:.2f} / {p.optimizer_bytes * mib:.2f} / {p.activation_bytes * mib:.2f} | {tot * mib:.2f} | "
+                f"{100 * (1 - tot / full_tot):.1f}% | {100 * (1 - (tot - p.activation_bytes) / full_noact):.1f}% |"
+            )
 
 
 if __name__ == "__main__":

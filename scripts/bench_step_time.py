@@ -1,6 +1,6 @@
 """Training-step time of full fine-tuning vs LoRA-Edge, side by side, interleaved (CPU, 1 thread).
 
-    python scripts/bench_step_time.py --backbones cnn1d resnet1d mobilenet1d
+python scripts/bench_step_time.py --backbones cnn1d resnet1d mobilenet1d
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -113,26 +114,18 @@ def export(checkpoint: str, out: str, *, adapter: str | None = None, fuse: bool 
         kind = "unfused"
     proto = to_onnx(net, int(payload["in_channels"]), opts)
     meta = {"toolchain.kind": kind, "toolchain.checkpoint_sha256": sha256_file(checkpoint), "toolchain.version": __version__, "toolchain.classes": json.dumps(payload["classes"])}
-    if ad is not None and adapter is not None:
-        meta["toolchain.adapter_sha256"] = sha256_file(adapter)
+    if ad is not None and not fuse:
+        meta["toolchain.adapter_sha256"] = sha256_file(str(adapter))
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
-    if ad is not None and fuse:
-        base_bytes = proto.SerializeToString()
-        import hashlib
-
+    if ad is not None and fuse:  # the base as a plain export writes it, then the graph pass
         prov = {
             "toolchain.fused": "true",
-            "toolchain.base_sha256": hashlib.sha256(base_bytes).hexdigest(),
-            "toolchain.adapter_sha256": meta["toolchain.adapter_sha256"],
+            "toolchain.base_sha256": hashlib.sha256(proto.SerializeToString()).hexdigest(),
+            "toolchain.adapter_sha256": sha256_file(str(adapter)),
             "toolchain.version": __version__,
             "toolchain.kind": "fused",
         }
-        del proto.metadata_props[:]
-        proto.metadata_props.extend(
-            [onnx.StringStringEntryProto(key=k, value=v) for k, v in meta.items() if k not in ("toolchain.adapter_sha256", "toolchain.kind")]
-            + [p for p in onnx.load_from_string(base_bytes).metadata_props if p.key == "toolchain.weight_scales"]
-        )
         proto = fuse_model(proto, ad, prov)
     onnx.checker.check_model(proto)
     save_onnx(proto, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -149,7 +150,7 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
         expand_head(model, old_classes, list(ds.classes))
         model.to(dev)
         if adapt_cfg.method not in ("full", "galore", "head"):
-            adapt_cfg = _with_head(adapt_cfg)
+            adapt_cfg = dataclasses.replace(adapt_cfg, train=tuple(sorted({*adapt_cfg.train, "head"})))
     f1_before, acc_before = evaluate(model, test_set, dev)
     layers = inject(model, adapt_cfg)
     trainable, total = count_params(model)
@@ -183,12 +184,6 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     metrics["adapter_bytes"] = out.stat().st_size
     write_bytes_atomic(mpath, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
     return metrics
-
-
-def _with_head(cfg: AdaptConfig) -> AdaptConfig:
-    new = copy.copy(cfg)
-    new.train = tuple(sorted({*cfg.train, "head"}))
-    return new
 
 
 def make_optimizer(model: torch.nn.Module, cfg: AdaptConfig, lr: float) -> torch.optim.Optimizer:
