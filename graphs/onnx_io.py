@@ -1,26 +1,38 @@
-"""Load and save ONNX models safely: clear errors, contained external data, atomic writes."""
+"""Load and save ONNX models safely: clear errors, contained external data, validated atomic writes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import onnx
 
-from toolchain.errors import ToolchainError
-from toolchain.fileio import atomic_path
+from toolchain.core.adapter_file import read_regular_file
+from toolchain.core.errors import ToolchainError
+from toolchain.core.fileio import atomic_path
 
 TWO_GB = 2**31 - 1
 MAX_ONNX_BYTES = TWO_GB
+EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to external data past 2 GB
+_REMEDY = "pass a .onnx file"
+
+
+def _external_location(tensor: onnx.TensorProto) -> str | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
 
 
 def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
     """Refuse external-data locations that are absolute or leave ``folder`` (``..``, symlinks)."""
     root = folder.resolve()
     for tensor in _all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        location = _external_location(tensor)
+        if location is None:
             continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         if not location or os.path.isabs(location) or Path(location).drive:
             raise ToolchainError("ONNX external data location must be a relative path inside the model's folder", seen=location or "(empty)", remedy="re-save the model with its data beside it")
         target = (folder / location).resolve()
@@ -30,6 +42,11 @@ def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
             raise ToolchainError("ONNX external data file is missing", seen=location)
 
 
+def external_files(model: onnx.ModelProto, folder: Path) -> list[Path]:
+    """The external-data files a model (as stored on disk) reads."""
+    return sorted({folder / loc for t in _all_tensors(model) if (loc := _external_location(t))})
+
+
 def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     out = list(model.graph.initializer)
     for node in model.graph.node:
@@ -37,39 +54,101 @@ def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return out
 
 
-def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Parse an ONNX file with its external data (contained to its folder) and run the checker."""
-    p = Path(path)
-    if not p.is_file():
-        raise ToolchainError("ONNX model file does not exist", seen=str(p))
-    if p.stat().st_size > MAX_ONNX_BYTES:
-        raise ToolchainError("ONNX file is larger than protobuf allows (2 GB); weights over that belong in external data", seen=p.stat().st_size)
+def read_model_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an ONNX file: a regular file of at most 2 GB (FIFOs and devices refused unread)."""
+    return read_regular_file(Path(path), MAX_ONNX_BYTES, what="ONNX model file", remedy="pass a .onnx file (weights over 2 GB belong in external data)")
+
+
+def parse_onnx(data: bytes, path: Path) -> onnx.ModelProto:
+    """Parse ONNX bytes read from ``path``; external data is checked for containment, not loaded."""
+    model = onnx.ModelProto()
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model.ParseFromString(data)
     except Exception as err:  # protobuf raises DecodeError and others
-        raise ToolchainError("not an ONNX model: the file does not parse", seen=f"{p}: {type(err).__name__}", remedy="pass a .onnx file") from None
+        raise ToolchainError("not an ONNX model: the file does not parse", seen=f"{path}: {type(err).__name__}", remedy=_REMEDY) from None
     if not model.graph.node:
-        raise ToolchainError("not an ONNX model: the graph has no nodes", seen=str(p), remedy="pass a .onnx file")
-    check_external_data(model, p.parent)
-    try:
-        onnx.checker.check_model(str(p))
-        onnx.load_external_data_for_model(model, str(p.parent))
-    except Exception as err:
-        raise ToolchainError("ONNX model is invalid", seen=f"{p}: {type(err).__name__}: {str(err)[:160]}", remedy="re-export the model") from None
+        raise ToolchainError("not an ONNX model: the graph has no nodes", seen=str(path), remedy=_REMEDY)
+    check_external_data(model, path.parent)
     return model
 
 
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Write ``model`` atomically; weights go to ``<name>.data`` beside it when it exceeds 2 GB."""
+def load_external(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """Read a parsed model's external data (after ``check_external_data``) into the proto."""
+    try:
+        onnx.load_external_data_for_model(model, str(folder))
+    except Exception as err:
+        raise ToolchainError("ONNX external data cannot be read", seen=f"{type(err).__name__}: {str(err)[:160]}", remedy="re-save the model with its data beside it") from None
+    return model
+
+
+def check_onnx(model: onnx.ModelProto | bytes, where: str, *, full: bool = False) -> None:
+    """onnx.checker (with strict shape inference when ``full``), as a ToolchainError."""
+    try:
+        onnx.checker.check_model(model, full_check=full)
+    except Exception as err:
+        raise ToolchainError("ONNX model is invalid", seen=f"{where}: {type(err).__name__}: {str(err)[:160]}", remedy="re-export the model") from None
+
+
+def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Parse an ONNX file with its external data (contained to its folder) and run the checker."""
+    p = Path(path)
+    data = read_model_bytes(p)
+    model = parse_onnx(data, p)
+    if any(_external_location(t) is not None for t in _all_tensors(model)):
+        check_onnx(str(p), str(p))  # type: ignore[arg-type]
+        return load_external(model, p.parent)
+    check_onnx(data, str(p))
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str], *, force: bool = True, validate: bool = False) -> None:
+    """Write ``model`` atomically (exclusively unless ``force``), checking it first when ``validate``.
+
+    Past 2 GB the weights go to ``<name>.data`` beside it: both files are written in a temporary
+    folder beside the target and moved into place, the data file first.
+    """
     p = Path(path)
     try:
-        data = model.SerializeToString()
+        data: bytes | None = model.SerializeToString()
     except ValueError:  # protobuf refuses messages over 2 GB
         data = None
-    with atomic_path(p) as tmp:
-        if data is not None and len(data) <= TWO_GB:
+    if data is not None and len(data) <= TWO_GB:
+        if validate:
+            check_onnx(data, f"fused model for {p}", full=True)
+        with atomic_path(p, force=force) as tmp:
             tmp.write_bytes(data)
-        else:
-            data_name = p.name + ".data"
-            # the temporary file sits beside ``path``, so the data file lands beside it too
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        return
+    _save_external(model, p, force=force, validate=validate)
+
+
+def _save_external(model: onnx.ModelProto, p: Path, *, force: bool, validate: bool) -> None:
+    data_name = p.name + ".data"
+    if (p.parent / data_name).exists() and not force:
+        raise ToolchainError("the output's external data file exists and would be replaced", seen=str(p.parent / data_name), remedy="pass --force to replace it, or choose another path")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{p.name[:100]}.", suffix=".partial", dir=p.parent))
+    try:
+        staged = tmpdir / p.name
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # save_model moves tensors to external data in place: keep the caller's model whole
+        onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_THRESHOLD)
+        if validate:
+            check_onnx(str(staged), f"fused model for {p}", full=True)  # type: ignore[arg-type]
+        if (tmpdir / data_name).exists():  # absent when every tensor is under the size threshold
+            with atomic_path(p.parent / data_name, force=force) as tmp:
+                os.replace(tmpdir / data_name, tmp)
+        with atomic_path(p, force=force) as tmp:
+            os.replace(staged, tmp)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmpdir)
+
+
+def input_info(path: str | os.PathLike[str]) -> tuple[str, list[int | None]]:
+    """(name, shape) of a model's single input; dynamic dims are None."""
+    model = load_onnx(path)
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ToolchainError("verify and bench expect a model with one input", seen=[i.name for i in inputs], remedy="export the model with a single input tensor")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    return inputs[0].name, dims

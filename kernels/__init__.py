@@ -1,8 +1,8 @@
 """Pure numpy tensor math for LoRA-Edge: TT-SVD of conv kernels, core contraction, reference ΔW."""
 
-from kernels.digest import weight_sha256
-from kernels.lora import channel_norm, dora_weight, lora_delta
-from kernels.tt import (
+from toolchain.kernels.digest import weight_sha256
+from toolchain.kernels.lora import channel_norm, dora_weight, lora_delta
+from toolchain.kernels.tt import (
     delta_weight,
     suffix_kernel,
     tt_ranks,

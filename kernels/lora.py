@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolchain.errors import ToolchainError
+from toolchain.core.errors import ToolchainError
 
 
 def lora_delta(lora_a: np.ndarray, lora_b: np.ndarray, groups: int, scaling: float = 1.0) -> np.ndarray:

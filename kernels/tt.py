@@ -12,7 +12,7 @@ from math import prod
 
 import numpy as np
 
-from toolchain.errors import ToolchainError
+from toolchain.core.errors import ToolchainError
 
 
 def tt_ranks(shape: Sequence[int], rank: int) -> tuple[int, ...]:

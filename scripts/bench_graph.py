@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from kernels import tt_svd, weight_sha256
-from toolchain.adapter_file import Adapter, ConvGeometry, LayerRecord, save_adapter
+from toolchain.core.adapter_file import Adapter, ConvGeometry, LayerRecord, save_adapter
+from toolchain.kernels import tt_svd, weight_sha256
 
 
 def latency(tmp: Path, runs: int) -> list[dict]:
@@ -37,7 +37,7 @@ def latency(tmp: Path, runs: int) -> list[dict]:
         ck = tmp / f"{name}.pt"
         save_checkpoint(model, ck, spec=name, classes=[str(i) for i in range(6)], extra={"data": "watch", "pretrain": {}})
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        cfg = AdaptConfig(rank=8, targets=targets)
+        cfg = AdaptConfig(rank=8, layers=targets)
         inject(model, cfg)
         for m in model.modules():
             if hasattr(m, "delta_g1"):
@@ -108,7 +108,7 @@ def adapter_for(convs: list[tuple[str, np.ndarray]], rank: int) -> Adapter:
 
 
 def fuse_time(tmp: Path, reps: int) -> dict:
-    from graphs.fuse import fuse_files
+    from toolchain.graphs.fuse import fuse_files
 
     model, convs = resnet50_like()
     base, ad = tmp / "r50.onnx", tmp / "r50.safetensors"

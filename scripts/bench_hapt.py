@@ -12,7 +12,6 @@ finish (re-running skips finished rows); ``--summary`` prints the Markdown table
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -20,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolchain.data.sources import HAPT_TEST_USERS, load_hapt
-from toolchain.data.windows import fit_standardization, split_subjects, time_split
-from toolchain.models.registry import build_model
-from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
-from toolchain.train import TrainConfig, count_params, evaluate, train
+from toolchain.core.methods import METHODS, get_method
+from toolchain.data.sources import HAPT_TEST_USERS
+from toolchain.peft.inject import AdaptConfig
+from toolchain.train import TrainConfig
+from toolchain.workflows import FinetuneJob, PretrainJob, finetune, pretrain
 
-TARGETS = {"cnn1d": "all", "resnet1d": "all", "mobilenet1d": "pointwise"}
+LAYERS = {"cnn1d": "all", "resnet1d": "all", "mobilenet1d": "pointwise"}
 
 
 def _done(path: Path) -> set[tuple]:
@@ -36,56 +35,56 @@ def _done(path: Path) -> set[tuple]:
 
 
 def run(args: argparse.Namespace) -> None:
+    """The same `pretrain` and `finetune` that the CLI runs, one adaptation per (user, method, rank)."""
     torch.set_num_threads(args.threads)
-    ds = load_hapt(args.data)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.with_suffix("")  # checkpoints and adapters beside the results
+    work.mkdir(parents=True, exist_ok=True)
     done = _done(out)
-    dev = torch.device("cpu")
+    data = f"hapt:{args.data}"
     for backbone in args.backbones:
         for seed in range(args.seeds):
-            source, target = split_subjects(ds, HAPT_TEST_USERS)
-            torch.manual_seed(seed)
-            base = build_model(backbone, 6, len(ds.classes))
-            mean, std = fit_standardization(source)
-            base.norm.mean.copy_(torch.from_numpy(mean).view(1, -1, 1))
-            base.norm.std.copy_(torch.from_numpy(std).view(1, -1, 1))
-            t0 = time.perf_counter()
-            train(base, source, TrainConfig(lr=2e-3, epochs=args.pretrain_epochs, seed=seed, progress=False))
-            print(f"{backbone} seed {seed}: pretrained in {time.perf_counter() - t0:.0f} s", flush=True)
+            ckpt = work / f"base_{backbone}_s{seed}.pt"
+            if not ckpt.is_file():
+                t0 = time.perf_counter()
+                pretrain(PretrainJob(out=str(ckpt), model=backbone, data=data, subjects=HAPT_TEST_USERS, train=TrainConfig(lr=2e-3, epochs=args.pretrain_epochs, seed=seed, progress=False)))
+                print(f"{backbone} seed {seed}: pretrained in {time.perf_counter() - t0:.0f} s", flush=True)
             for user in HAPT_TEST_USERS:
-                adapt, test = time_split(target.take(target.subject == user))
-                f1_src, _ = evaluate(base, test, dev)
-                jobs = [("source-only", 0)] + [("lora-edge", r) for r in args.ranks] + [("full", 0)]
-                for method, rank in jobs:
+                for method, rank in [(m, r) for m in args.methods for r in (args.ranks if m in ("lora-edge", "lora", "dora") else [0])]:
                     if (backbone, seed, user, method, rank) in done:
                         continue
-                    row = _adapt(base, adapt, test, backbone, method, rank, seed, args.epochs, f1_src)
-                    row.update(backbone=backbone, seed=seed, user=user)
+                    row = _adapt(ckpt, work, data, backbone, method, rank, seed, user, args.epochs)
                     with out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(json.dumps(row), flush=True)
 
 
-def _adapt(base, adapt, test, backbone, method, rank, seed, epochs, f1_src) -> dict:
-    dev = torch.device("cpu")
-    if method == "source-only":
-        return {"method": method, "rank": 0, "f1": f1_src, "trainable": 0, "total": count_params(base)[1], "seconds": 0.0}
-    model = copy.deepcopy(base)
-    if method == "lora-edge":
-        cfg = AdaptConfig(rank=rank, targets=TARGETS[backbone])
-        inject(model, cfg)
-        res = train(model, adapt, TrainConfig(lr=5e-3, batch_size=32, epochs=epochs, seed=seed, progress=False), set_mode=lambda m: set_train_mode(m, False))
-    else:
-        res = train(model, adapt, TrainConfig(lr=1e-3, batch_size=32, epochs=epochs, seed=seed, progress=False), set_mode=lambda m: set_train_mode(m, False))
-    trainable, total = count_params(model)
-    return {"method": method, "rank": rank, "f1": evaluate(model, test, dev)[0], "f1_source_only": f1_src, "trainable": trainable, "total": total, "seconds": res.seconds}
+def _adapt(ckpt: Path, work: Path, data: str, backbone: str, method: str, rank: int, seed: int, user: int, epochs: int) -> dict:
+    adapter = work / f"{backbone}_s{seed}_u{user}_{method}_r{rank}.safetensors"
+    adapt = AdaptConfig(method=method, rank=max(rank, 1), layers=LAYERS[backbone])
+    job = FinetuneJob(checkpoint=str(ckpt), out=str(adapter), adapt=adapt, data=data, subjects=(user,), force=True)
+    job.train = TrainConfig(lr=get_method(method).lr, batch_size=32, epochs=epochs, seed=seed, progress=False)
+    m = finetune(job)
+    return {
+        "backbone": backbone,
+        "seed": seed,
+        "user": user,
+        "method": method,
+        "rank": rank,
+        "f1": m["f1_after"],
+        "f1_source_only": m["f1_before"],
+        "trainable": m["trainable_params"],
+        "total": m["total_params"],
+        "seconds": m["train_seconds"],
+    }
 
 
 def summary(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     lines = ["| backbone | method | rank | trainable % | macro-F1 mean | std over users | std over seeds | users x seeds |", "|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["backbone"], r["method"], r["rank"]) for r in rows}, key=lambda k: (k[0], ["source-only", "lora-edge", "full"].index(k[1]), k[2]))
+    rows += [{**r, "method": "source-only", "rank": 0, "f1": r["f1_source_only"], "trainable": 0} for r in rows if r["method"] == "full"]
+    order = ["source-only", *METHODS]
+    keys = sorted({(r["backbone"], r["method"], r["rank"]) for r in rows}, key=lambda k: (k[0], order.index(k[1]), k[2]))
     for b, m, rk in keys:
         sel = [r for r in rows if (r["backbone"], r["method"], r["rank"]) == (b, m, rk)]
         f1 = np.array([r["f1"] for r in sel])
@@ -103,6 +102,7 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["cnn1d", "resnet1d", "mobilenet1d"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--methods", nargs="+", default=["lora-edge", "full"], choices=METHODS)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--pretrain-epochs", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)

@@ -10,10 +10,11 @@ import copy
 
 import torch
 
+from toolchain.core.methods import METHODS, get_method
 from toolchain.models.registry import build_model
-from toolchain.peft.inject import METHODS, AdaptConfig, inject, set_train_mode
+from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
 from toolchain.profile import profile_step
-from toolchain.workflows import METHOD_LR, make_optimizer
+from toolchain.workflows import make_optimizer
 
 TARGETS = {"cnn1d": "all", "resnet1d": "all", "mobilenet1d": "pointwise"}
 
@@ -34,10 +35,10 @@ def main() -> None:
         rows = {}
         for method in METHODS:
             m = copy.deepcopy(base)
-            cfg = AdaptConfig(method=method, rank=a.rank, targets=TARGETS[name])
+            cfg = AdaptConfig(method=method, rank=a.rank, layers=TARGETS[name])
             inject(m, cfg)
             frac = sum(p.numel() for p in m.parameters() if p.requires_grad) / sum(p.numel() for p in m.parameters())
-            rows[method] = (frac, profile_step(m, make_optimizer(m, cfg, METHOD_LR[method]), x, y, lambda mm: set_train_mode(mm, False)))
+            rows[method] = (frac, profile_step(m, make_optimizer(m, cfg, get_method(method).lr), x, y, lambda mm: set_train_mode(mm, False)))
         full = rows["full"][1]
         full_tot = full.param_bytes + full.grad_bytes + full.optimizer_bytes + full.activation_bytes
         full_noact = full_tot - full.activation_bytes

@@ -17,7 +17,7 @@ from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
 
 CONFIGS = {
     "full": AdaptConfig(method="full"),
-    "lora-edge r4 (pointwise convs)": AdaptConfig(rank=4, targets="pointwise"),
+    "lora-edge r4 (pointwise convs)": AdaptConfig(rank=4, layers="pointwise"),
     "lora-edge r4 (all convs)": AdaptConfig(rank=4),
 }
 

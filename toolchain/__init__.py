@@ -1,10 +1,11 @@
 """toolchain: LoRA-Edge (tensor-train LoRA) adaptation of edge CNNs, fused into ONNX and TensorRT.
 
 Importing this package imports neither torch nor onnxruntime: the graph stage runs on a Jetson
-with numpy, onnx and onnx-graphsurgeon only.
+with numpy, onnx and onnx-graphsurgeon only. The Python API (``toolchain.api``) loads torch when
+its training functions are called.
 """
 
-from toolchain.errors import ToolchainError
+from toolchain.core.errors import ToolchainError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["ToolchainError", "__version__"]

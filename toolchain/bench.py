@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.errors import ToolchainError
+from toolchain.core.errors import ToolchainError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -29,8 +29,11 @@ def bench(models: list[str], *, warmup: int = 20, runs: int = 200, provider: str
 
     Ratios are each model's median over the first model's median.
     """
-    from toolchain.verify import input_info
+    from toolchain.graphs.onnx_io import input_info
 
+    for name, value, low in (("--runs", runs, 1), ("--warmup", warmup, 0), ("--threads", threads, 1)):
+        if type(value) is not int or value < low:
+            raise ToolchainError(f"{name} must be an integer >= {low}", seen=value, remedy=f"pass {name} {max(low, 1)} or more")
     if provider not in PROVIDERS:
         raise ToolchainError("unknown provider", seen=provider, remedy=f"use one of {list(PROVIDERS)}")
     infos = [input_info(m) for m in models]

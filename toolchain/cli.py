@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from toolchain import __version__
-from toolchain.errors import ToolchainError
-
-METHODS = ("lora-edge", "lora", "dora", "adapter", "full", "galore", "head", "bitfit")  # toolchain.peft.inject.METHODS, without importing torch
+from toolchain.core.errors import ToolchainError
+from toolchain.core.methods import METHODS, get_method
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -35,23 +37,20 @@ def _train_args(p: argparse.ArgumentParser, lr: float | None, batch: int, epochs
 
 
 def _train_config(a: argparse.Namespace) -> Any:
-    from toolchain.train import TrainConfig
+    from toolchain.train import TrainConfig, check_config
 
     if a.lr is None:
-        from toolchain.workflows import METHOD_LR
-
-        a.lr = METHOD_LR[a.method] if a.method in METHOD_LR else 5e-3
-    for name in ("lr", "batch_size", "epochs"):
-        if getattr(a, name) <= 0:
-            raise ToolchainError(f"--{name.replace('_', '-')} must be > 0", seen=getattr(a, name))
-    return TrainConfig(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, steps=a.steps, seed=a.seed, device=a.device, progress=not a.no_progress)
+        a.lr = get_method(a.method).lr
+    cfg = TrainConfig(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, steps=a.steps, seed=a.seed, device=a.device, progress=not a.no_progress)
+    check_config(cfg)
+    return cfg
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from toolchain.workflows import PretrainJob, pretrain
 
     excl = tuple(c for c in a.exclude_classes.split(",") if c) if a.exclude_classes else ()
-    m = pretrain(PretrainJob(out=a.out, model=a.model, data=a.data, targets=a.target_subjects, train=_train_config(a), force=a.force, exclude_classes=excl))
+    m = pretrain(PretrainJob(out=a.out, model=a.model, data=a.data, subjects=a.target_subjects, train=_train_config(a), force=a.force, exclude_classes=excl))
     print(
         f"pretrained {a.model} on subjects {m['source_subjects']}: source F1 {m['f1_source']:.3f}, "
         f"target {m['target_subjects']} F1 {m['f1_target']:.3f} ({m['steps']} steps, {m['train_seconds']:.1f} s) -> {a.out}"
@@ -63,8 +62,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from toolchain.peft.inject import AdaptConfig
     from toolchain.workflows import FinetuneJob, finetune, metrics_path
 
-    adapt = AdaptConfig(method=a.method, rank=a.rank, scaling=a.scaling, targets=a.targets, train=tuple(a.train), update_bn_stats=a.update_bn_stats, reduction=a.reduction)
-    job = FinetuneJob(checkpoint=a.checkpoint, out=a.out, adapt=adapt, data=a.data, targets=a.target_subjects, train=_train_config(a), force=a.force, model=a.model)
+    adapt = AdaptConfig(method=a.method, rank=a.rank, scaling=a.scaling, layers=a.layers, train=tuple(a.train), update_bn_stats=a.update_bn_stats, reduction=a.reduction)
+    job = FinetuneJob(checkpoint=a.checkpoint, out=a.out, adapt=adapt, data=a.data, subjects=a.target_subjects, train=_train_config(a), force=a.force, model=a.model)
     m = finetune(job)
     print(
         f"{m['method']} rank {m['rank']}: {m['trainable_params']} of {m['total_params']} parameters trained "
@@ -91,7 +90,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_fuse(a: argparse.Namespace) -> int:
-    from graphs.fuse import fuse_files
+    from toolchain.graphs.fuse import fuse_files
 
     prov = fuse_files(a.base, a.adapter, a.output, force=a.force)
     print(f"fused {a.adapter} into {a.base} -> {a.output} (adapter sha256 {prov['toolchain.adapter_sha256'][:12]})")
@@ -101,13 +100,16 @@ def cmd_fuse(a: argparse.Namespace) -> int:
 def cmd_verify(a: argparse.Namespace) -> int:
     from toolchain.verify import VerifyOptions, parse_tolerance, verify
 
-    atol = parse_tolerance(a.atol) if a.atol else None
-    rtol = parse_tolerance(a.rtol) if a.rtol else None
-    opts = VerifyOptions(data=None if a.data == "none" else a.data, real=a.real, random=a.random, atol=atol, rtol=rtol)
+    tol = {k: parse_tolerance(getattr(a, k)) if getattr(a, k) is not None else None for k in ("atol", "rtol", "engine_atol", "engine_rtol")}
+    opts = VerifyOptions(data=None if a.data == "none" else a.data, real=a.real, random=a.random, force=a.force)
+    opts.atol, opts.rtol, opts.engine_atol, opts.engine_rtol = tol["atol"], tol["rtol"], tol["engine_atol"], tol["engine_rtol"]
     report = verify(a.model, a.reference, a.out_dir, engine=a.engine, opts=opts)
-    for runner, outputs in report["comparisons"].items():
-        for name, st in outputs.items():
-            print(f"{runner} vs reference, output {name}: max abs {st['max_abs']:.3g}, max rel {st['max_rel']:.3g} (atol {report['atol']}, rtol {report['rtol']})")
+    for runner, comp in report["comparisons"].items():
+        for name, st in comp["outputs"].items():
+            print(
+                f"{runner} vs reference, output {name}: max abs {st['max_abs']:.3g}, max rel {st['max_rel']:.3g} "
+                f"(atol {comp['atol']}, rtol {comp['rtol']}, {comp['precision']}): {'PASSED' if comp['passed'] else 'FAILED'}"
+            )
     print(
         f"{'PASSED' if report['passed'] else 'FAILED'}: report {a.out_dir}/verify.json; re-check with "
         f"polygraphy run {a.model} --onnxrt --load-inputs {report['inputs']} --load-outputs {report['outputs']}"
@@ -117,14 +119,28 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from toolchain.bench import bench
-    from toolchain.fileio import write_bytes_atomic
+    from toolchain.core.fileio import check_output, write_bytes_atomic
 
+    if a.json:
+        check_output(a.json, [a.model, *a.vs], force=a.force)
     res = bench([a.model, *a.vs], warmup=a.warmup, runs=a.runs, provider=a.provider, threads=a.threads)
     for r in res["results"]:
         print(f"{r['model']}: median {r['median_ms']:.4f} ms, p90 {r['p90_ms']:.4f}, p99 {r['p99_ms']:.4f}, ratio {r['ratio_to_first']:.3f}")
     if a.json:
-        write_bytes_atomic(a.json, (json.dumps(res, indent=2) + "\n").encode())
+        write_bytes_atomic(a.json, (json.dumps(res, indent=2) + "\n").encode(), force=a.force)
     return 0
+
+
+def cmd_diff(a: argparse.Namespace) -> int:
+    from toolchain.graphs.diff import diff_models, format_diff
+    from toolchain.graphs.onnx_io import load_onnx
+
+    report = diff_models(load_onnx(a.a), load_onnx(a.b))
+    if a.json:
+        print_json(report)
+    else:
+        print("\n".join(format_diff(report)))
+    return 0 if report["identical"] or not a.exit_code else 1
 
 
 def cmd_build(a: argparse.Namespace) -> int:
@@ -153,7 +169,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from toolchain.compare import CompareJob, run_compare
 
     methods = tuple(m for m in a.methods.split(",") if m)
-    job = CompareJob(out=a.out, methods=methods, backbone=a.backbone, data=a.data, ranks=a.ranks, steps=a.steps, eval_every=a.eval_every, seed=a.seed, targets=a.targets, progress=not a.no_progress)
+    job = CompareJob(out=a.out, methods=methods, backbone=a.backbone, data=a.data, ranks=a.ranks, steps=a.steps, eval_every=a.eval_every, seed=a.seed, layers=a.layers, progress=not a.no_progress)
     rows = run_compare(job)
     print(open(f"{a.out}/results.md").read())
     print(f"{len(rows)} runs; results.md, results.csv, f1_vs_step.png, memory.png, params_vs_f1.png in {a.out}")
@@ -193,9 +209,12 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--data", default="watch", help="real windows from this data spec, or none (default watch)")
     p.add_argument("--real", type=int, default=16, help="real batches (default 16)")
     p.add_argument("--random", type=int, default=8, help="random batches (default 8)")
-    p.add_argument("--atol", default=None, help="a number or per output NAME:NUMBER,... (default 1e-4; 1e-2 for an fp16 engine)")
-    p.add_argument("--rtol", default=None, help="a number or per output NAME:NUMBER,... (default 1e-4; 1e-2 for an fp16 engine)")
+    p.add_argument("--atol", default=None, help="model vs reference: a number or per output NAME:NUMBER,... (default 1e-4)")
+    p.add_argument("--rtol", default=None, help="model vs reference: a number or per output NAME:NUMBER,... (default 1e-4)")
+    p.add_argument("--engine-atol", default=None, help="engine vs reference (default 1e-2 for an fp16 engine, 1e-4 for fp32; required when the engine's sidecar is missing)")
+    p.add_argument("--engine-rtol", default=None, help="engine vs reference (defaults as --engine-atol)")
     p.add_argument("--out-dir", default="verify_out", help="report and Polygraphy RunResults (default verify_out)")
+    p.add_argument("--force", action="store_true", help="replace an earlier report in --out-dir")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="ONNX Runtime latency, interleaved, with ratios to the first model")
@@ -206,6 +225,7 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("build", help="build a TensorRT 10.x engine (needs TensorRT and a GPU)")
@@ -239,10 +259,17 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--ranks", type=_ints, default=(2, 4, 8), help="ranks of the low-rank methods (default 2,4,8)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
     p.add_argument("--eval-every", type=int, default=25, help="steps between F1 evaluations (default 25)")
-    p.add_argument("--targets", default="all", help="conv selection for lora-edge/lora/dora (default all)")
+    p.add_argument("--layers", "--targets", dest="layers", default="all", help="conv selection for lora-edge/lora/dora: all, pointwise or a regex (default all; --targets is the old name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("diff", help="what differs between two ONNX models (initializers with max |Δ|, nodes, I/O, metadata)")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--exit-code", action="store_true", help="exit 1 when the models differ")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("inspect", help="say what an adapter, ONNX model or engine file is")
     p.add_argument("file")
@@ -271,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=4, help="rank: TT rank clipped per bond (lora-edge), LoRA/DoRA rank, GaLore projection rank (default 4)")
     p.add_argument("--scaling", type=float, default=1.0, help="ΔW scale; for lora/dora this is alpha / r (default 1.0)")
     p.add_argument("--reduction", type=int, default=4, help="bottleneck width = channels // reduction for --method adapter (default 4)")
-    p.add_argument("--targets", default="all", help="convs to adapt: all, pointwise, or a regex on module names (default all)")
+    p.add_argument("--layers", "--targets", dest="layers", default="all", help="convs to adapt: all, pointwise, or a regex on module names (default all; --targets is the old name)")
     p.add_argument("--train", action="append", default=[], choices=["head", "bn"], help="also train the classifier head or BatchNorm affine (repeatable)")
     p.add_argument("--update-bn-stats", action="store_true", help="let BatchNorm running statistics move (frozen by default)")
     p.add_argument("--data", default=None, help="data spec (default: the checkpoint's)")
@@ -284,18 +311,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXTRAS = {"torch": "train", "onnxscript": "train", "tqdm": "train", "seglearn": "train", "onnxruntime": "verify", "polygraphy": "verify", "matplotlib": "plots"}
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that partial outputs are cleaned up as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2; no tracebacks for them."""
     args = build_parser().parse_args(argv)
+    name = f"toolchain {args.command}"
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         handler: Handler = args.func
         return handler(args)
     except ToolchainError as err:
-        print(f"toolchain {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(name, str(err), 2)
+    except ModuleNotFoundError as err:
+        root = (err.name or "").split(".")[0]
+        if root not in EXTRAS:
+            raise
+        return _fail(name, f"needs the optional package {root}, which is not installed; install it with: pip install 'toolchain[{EXTRAS[root]}]'", 2)
+    except BrokenPipeError:  # e.g. `toolchain inspect x | head -1`: the reader left
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as err:  # the environment, not the input: a full disk, a vanished folder
+        return _fail(name, f"{err.strerror or err}: {err.filename or ''}; check the path, its permissions and free space", 2)
     except KeyboardInterrupt:
-        print(f"toolchain {args.command}: interrupted; no partial output was left", file=sys.stderr)
-        return 130
+        return _fail(name, "interrupted; no partial output was left", 130)
+    except Terminated:
+        return _fail(name, "terminated; no partial output was left", 143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(name: str, message: str, code: int) -> int:
+    with contextlib.suppress(OSError):
+        print(f"{name}: error: {message}", file=sys.stderr)
+    return code
 
 
 def print_json(obj: Any) -> None:

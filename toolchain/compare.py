@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -19,16 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolchain.adapter_file import save_adapter
-from toolchain.data.sources import load_data
+from toolchain import __version__
+from toolchain.core.adapter_file import save_adapter
+from toolchain.core.fileio import write_bytes_atomic
+from toolchain.core.methods import get_method
+from toolchain.data.sources import default_target_subjects, load_data
 from toolchain.data.windows import split_subjects, time_split
-from toolchain.errors import ToolchainError
-from toolchain.fileio import write_bytes_atomic
 from toolchain.models.registry import load_checkpoint
-from toolchain.peft.inject import LOW_RANK, METHODS, AdaptConfig, extract_adapter, inject, set_train_mode
+from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_train_mode
 from toolchain.profile import profile_step
 from toolchain.train import TrainConfig, count_params, evaluate, train
-from toolchain.workflows import METHOD_LR, PretrainJob, make_optimizer, pretrain
+from toolchain.workflows import PretrainJob, make_optimizer, pretrain
 
 TARGET_FRACTION = 0.95
 
@@ -44,35 +46,57 @@ class CompareJob:
     eval_every: int = 25
     batch_size: int = 32
     seed: int = 0
-    targets: str = "all"
+    layers: str = "all"
     pretrain_epochs: int = 8
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def grid(job: CompareJob) -> list[tuple[str, int]]:
-    bad = [m for m in job.methods if m not in METHODS]
-    if bad:
-        raise ToolchainError("unknown method in --methods", seen=bad, remedy=f"use {', '.join(METHODS)}")
-    return [(m, r) for m in job.methods for r in (job.ranks if m in LOW_RANK else (0,))]
+    specs = [get_method(m) for m in job.methods]
+    return [(s.name, r) for s in specs for r in (job.ranks if s.takes_rank else (0,))]
+
+
+def base_inputs(job: CompareJob) -> dict[str, Any]:
+    """Everything the pretrained base depends on."""
+    return {"backbone": job.backbone, "data": job.data, "pretrain_epochs": job.pretrain_epochs, "seed": job.seed, "version": __version__}
+
+
+def run_inputs(job: CompareJob, method: str, rank: int) -> dict[str, Any]:
+    """Everything one cached run depends on: its base, the method and every training setting."""
+    return {
+        **base_inputs(job),
+        "method": method,
+        "rank": rank,
+        "steps": job.steps,
+        "eval_every": job.eval_every,
+        "batch_size": job.batch_size,
+        "layers": job.layers,
+        "extra": job.extra,
+    }
+
+
+def cache_key(inputs: dict[str, Any]) -> str:
+    """A short digest of the inputs: a changed input never reuses a cached result."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_compare(job: CompareJob) -> list[dict[str, Any]]:
     out = Path(job.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "adapters").mkdir(exist_ok=True)
-    ckpt = out / f"base_{job.backbone}.pt"
+    ckpt = out / f"base_{job.backbone}_{cache_key(base_inputs(job))}.pt"
     if not ckpt.is_file():
         pretrain(PretrainJob(out=str(ckpt), model=job.backbone, data=job.data, train=TrainConfig(lr=2e-3, epochs=job.pretrain_epochs, seed=job.seed, progress=False)))
     base, payload = load_checkpoint(ckpt)
     ds = load_data(job.data)
-    _, target = split_subjects(ds, payload["pretrain"]["target_subjects"])
+    _, target = split_subjects(ds, (payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds))
     adapt, test = time_split(target)
     from tqdm.auto import tqdm
 
     rows = []
     for method, rank in tqdm(grid(job), desc=f"compare {job.backbone}", disable=not job.progress):
-        cache = out / "runs" / f"{job.backbone}_{method}_r{rank}_s{job.seed}.json"
+        cache = out / "runs" / f"{job.backbone}_{method}_r{rank}_s{job.seed}_{cache_key(run_inputs(job, method, rank))}.json"
         if cache.is_file():
             rows.append(json.loads(cache.read_text()))
             continue
@@ -88,10 +112,10 @@ def run_one(base: torch.nn.Module, adapt: Any, test: Any, method: str, rank: int
     torch.manual_seed(job.seed)
     model = copy.deepcopy(base)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cfg = AdaptConfig(method=method, rank=max(rank, 1), targets=job.targets)
+    cfg = AdaptConfig(method=method, rank=max(rank, 1), layers=job.layers)
     inject(model, cfg)
     trainable, total = count_params(model)
-    lr = METHOD_LR[method]
+    lr = get_method(method).lr
     x, y = torch.from_numpy(adapt.X[: job.batch_size]), torch.from_numpy(adapt.y[: job.batch_size])
     probe = copy.deepcopy(model)  # the profiled step must not move the model that is trained below
     prof = profile_step(probe, make_optimizer(probe, cfg, lr), x, y, lambda m: set_train_mode(m, False))
@@ -117,7 +141,7 @@ def run_one(base: torch.nn.Module, adapt: Any, test: Any, method: str, rank: int
         "steps": res.steps,
         "train_seconds": res.seconds,
         "seconds_per_step": res.seconds / max(res.steps, 1),
-        "fusable": method != "adapter",
+        "fusable": get_method(method).fusable,
         **prof.as_dict(),
     }
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import ToolchainError
-from toolchain.fileio import write_bytes_atomic
+from toolchain.core.errors import ToolchainError
+from toolchain.core.fileio import write_bytes_atomic
 
 
 def run_demo(out: str, *, quick: bool = False, force: bool = False) -> int:
@@ -21,6 +21,8 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False) -> int:
     from toolchain.workflows import FinetuneJob, PretrainJob, finetune, pretrain
 
     d = Path(out)
+    if d.exists() and not d.is_dir():
+        raise ToolchainError("--out names a file, not a folder", seen=str(d), remedy="choose a folder path for the demo's outputs")
     if d.exists() and any(d.iterdir()) and not force:
         raise ToolchainError("the demo folder is not empty", seen=str(d), remedy="pass --force to overwrite its files, or choose another --out")
     d.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,7 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False) -> int:
     export(p["ckpt"], p["unfused"], adapter=p["adapter"], force=True)
     export(p["ckpt"], p["fused"], adapter=p["adapter"], fuse=True, force=True)
     print("4/6 verify fused against unfused with Polygraphy")
-    ver = verify(p["fused"], p["unfused"], str(d / "verify"), opts=VerifyOptions(real=8 if quick else 16))
+    ver = verify(p["fused"], p["unfused"], str(d / "verify"), opts=VerifyOptions(real=8 if quick else 16, force=True))
     print("5/6 bench base, fused and unfused with ONNX Runtime")
     lat = bench([p["base"], p["fused"], p["unfused"]], warmup=10, runs=50 if quick else 300)
     missing = tensorrt_status()
@@ -52,13 +54,13 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False) -> int:
 
 def summary(report: dict[str, Any]) -> str:
     ft, ver, lat = report["finetune"], report["verify"], report["bench"]["results"]
-    err = ver["comparisons"]["model"]
-    worst = max(v["max_abs"] for v in err.values())
+    comp = ver["comparisons"]["model"]
+    worst = max(v["max_abs"] for v in comp["outputs"].values())
     rows = [
         ("macro-F1 before -> after", f"{ft['f1_before']:.3f} -> {ft['f1_after']:.3f}"),
         ("accuracy before -> after", f"{ft['accuracy_before']:.3f} -> {ft['accuracy_after']:.3f}"),
         ("trainable parameters", f"{ft['trainable_params']} / {ft['total_params']} ({100 * ft['trainable_fraction']:.2f}%)"),
-        ("parity fused vs unfused", f"max abs err {worst:.2e} ({'PASSED' if ver['passed'] else 'FAILED'}, atol {ver['atol']})"),
+        ("parity fused vs unfused", f"max abs err {worst:.2e} ({'PASSED' if comp['passed'] else 'FAILED'}, atol {comp['atol']})"),
         ("latency median base", f"{lat[0]['median_ms']:.4f} ms"),
         ("latency fused / base", f"{lat[1]['ratio_to_first']:.3f}"),
         ("latency unfused / base", f"{lat[2]['ratio_to_first']:.3f}"),

@@ -15,8 +15,8 @@ import onnx
 import torch
 from torch import nn
 
-from kernels import weight_sha256
-from toolchain.errors import ToolchainError
+from toolchain.core.errors import ToolchainError
+from toolchain.kernels import weight_sha256
 
 OPSET = 18
 WINDOW = 128
@@ -73,7 +73,9 @@ def _strip_stack_traces(proto: onnx.ModelProto) -> None:
 
 
 def fold_scales(model: nn.Module, proto: onnx.ModelProto) -> dict[str, dict[str, object]]:
-    """For every conv weight the optimizer rescaled: {param: {base_sha256, scale}} with W_onnx = scale[o] * W[o]."""
+    """For every conv weight the optimizer rescaled: {param: {base_sha256, folded_sha256, scale}} with
+    W_onnx = scale[o] * W[o]. Fusion accepts the scale only for the very folded weight it was
+    recorded for (folded_sha256), so a tampered or already fused weight cannot use it."""
     inits = {t.name: t for t in proto.graph.initializer}
     out: dict[str, dict[str, object]] = {}
     for name, p in model.named_parameters():
@@ -88,17 +90,17 @@ def fold_scales(model: nn.Module, proto: onnx.ModelProto) -> dict[str, dict[str,
         scale = (flat_b * flat_g).sum(1) / np.maximum((flat_b * flat_b).sum(1), 1e-30)
         if not np.allclose(flat_g, scale[:, None] * flat_b, rtol=1e-4, atol=1e-6 * float(np.abs(flat_g).max() or 1)):
             raise ToolchainError("the exporter changed a conv weight by more than a per-channel scale", seen=name, remedy="export without --fold-bn")
-        out[name] = {"base_sha256": weight_sha256(base), "scale": [float(s) for s in scale]}
+        out[name] = {"base_sha256": weight_sha256(base), "folded_sha256": weight_sha256(got), "scale": [float(s) for s in scale]}
     return out
 
 
 def export(checkpoint: str, out: str, *, adapter: str | None = None, fuse: bool = False, opts: ExportOptions | None = None, force: bool = False, model: str | None = None) -> dict[str, str]:
     """`toolchain export`: base model, unfused adapted model, or base exported then fused in ONNX."""
-    from graphs.fuse import fuse_model
-    from graphs.onnx_io import save_onnx
     from toolchain import __version__
-    from toolchain.adapter_file import load_adapter
-    from toolchain.fileio import check_output, sha256_file
+    from toolchain.core.adapter_file import load_adapter
+    from toolchain.core.fileio import check_output, sha256_file
+    from toolchain.graphs.fuse import fuse_model
+    from toolchain.graphs.onnx_io import save_onnx
     from toolchain.models.registry import load_checkpoint
     from toolchain.peft.inject import apply_adapter
 

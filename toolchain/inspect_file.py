@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import ToolchainError
-from toolchain.fileio import sha256_file
+from toolchain.core.errors import ToolchainError
+from toolchain.core.fileio import sha256_file
 
 
 def describe(path: str) -> dict[str, Any]:
@@ -23,7 +22,8 @@ def describe(path: str) -> dict[str, Any]:
 
 
 def _adapter(p: Path) -> dict[str, Any]:
-    from toolchain.adapter_file import FORMAT_VERSION, load_adapter
+    from toolchain.core.adapter_file import FORMAT_VERSION, load_adapter
+    from toolchain.core.methods import get_method
 
     a = load_adapter(p)
     return {
@@ -38,12 +38,12 @@ def _adapter(p: Path) -> dict[str, Any]:
         ],
         "extras": [e.param for e in a.extras],
         "trained_values": int(sum(t.size for k, t in a.tensors.items() if ".core" not in k)),
-        "fusable": all(x.method != "adapter" for x in a.layers),
+        "fusable": get_method(a.method).fusable,
     }
 
 
 def _onnx(p: Path) -> dict[str, Any]:
-    from graphs.onnx_io import load_onnx
+    from toolchain.graphs.onnx_io import load_onnx
 
     m = load_onnx(p)
     meta = {x.key: x.value for x in m.metadata_props}
@@ -70,7 +70,7 @@ def _onnx(p: Path) -> dict[str, Any]:
 
 
 def _engine(p: Path) -> dict[str, Any]:
-    from toolchain.trt_engine import sidecar_path
+    from toolchain.trt_engine import read_sidecar, sidecar_path
 
     side = sidecar_path(p)
     return {
@@ -78,6 +78,7 @@ def _engine(p: Path) -> dict[str, Any]:
         "file": str(p),
         "sha256": sha256_file(p),
         "bytes": p.stat().st_size,
-        "build_info": json.loads(side.read_text()) if side.is_file() else None,
+        "build_info": read_sidecar(p),
+        "build_info_file": str(side) if side.is_file() else None,
         "note": "layer and binding details need TensorRT and a GPU; the build info comes from the sidecar JSON",
     }

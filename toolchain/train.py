@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import resource
 import time
@@ -12,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from toolchain.core.errors import ToolchainError
 from toolchain.data.windows import WindowDataset
-from toolchain.errors import ToolchainError
 from toolchain.metrics import accuracy, macro_f1
 
 
@@ -40,9 +41,26 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from: Python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot train: a non-finite or non-positive learning rate, empty batches."""
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ToolchainError("--lr must be a finite number > 0", seen=cfg.lr, remedy="pass e.g. --lr 1e-3")
+    for name, value, low in (("--batch-size", cfg.batch_size, 1), ("--epochs", cfg.epochs, 1), ("--steps", cfg.steps, 0)):
+        if type(value) is not int or value < low:
+            raise ToolchainError(f"{name} must be an integer >= {low}", seen=value)
+
+
+def check_finite_params(model: nn.Module) -> None:
+    """After training: every parameter finite, or the run diverged and nothing may be written."""
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ToolchainError("training diverged: parameters became NaN or Inf, so nothing was written", seen=bad[:3], remedy="lower --lr and run again")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,6 +98,7 @@ def train(
     """Train the parameters with requires_grad on ``data``; cross-entropy, Adam unless given."""
     if len(data) == 0:
         raise ToolchainError("no training windows", seen=0, remedy="check the subject selection")
+    check_config(cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model.to(device)
@@ -109,6 +128,7 @@ def train(
             if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 history.append((step, evaluate(model, eval_data, device)[0]))
     bar.close()
+    check_finite_params(model)
     return TrainResult(steps=step, seconds=time.perf_counter() - start, history=history)
 
 

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import ToolchainError
-from toolchain.fileio import atomic_path, check_output, sha256_file, write_bytes_atomic
+from toolchain.core.errors import ToolchainError
+from toolchain.core.fileio import atomic_path, check_output, sha256_file, write_bytes_atomic
 
 HOWTO = "install TensorRT 10.x: on a Jetson Orin Nano flash JetPack 6.x (it ships TensorRT 10.3 and python3-libnvinfer); on an x86 machine with an NVIDIA GPU `pip install tensorrt`"
 
@@ -59,7 +59,7 @@ def sidecar_path(plan: str | os.PathLike[str]) -> Path:
 
 def fused_weight_names(onnx_path: str | os.PathLike[str]) -> list[str]:
     """Initializer names the fuse pass changed (recorded in the fused model's metadata)."""
-    from graphs.onnx_io import load_onnx
+    from toolchain.graphs.onnx_io import load_onnx
 
     meta = {p.key: p.value for p in load_onnx(onnx_path).metadata_props}
     return list(json.loads(meta.get("toolchain.fused_weights", "[]")))
@@ -74,7 +74,7 @@ def build_engine(onnx_path: str, out: str, opts: BuildOptions, *, force: bool = 
     refit_names = fused_weight_names(onnx_path) if opts.refit else []
     profiles = None
     if opts.dynamic_batch:
-        from toolchain.verify import input_info
+        from toolchain.graphs.onnx_io import input_info
 
         name, shape = input_info(onnx_path)
         lo, opt, hi = opts.dynamic_batch
@@ -117,7 +117,7 @@ def refit_engine(plan: str, fused_onnx: str, out: str, *, force: bool = False) -
     trt = require_tensorrt()
     import onnx
 
-    from graphs.onnx_io import load_onnx
+    from toolchain.graphs.onnx_io import load_onnx
 
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(Path(plan).read_bytes())
@@ -145,12 +145,28 @@ def refit_engine(plan: str, fused_onnx: str, out: str, *, force: bool = False) -
     return info
 
 
-def engine_runner(plan: str) -> tuple[Any, bool]:
-    """A Polygraphy TrtRunner for an engine file, and whether it was built with fp16."""
+def read_sidecar(plan: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The build sidecar ``ENGINE.json`` as a dict; None when missing or malformed."""
+    side = sidecar_path(plan)
+    try:
+        info = json.loads(side.read_text()) if side.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("options", {}), dict) else None
+
+
+def engine_precision(plan: str | os.PathLike[str]) -> str | None:
+    """ "fp16" or "fp32" from the build sidecar; None when the sidecar is missing or malformed."""
+    info = read_sidecar(plan)
+    if info is None:
+        return None
+    return "fp16" if info.get("options", {}).get("fp16") else "fp32"
+
+
+def engine_runner(plan: str) -> Any:
+    """A Polygraphy TrtRunner for an engine file."""
     require_tensorrt()
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    side = sidecar_path(plan)
-    fp16 = bool(json.loads(side.read_text()).get("options", {}).get("fp16")) if side.is_file() else False
-    return TrtRunner(EngineFromBytes(BytesFromPath(plan)), name="engine"), fp16
+    return TrtRunner(EngineFromBytes(BytesFromPath(plan)), name="engine")

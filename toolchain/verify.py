@@ -4,15 +4,15 @@ through Polygraphy's Comparator on real windows and random inputs."""
 from __future__ import annotations
 
 import json
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from toolchain.errors import ToolchainError
-from toolchain.fileio import atomic_path, write_bytes_atomic
+from toolchain.core.errors import ToolchainError
+from toolchain.core.fileio import atomic_path, check_output, write_bytes_atomic
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
@@ -20,25 +20,30 @@ FP16_TOL = 1e-2
 
 @dataclass
 class VerifyOptions:
+    """Feeds and tolerances. ``atol``/``rtol`` judge the model against the reference (always fp32
+    defaults); ``engine_atol``/``engine_rtol`` judge the engine against the reference (default by
+    the engine's precision, read from its build sidecar)."""
+
     data: str | None = "watch"
     real: int = 16
     random: int = 8
     atol: float | dict[str, float] | None = None  # one value, or per output name
     rtol: float | dict[str, float] | None = None
+    engine_atol: float | dict[str, float] | None = None
+    engine_rtol: float | dict[str, float] | None = None
     seed: int = 0
+    force: bool = False
 
-
-def input_info(path: str | os.PathLike[str]) -> tuple[str, list[int | None]]:
-    """(name, shape) of a model's single input; dynamic dims are None."""
-    from graphs.onnx_io import load_onnx
-
-    model = load_onnx(path)
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise ToolchainError("verify and bench expect a model with one input", seen=[i.name for i in inputs])
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
-    return inputs[0].name, dims
+    def check(self) -> None:
+        if type(self.real) is not int or self.real < 0:
+            raise ToolchainError("--real must be an integer >= 0", seen=self.real, remedy="pass the number of real-data batches, e.g. --real 16")
+        if type(self.random) is not int or self.random < 1:
+            raise ToolchainError("--random must be an integer >= 1: random inputs probe the model beyond the data", seen=self.random, remedy="pass --random 8 or more")
+        for name in ("atol", "rtol", "engine_atol", "engine_rtol"):
+            value = getattr(self, name)
+            for v in value.values() if isinstance(value, dict) else [value]:
+                if v is not None and not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                    raise ToolchainError(f"--{name.replace('_', '-')} must be a finite number >= 0", seen=v, remedy="pass e.g. 1e-4")
 
 
 def make_feeds(name: str, shape: list[int | None], opts: VerifyOptions) -> list[dict[str, np.ndarray]]:
@@ -74,11 +79,13 @@ def _tolerance(value: float | dict[str, float] | None, default: float) -> float 
 def parse_tolerance(text: str) -> float | dict[str, float]:
     """``1e-4`` or ``logits:1e-4,aux:1e-3`` (per output)."""
     try:
-        if ":" not in text:
-            return float(text)
-        return {k.strip(): float(v) for k, v in (item.rsplit(":", 1) for item in text.split(",") if item)}
+        value: float | dict[str, float] = float(text) if ":" not in text else {k.strip(): float(v) for k, v in (item.rsplit(":", 1) for item in text.split(",") if item)}
     except ValueError:
         raise ToolchainError("a tolerance is a number or NAME:NUMBER[,NAME:NUMBER...]", seen=text) from None
+    for v in value.values() if isinstance(value, dict) else [value]:
+        if not (math.isfinite(v) and v >= 0):
+            raise ToolchainError("a tolerance must be a finite number >= 0", seen=text, remedy="pass e.g. 1e-4")
+    return value
 
 
 def error_stats(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -95,50 +102,85 @@ def error_stats(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     }
 
 
+OUTPUT_FILES = ("verify.json", "inputs.json", "outputs.json")
+
+
+def _out_dir(out_dir: str, inputs: list[str | None], force: bool) -> Path:
+    d = Path(out_dir)
+    if d.exists() and not d.is_dir():
+        raise ToolchainError("--out-dir names a file, not a folder", seen=str(d), remedy="choose a folder path")
+    for name in OUTPUT_FILES:
+        check_output(d / name, inputs, force=force) if d.is_dir() else None
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ToolchainError("cannot create --out-dir", seen=f"{d}: {err.strerror or err}", remedy="choose a folder you can write to") from None
+    return d
+
+
+def _engine_tolerance(engine: str, opts: VerifyOptions) -> tuple[float | dict[str, float], float | dict[str, float], str]:
+    """(atol, rtol, precision) for engine vs reference: fp16 engines get FP16_TOL unless given."""
+    from toolchain.trt_engine import engine_precision
+
+    precision = engine_precision(engine)
+    if precision is None and (opts.engine_atol is None or opts.engine_rtol is None):
+        raise ToolchainError(
+            "the engine's precision is unknown (its build sidecar ENGINE.json is missing or unreadable), so no default tolerance is safe",
+            seen=engine,
+            remedy="pass --engine-atol and --engine-rtol (1e-2 for fp16 engines), or rebuild it with `toolchain build`",
+        )
+    default = FP16_TOL if precision == "fp16" else FP32_TOL
+    return _tolerance(opts.engine_atol, default), _tolerance(opts.engine_rtol, default), precision or "given"
+
+
 def verify(model: str, reference: str, out_dir: str, *, engine: str | None = None, opts: VerifyOptions | None = None) -> dict[str, Any]:
-    """Run both models (and the engine) on the same inputs; compare each against the reference."""
+    """Run the reference, the model (and the engine) on the same inputs; judge model vs reference at
+    fp32 tolerances and engine vs reference at the engine's own, each pair separately."""
+    opts = opts or VerifyOptions()
+    opts.check()
+    outdir = _out_dir(out_dir, [model, reference, engine], opts.force)
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.json import save_json
     from polygraphy.logger import G_LOGGER
 
+    from toolchain.graphs.onnx_io import input_info
+
     G_LOGGER.module_severity = G_LOGGER.WARNING
-    opts = opts or VerifyOptions()
     name, shape = input_info(reference)
     if input_info(model) != (name, shape):
         raise ToolchainError("the model and the reference have different inputs", seen=(input_info(model), (name, shape)))
-    feeds = make_feeds(name, shape, opts)
+    pairs = {"model": (1, _tolerance(opts.atol, FP32_TOL), _tolerance(opts.rtol, FP32_TOL), "fp32")}
     runners = [
         OnnxrtRunner(SessionFromOnnx(str(reference), providers=["CPUExecutionProvider"]), name="reference"),
         OnnxrtRunner(SessionFromOnnx(str(model), providers=["CPUExecutionProvider"]), name="model"),
     ]
-    fp16 = False
     if engine:
         from toolchain.trt_engine import engine_runner
 
-        runner, fp16 = engine_runner(engine)
-        runners.append(runner)
-    default = FP16_TOL if fp16 else FP32_TOL
-    atol, rtol = _tolerance(opts.atol, default), _tolerance(opts.rtol, default)
+        e_atol, e_rtol, precision = _engine_tolerance(engine, opts)
+        runners.append(engine_runner(engine))
+        pairs["engine"] = (2, e_atol, e_rtol, precision)
+    feeds = make_feeds(name, shape, opts)
     results = Comparator.run(runners, data_loader=feeds)
-    outdir = Path(out_dir)
-    outdir.mkdir(parents=True, exist_ok=True)
     with atomic_path(outdir / "inputs.json") as tmp:
         save_json(feeds, str(tmp))
     with atomic_path(outdir / "outputs.json") as tmp:
         results.save(str(tmp))
-    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+    stats = _per_output(results)
+    comparisons = {}
+    for runner, (index, atol, rtol, precision) in pairs.items():
+        ok = Comparator.compare_accuracy(results, comparisons=[(0, index)], compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
+        comparisons[runner] = {"against": "reference", "atol": atol, "rtol": rtol, "precision": precision, "passed": bool(ok), "outputs": stats[runner]}
     report = {
         "reference": str(reference),
         "model": str(model),
         "engine": engine,
-        "atol": atol,
-        "rtol": rtol,
         "iterations": len(feeds),
-        "real_windows": opts.real if opts.data else 0,
+        "real_batches": opts.real if opts.data else 0,
         "random_inputs": opts.random,
-        "comparisons": _per_output(results),
-        "passed": bool(accuracy),
+        "comparisons": comparisons,
+        "passed": all(c["passed"] for c in comparisons.values()),
         "inputs": str(outdir / "inputs.json"),
         "outputs": str(outdir / "outputs.json"),
     }

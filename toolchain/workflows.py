@@ -13,20 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels import tt_ranks
-from toolchain.adapter_file import save_adapter
-from toolchain.data.sources import default_targets, load_data
+from toolchain.core.adapter_file import save_adapter
+from toolchain.core.errors import ToolchainError
+from toolchain.core.fileio import check_output, write_bytes_atomic
+from toolchain.core.methods import get_method
+from toolchain.data.sources import default_target_subjects, load_data
 from toolchain.data.windows import WindowDataset, fit_standardization, split_subjects, time_split
-from toolchain.errors import ToolchainError
-from toolchain.fileio import check_output, write_bytes_atomic
+from toolchain.kernels import tt_ranks
 from toolchain.models.registry import build_model, load_checkpoint, save_checkpoint
 from toolchain.peft.galore import GaLoreAdam
-from toolchain.peft.inject import LOW_RANK, METHODS, AdaptConfig, extract_adapter, inject, set_train_mode
-from toolchain.train import TrainConfig, count_params, evaluate, peak_rss_mb, resolve_device, train
+from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_train_mode
+from toolchain.train import TrainConfig, count_params, evaluate, peak_rss_mb, resolve_device, seed_everything, train
 
 DEFAULT_DATA = "watch"
-# Adam learning rates per method: full-rank updates of all weights need a smaller step.
-METHOD_LR = {"lora-edge": 5e-3, "lora": 5e-3, "dora": 5e-3, "adapter": 5e-3, "head": 5e-3, "bitfit": 5e-3, "full": 1e-3, "galore": 1e-3}
 PRETRAIN_DEFAULTS = TrainConfig(lr=2e-3, batch_size=64, epochs=8)
 FINETUNE_DEFAULTS = TrainConfig(lr=5e-3, batch_size=32, epochs=15)
 
@@ -36,7 +35,7 @@ class PretrainJob:
     out: str
     model: str = "cnn1d"
     data: str = DEFAULT_DATA
-    targets: tuple[int, ...] | None = None
+    subjects: tuple[int, ...] | None = None  # held out for adaptation; None: the dataset's usual ones
     train: TrainConfig = field(default_factory=lambda: copy.copy(PRETRAIN_DEFAULTS))
     force: bool = False
     exclude_classes: tuple[str, ...] = ()
@@ -48,7 +47,7 @@ class FinetuneJob:
     out: str
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     data: str | None = None
-    targets: tuple[int, ...] | None = None
+    subjects: tuple[int, ...] | None = None  # to adapt to; None: those held out at pretraining
     train: TrainConfig = field(default_factory=lambda: copy.copy(FINETUNE_DEFAULTS))
     adapt_fraction: float = 0.8
     force: bool = False
@@ -64,11 +63,12 @@ def metrics_path(adapter_out: str | os.PathLike[str]) -> Path:
 def pretrain(job: PretrainJob) -> dict[str, Any]:
     """Train a backbone on the source subjects; write the checkpoint. Returns its metrics."""
     check_output(job.out, force=job.force)
+    seed_everything(job.train.seed)  # the seed fixes the initial weights too, not only the batches
     ds = load_data(job.data)
-    targets = job.targets or default_targets(ds)
+    subjects = job.subjects or default_target_subjects(ds)
     if job.exclude_classes:
         ds = drop_classes(ds, job.exclude_classes)
-    source, target = split_subjects(ds, targets)
+    source, target = split_subjects(ds, subjects)
     model = build_model(job.model, ds.X.shape[1], len(ds.classes))
     mean, std = fit_standardization(source)
     model.norm.mean.copy_(torch.from_numpy(mean).view(1, -1, 1))
@@ -81,7 +81,7 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
         "model": job.model,
         "data": job.data,
         "source_subjects": source.subjects(),
-        "target_subjects": list(targets),
+        "target_subjects": list(subjects),
         "steps": result.steps,
         "train_seconds": result.seconds,
         "f1_source": f1_src,
@@ -123,14 +123,13 @@ def expand_head(model: torch.nn.Module, old: list[str], new: list[str]) -> None:
 
 def finetune(job: FinetuneJob) -> dict[str, Any]:
     """Adapt a checkpoint to the target subjects; write the adapter and its metrics JSON."""
-    if job.adapt.method not in METHODS:
-        raise ToolchainError("unknown adaptation method", seen=job.adapt.method, remedy=f"use one of {', '.join(METHODS)}")
-    if job.adapt.method in LOW_RANK:
+    if get_method(job.adapt.method).takes_rank:
         tt_ranks((1, 1), job.adapt.rank)  # validates the rank before any work
     out, mpath = check_output(job.out, [job.checkpoint], force=job.force), metrics_path(job.out)
     check_output(mpath, [job.checkpoint], force=job.force)
+    seed_everything(job.train.seed)  # LoRA's random A and a grown head's rows are drawn below
     model, payload = load_checkpoint(job.checkpoint, job.model)
-    ds = load_data(job.data or payload["data"] or DEFAULT_DATA)
+    ds = load_data(job.data or payload.get("data") or DEFAULT_DATA)
     if payload.get("plain_state_dict") and len(payload["classes"]) == len(ds.classes):
         payload["classes"] = list(ds.classes)  # a plain state_dict has class indices only
     old_classes = list(payload["classes"])
@@ -139,8 +138,8 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
         raise ToolchainError(
             "the data's classes are neither the checkpoint's nor a superset of them", seen=(ds.classes, old_classes), remedy="finetune on data with the classes the base model was trained on (or more)"
         )
-    targets = job.targets or tuple(payload["pretrain"]["target_subjects"] or default_targets(ds))
-    _, target = split_subjects(ds, targets)
+    subjects = job.subjects or tuple((payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds))
+    _, target = split_subjects(ds, subjects)
     adapt_set, test_set = time_split(target, job.adapt_fraction)
     dev = resolve_device(job.train.device)
     model.to(dev)
@@ -149,7 +148,7 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     if new_classes:  # unseen classes: a head that has them, trained
         expand_head(model, old_classes, list(ds.classes))
         model.to(dev)
-        if adapt_cfg.method not in ("full", "galore", "head"):
+        if get_method(adapt_cfg.method).base_frozen and "head" not in get_method(adapt_cfg.method).implied_groups:
             adapt_cfg = dataclasses.replace(adapt_cfg, train=tuple(sorted({*adapt_cfg.train, "head"})))
     f1_before, acc_before = evaluate(model, test_set, dev)
     layers = inject(model, adapt_cfg)
@@ -160,7 +159,7 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     metrics = {
         "method": job.adapt.method,
         "rank": job.adapt.rank,
-        "targets": job.adapt.targets,
+        "layer_selection": job.adapt.layers,
         "layers": len(layers),
         "trainable_params": trainable,
         "total_params": total,
@@ -172,13 +171,13 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
         "steps": result.steps,
         "train_seconds": result.seconds,
         "peak_rss_mb": peak_rss_mb(),
-        "target_subjects": list(targets),
+        "target_subjects": list(subjects),
         "adapt_windows": len(adapt_set),
         "test_windows": len(test_set),
         "checkpoint": str(job.checkpoint),
         "train_config": asdict(job.train),
     }
-    info = {"rank": job.adapt.rank, "targets": job.adapt.targets, "checkpoint_model": payload["model"], "classes": list(ds.classes)}
+    info = {"rank": job.adapt.rank, "layers": job.adapt.layers, "checkpoint_model": payload["model"], "classes": list(ds.classes)}
     adapter = extract_adapter(model.cpu(), {k: v.cpu() for k, v in base_state.items()}, adapt_cfg, info)
     save_adapter(adapter, out)
     metrics["adapter_bytes"] = out.stat().st_size
@@ -191,6 +190,6 @@ def make_optimizer(model: torch.nn.Module, cfg: AdaptConfig, lr: float) -> torch
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ToolchainError("nothing to train: every parameter is frozen", seen=cfg.method)
-    if cfg.method == "galore":
+    if get_method(cfg.method).optimizer == "galore":
         return GaLoreAdam(params, lr=lr, rank=cfg.rank)
     return torch.optim.Adam(params, lr=lr)

@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from kernels import suffix_kernel, tt_svd, weight_sha256
-from toolchain.adapter_file import Adapter, ConvGeometry, LayerRecord
+from toolchain.core.adapter_file import Adapter, ConvGeometry, LayerRecord
+from toolchain.kernels import suffix_kernel, tt_svd, weight_sha256
 
 
 def conv_attrs(g: ConvGeometry) -> dict:

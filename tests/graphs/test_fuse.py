@@ -2,14 +2,15 @@
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
-from graphs.fuse import fuse_model, layer_delta
-from kernels import delta_weight, suffix_kernel
 from tests.geometries import GEOMETRIES
 from tests.graphs.helpers import adapted_pair, export_proto, ops, run
-from toolchain.errors import ToolchainError
+from toolchain.core.errors import ToolchainError
+from toolchain.graphs.fuse import fuse_model, layer_delta
+from toolchain.kernels import delta_weight, suffix_kernel
 
 PROV = {"toolchain.fused": "true", "toolchain.base_sha256": "b" * 64, "toolchain.adapter_sha256": "a" * 64, "toolchain.version": "test"}
 
@@ -25,7 +26,8 @@ def test_fused_matches_unfused_and_torch(geom_id):
     np.testing.assert_allclose(run(unfused, x), want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(run(fused, x), want, rtol=1e-4, atol=1e-5)
     assert not np.allclose(run(base_proto, x), want, atol=1e-3), "a non-zero ΔG1 must change the output"
-    assert sorted(ops(fused)) == sorted(ops(base_proto))  # same nodes and op types (toposort may reorder)
+    assert ops(fused) == ops(base_proto)  # the same nodes in the same order
+    assert fused.graph.value_info == base_proto.graph.value_info
     assert [i.name for i in fused.graph.input] == [i.name for i in base_proto.graph.input]
     assert [o.name for o in fused.graph.output] == [o.name for o in base_proto.graph.output]
 
@@ -88,16 +90,52 @@ def test_renamed_initializer_falls_back_to_hash():
     np.testing.assert_allclose(run(fused, x), adapted(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_shared_initializer_is_refused():
-    base, _, adapter, x = adapted_pair("1d-pointwise")
-    proto = export_proto(base, x)
+def _twin_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The base with its Conv applied a second time to the same input: one module, a tied weight."""
     conv = next(n for n in proto.graph.node if n.op_type == "Conv")
     twin = onnx.NodeProto()
     twin.CopyFrom(conv)
     twin.name, twin.output[0] = "twin", "twin_out"
     proto.graph.node.append(twin)
     proto.graph.output.append(onnx.helper.make_tensor_value_info("twin_out", onnx.TensorProto.FLOAT, None))
-    with pytest.raises(ToolchainError, match="feeds 2 Conv nodes"):
+    return proto
+
+
+def test_weight_shared_by_two_convs_of_one_module_fuses_once():
+    base, adapted, adapter, x = adapted_pair("1d-pointwise")
+    fused = fuse_model(_twin_conv(export_proto(base, x)), adapter, PROV)
+    sess = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, twin = sess.run(None, {"x": x.numpy()})
+    want = adapted(x).detach().numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(twin, adapted.conv(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _extra_reader(proto: onnx.ModelProto, kind: str) -> onnx.ModelProto:
+    """Give the conv weight a second, non-Conv reader: a ReduceSum, or a Conv inside an If branch."""
+    h = onnx.helper
+    if kind == "reducesum":
+        node = h.make_node("ReduceSum", ["conv.weight"], ["wsum"], name="wsum", keepdims=0)
+        out = h.make_tensor_value_info("wsum", onnx.TensorProto.FLOAT, None)
+    else:
+        conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+        inner = onnx.NodeProto()
+        inner.CopyFrom(conv)
+        inner.name, inner.output[0] = "inner_conv", "branch_out"
+        then = h.make_graph([inner], "then", [], [h.make_tensor_value_info("branch_out", onnx.TensorProto.FLOAT, None)])
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "cond"))
+        node = h.make_node("If", ["cond"], ["if_out"], name="if", then_branch=then, else_branch=then)
+        out = h.make_tensor_value_info("if_out", onnx.TensorProto.FLOAT, None)
+    proto.graph.node.append(node)
+    proto.graph.output.append(out)
+    return proto
+
+
+@pytest.mark.parametrize(("kind", "reader"), [("reducesum", "ReduceSum wsum"), ("if", "If if inside a subgraph")])
+def test_weight_with_another_reader_is_refused(kind, reader):
+    base, _, adapter, x = adapted_pair("1d-pointwise")
+    proto = _extra_reader(export_proto(base, x), kind)
+    with pytest.raises(ToolchainError, match=f"also read by {reader}"):
         fuse_model(proto, adapter, PROV)
 
 
@@ -133,7 +171,7 @@ def test_fusion_is_deterministic():
 def test_extras_replace_head_and_new_class_count():
     from torch import nn
 
-    from toolchain.adapter_file import ExtraRecord
+    from toolchain.core.adapter_file import ExtraRecord
 
     class WithHead(nn.Module):
         def __init__(self, k):

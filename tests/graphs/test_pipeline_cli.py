@@ -55,7 +55,7 @@ def test_verify_passes_for_fused_and_fails_for_base(art, tmp_path):
     out = tmp_path / "v"
     assert main(["verify", str(art["fused"]), "--reference", str(art["unfused"]), "--out-dir", str(out), "--real", "4", "--random", "2"]) == 0
     report = json.loads((out / "verify.json").read_text())
-    stats = report["comparisons"]["model"]["logits"]
+    stats = report["comparisons"]["model"]["outputs"]["logits"]
     assert report["passed"] and stats["max_abs"] < 1e-4 and report["iterations"] == 6
     assert (out / "inputs.json").is_file() and (out / "outputs.json").is_file()
     assert main(["verify", str(art["base"]), "--reference", str(art["unfused"]), "--out-dir", str(tmp_path / "w"), "--real", "4", "--random", "2"]) == 1
@@ -125,7 +125,7 @@ def test_build_without_tensorrt_says_how_to_get_it(art, tmp_path, capsys):
 def test_inspect_reports_provenance(art, capsys):
     assert main(["inspect", str(art["fused"])]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["fused"] and info["adapter_sha256"] == __import__("toolchain.fileio", fromlist=["x"]).sha256_file(art["adapter"])
+    assert info["fused"] and info["adapter_sha256"] == __import__("toolchain.core.fileio", fromlist=["x"]).sha256_file(art["adapter"])
     assert main(["inspect", str(art["adapter"])]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "lora-edge" and len(info["layers"]) == 3

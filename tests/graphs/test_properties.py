@@ -5,9 +5,9 @@ import onnxruntime as ort
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graphs.fuse import fuse_model
 from tests.graphs.onnx_builders import build_pair
-from toolchain.adapter_file import ConvGeometry, load_adapter, save_adapter
+from toolchain.core.adapter_file import ConvGeometry, load_adapter, save_adapter
+from toolchain.graphs.fuse import fuse_model
 
 PROV = {"toolchain.fused": "true", "toolchain.base_sha256": "0" * 64, "toolchain.adapter_sha256": "1" * 64, "toolchain.version": "t"}
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from toolchain.adapter_file import load_adapter
 from toolchain.cli import main
-from toolchain.fileio import _umask
+from toolchain.core.adapter_file import load_adapter
+from toolchain.core.fileio import _umask
 
 QUICK = ["--epochs", "1", "--no-progress"]
 
@@ -85,7 +85,10 @@ def test_user_model_callable(tmp_path):
     ckpt = tmp_path / "m.pt"
     spec = f"{tmp_path / 'mynet.py'}:build"
     assert main(["pretrain", "--model", spec, "--out", str(ckpt), "--steps", "3", "--no-progress"]) == 0
-    assert main(["finetune", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.safetensors"), "--steps", "3", "--no-progress"]) == 0
+    # the checkpoint names user code: it runs only when the user passes --model again
+    assert main(["finetune", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.safetensors"), "--steps", "3", "--no-progress"]) == 2
+    assert not (tmp_path / "a.safetensors").exists()
+    assert main(["finetune", "--checkpoint", str(ckpt), "--model", spec, "--out", str(tmp_path / "a.safetensors"), "--steps", "3", "--no-progress"]) == 0
     assert [layer.name for layer in load_adapter(tmp_path / "a.safetensors").layers] == ["net.0"]
 
 

@@ -27,6 +27,20 @@ def test_compare_writes_reports_and_resumes(tmp_path):
     assert [r["f1_final"] for r in again] == [r["f1_final"] for r in rows]
 
 
+def test_compare_cache_is_keyed_on_every_input():
+    from dataclasses import replace
+
+    from toolchain.compare import base_inputs, cache_key, run_inputs
+
+    job = CompareJob(out="x")
+    key = cache_key(run_inputs(job, "lora-edge", 4))
+    for change in ({"steps": 301}, {"data": "hapt:../HAPT"}, {"layers": "pointwise"}, {"batch_size": 64}, {"seed": 1}, {"eval_every": 5}, {"pretrain_epochs": 2}):
+        assert cache_key(run_inputs(replace(job, **change), "lora-edge", 4)) != key, change
+    assert cache_key(run_inputs(job, "lora-edge", 2)) != key and cache_key(run_inputs(job, "lora", 4)) != key
+    assert cache_key(base_inputs(replace(job, data="other.npz"))) != cache_key(base_inputs(job))
+    assert cache_key(base_inputs(replace(job, steps=5))) == cache_key(base_inputs(job)), "the base does not depend on adaptation steps"
+
+
 def test_unseen_classes_reach_the_fused_model(tmp_path):
     ck, ad = tmp_path / "base.pt", tmp_path / "a.safetensors"
     assert main(["pretrain", "--out", str(ck), "--exclude-classes", "ROW,TRAP", "--epochs", "1", "--no-progress"]) == 0

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from toolchain.data.sources import HAPT_TEST_USERS, default_targets, load_data, load_hapt, load_npz, load_watch
+from toolchain.core.errors import ToolchainError
+from toolchain.data.sources import HAPT_TEST_USERS, default_target_subjects, load_data, load_hapt, load_npz, load_watch
 from toolchain.data.windows import fit_standardization, sliding_windows, split_subjects, time_split
-from toolchain.errors import ToolchainError
 
 
 def test_sliding_windows_half_overlap():
@@ -20,7 +20,7 @@ def test_watch_dataset_is_real_and_complete():
     assert ds.subjects() == list(range(1, 11))
     assert ds.classes == ["PEN", "ABD", "FEL", "IR", "ER", "TRAP", "ROW"]
     assert set(np.unique(ds.y)) == set(range(7))
-    assert default_targets(ds) == (8, 9, 10)
+    assert default_target_subjects(ds) == (8, 9, 10)
 
 
 def test_hapt_loader_on_real_data(hapt_dir):
@@ -28,7 +28,7 @@ def test_hapt_loader_on_real_data(hapt_dir):
     assert ds.subjects() == list(range(1, 31))
     assert ds.classes[0] == "WALKING" and len(ds.classes) == 6
     assert 9000 < len(ds) < 12000
-    assert set(default_targets(ds)) == set(HAPT_TEST_USERS)
+    assert set(default_target_subjects(ds)) == set(HAPT_TEST_USERS)
     # accelerometer in g: the mean magnitude of a static window is about 1
     lay = ds.X[ds.y == 5][:50, :3]
     assert 0.8 < np.linalg.norm(lay.mean(axis=2), axis=1).mean() < 1.2

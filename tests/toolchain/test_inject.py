@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from toolchain.errors import ToolchainError
+from toolchain.core.errors import ToolchainError
 from toolchain.models.backbones import BACKBONES
-from toolchain.peft.inject import AdaptConfig, adapter_layers, inject, select_targets, set_train_mode
+from toolchain.peft.inject import AdaptConfig, adapter_layers, inject, select_layers, set_train_mode
 
 
 class TinyConv2dNet(nn.Module):
@@ -27,13 +27,13 @@ class TinyConv2dNet(nn.Module):
     ],
 )
 def test_target_selection(targets, expected):
-    assert select_targets(TinyConv2dNet(), targets) == expected
+    assert select_layers(TinyConv2dNet(), targets) == expected
 
 
 @pytest.mark.parametrize(("targets", "message"), [("head", "must be a Conv1d or Conv2d"), ("nomatch", "no conv layer matches"), ("(", "valid regex")])
 def test_bad_targets(targets, message):
     with pytest.raises(ToolchainError, match=message):
-        select_targets(TinyConv2dNet(), targets)
+        select_layers(TinyConv2dNet(), targets)
 
 
 def test_inject_conv2d_model_freezes_all_but_delta_and_head():
@@ -64,7 +64,7 @@ def test_bn_stats_frozen_unless_asked():
 @pytest.mark.parametrize(("name", "targets"), [("cnn1d", "all"), ("resnet1d", "all"), ("mobilenet1d", "pointwise")])
 def test_backbones_inject_and_train_fraction(name, targets):
     model = BACKBONES[name]()
-    layers = inject(model, AdaptConfig(rank=4, targets=targets))
+    layers = inject(model, AdaptConfig(rank=4, layers=targets))
     assert len(adapter_layers(model)) == len(layers) > 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -76,6 +76,6 @@ def test_backbones_inject_and_train_fraction(name, targets):
 
 def test_mobilenet_pointwise_only_skips_depthwise():
     model = BACKBONES["mobilenet1d"]()
-    inject(model, AdaptConfig(rank=4, targets="pointwise"))
+    inject(model, AdaptConfig(rank=4, layers="pointwise"))
     for m in adapter_layers(model).values():
         assert m.base.kernel_size == (1,) and m.base.groups == 1

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import delta_weight, suffix_kernel
 from tests.geometries import GEOMETRIES, make_conv
+from toolchain.kernels import delta_weight, suffix_kernel
 from toolchain.peft.lora_edge import LoRAEdgeConv
 
 IDS = list(GEOMETRIES)

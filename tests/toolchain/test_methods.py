@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from graphs.fuse import fuse_model
-from kernels import dora_weight, lora_delta
 from tests.geometries import GEOMETRIES, make_conv
 from tests.graphs.helpers import export_proto, run
-from toolchain.errors import ToolchainError
+from toolchain.core.errors import ToolchainError
+from toolchain.graphs.fuse import fuse_model
+from toolchain.kernels import dora_weight, lora_delta
 from toolchain.peft.galore import GaLoreAdam
 from toolchain.peft.inject import METHODS, AdaptConfig, adapter_layers, extract_adapter, inject
 from toolchain.peft.lora import LoRAConv

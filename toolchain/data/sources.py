@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from toolchain.core.errors import ToolchainError
 from toolchain.data.windows import STEP, WINDOW, WindowDataset, concat, sliding_windows
-from toolchain.errors import ToolchainError
 
 HAPT_BASIC = ("WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING", "STANDING", "LAYING")
 HAPT_TEST_USERS = (2, 4, 9, 10, 12, 13, 18, 20, 24)
@@ -94,23 +95,61 @@ def load_watch() -> WindowDataset:
     return concat(parts, [str(c) for c in d["y_labels"]], "watch", 6)
 
 
-def load_npz(path: str | Path) -> WindowDataset:
-    """A generic ``.npz`` with X (N, C, T), y (N,), subject (N,); optional segment and classes."""
+MAX_NPZ_BYTES = 4 << 30  # uncompressed, all arrays together
+MAX_CLASSES = 10_000
+
+
+def _npz_sizes(path: str | Path) -> dict[str, int]:
+    """Uncompressed size of each array member, read from the zip directory before anything is inflated."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as err:
-        raise ToolchainError("cannot read .npz (pickled arrays are refused)", seen=f"{path}: {err}", remedy="save plain numeric arrays X, y, subject") from None
-    missing = [k for k in ("X", "y", "subject") if k not in arrays]
+        with zipfile.ZipFile(path) as z:
+            return {i.filename.removesuffix(".npy"): i.file_size for i in z.infolist()}
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ToolchainError("cannot read .npz: not a zip archive of .npy arrays", seen=f"{path}: {err}", remedy="save it with numpy.savez or savez_compressed") from None
+
+
+def _int_array(a: np.ndarray, name: str, path: str | Path) -> np.ndarray:
+    """A 1-D integer array; floats only when every value is a whole, finite number."""
+    if a.ndim != 1:
+        raise ToolchainError(f".npz {name} must be 1-D (one value per window)", seen=f"{path}: shape {a.shape}")
+    if a.dtype.kind in "iu":
+        return a.astype(np.int64)
+    if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+        return a.astype(np.int64)
+    raise ToolchainError(f".npz {name} must hold integers", seen=f"{path}: dtype {a.dtype}", remedy=f"store {name} as integers (class indices / ids)")
+
+
+def load_npz(path: str | Path) -> WindowDataset:
+    """A generic ``.npz`` with X (N, C, T), y (N,), subject (N,); optional segment and classes.
+
+    Sizes are checked from the zip directory before any array is inflated (at most
+    ``MAX_NPZ_BYTES`` uncompressed); dtypes, ranks and label ranges before any copy.
+    """
+    sizes = _npz_sizes(path)
+    if sum(sizes.values()) > MAX_NPZ_BYTES:
+        raise ToolchainError(f".npz expands to more than {MAX_NPZ_BYTES >> 30} GiB", seen=f"{path}: {sum(sizes.values())} bytes", remedy="split the data into smaller files")
+    missing = [k for k in ("X", "y", "subject") if k not in sizes]
     if missing:
         raise ToolchainError(".npz data needs arrays X, y and subject", seen=f"missing {missing}")
-    y = arrays["y"].astype(np.int64)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in ("X", "y", "subject", "segment", "classes") if k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ToolchainError("cannot read .npz (pickled arrays are refused)", seen=f"{path}: {str(err)[:120]}", remedy="save plain numeric arrays X, y, subject") from None
+    X = arrays["X"]
+    if X.dtype.kind not in "fiu" or X.ndim != 3 or X.shape[0] < 1 or X.shape[1] < 1 or X.shape[2] < 2:
+        raise ToolchainError(".npz X must be numeric (N, C, T) with N >= 1, C >= 1, T >= 2", seen=f"{path}: dtype {X.dtype}, shape {X.shape}", remedy="store windows as float32 (N, C, T)")
+    y, subject = _int_array(arrays["y"], "y", path), _int_array(arrays["subject"], "subject", path)
+    segment = _int_array(arrays["segment"], "segment", path) if "segment" in arrays else subject
+    if not (len(y) == len(subject) == len(segment) == len(X)):
+        raise ToolchainError(".npz X, y, subject (and segment) must have one entry per window", seen=(len(X), len(y), len(subject), len(segment)))
+    if y.min() < 0 or y.max() >= MAX_CLASSES:
+        raise ToolchainError(f".npz labels must be class indices in 0..{MAX_CLASSES - 1}", seen=(int(y.min()), int(y.max())), remedy="relabel y as 0..K-1")
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(int(y.max()) + 1)]
-    segment = arrays["segment"].astype(np.int64) if "segment" in arrays else arrays["subject"].astype(np.int64)
-    X = arrays["X"].astype(np.float32)
+    X = X.astype(np.float32)
     if not np.all(np.isfinite(X)):
         raise ToolchainError(".npz X has NaN or Inf values", seen=str(path))
-    return WindowDataset(X, y, arrays["subject"].astype(np.int64), segment, classes, Path(path).stem)
+    return WindowDataset(X, y, subject, segment, classes, Path(path).stem)
 
 
 def load_data(spec: str) -> WindowDataset:
@@ -128,7 +167,7 @@ def load_data(spec: str) -> WindowDataset:
     raise ToolchainError("unknown data spec", seen=spec, remedy="use watch, hapt:FOLDER, a HAPT folder or a .npz file")
 
 
-def default_targets(ds: WindowDataset) -> tuple[int, ...]:
+def default_target_subjects(ds: WindowDataset) -> tuple[int, ...]:
     """The usual target subjects: UCI-HAR's test users for HAPT, the last three subjects otherwise."""
     if ds.name == "hapt":
         return tuple(t for t in HAPT_TEST_USERS if t in ds.subjects())

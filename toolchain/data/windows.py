@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toolchain.errors import ToolchainError
+from toolchain.core.errors import ToolchainError
 
 WINDOW = 128
 STEP = 64

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from toolchain.errors import ToolchainError
-from toolchain.fileio import atomic_path
+from toolchain.core.errors import ToolchainError
+from toolchain.core.fileio import atomic_path
 from toolchain.models.backbones import BACKBONES
 
 CHECKPOINT_FORMAT = "toolchain-checkpoint"
+MAX_CLASSES = 10_000
 
 
 class Standardize(nn.Module):
@@ -55,10 +56,13 @@ def build_backbone(spec: str, in_channels: int, num_classes: int) -> nn.Module:
     target, _, attr = spec.rpartition(":")
     module = _import_target(target, spec)
     factory = getattr(module, attr, None)
-    if not callable(factory):
+    if not attr.isidentifier() or not callable(factory):
         raise ToolchainError("model spec does not name a callable", seen=spec, remedy="point at a function or class that returns an nn.Module")
     accepted = _accepted_kwargs(factory, {"in_channels": in_channels, "num_classes": num_classes})
-    model = factory(**accepted)
+    try:
+        model = factory(**accepted)
+    except Exception as err:  # the user's code
+        raise ToolchainError("the model callable raised an error", seen=f"{spec}: {type(err).__name__}: {str(err)[:160]}", remedy="fix the model code or the arguments it needs") from None
     if not isinstance(model, nn.Module):
         raise ToolchainError("model callable must return a torch.nn.Module", seen=type(model).__name__)
     return model
@@ -73,12 +77,17 @@ def _import_target(target: str, spec: str) -> Any:
         if mod_spec is None or mod_spec.loader is None:
             raise ToolchainError("cannot import model file", seen=target)
         module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as err:  # the user's code: a syntax error, an import that raises, anything
+            raise ToolchainError("the model file raised an error while it was imported", seen=f"{target}: {type(err).__name__}: {str(err)[:160]}", remedy="fix the model file") from None
         return module
+    if not target or not all(part.isidentifier() for part in target.split(".")):
+        raise ToolchainError("a model spec is NAME, path/file.py:callable or package.module:callable", seen=spec, remedy=f"use one of {', '.join(BACKBONES)} or point at a callable")
     try:
         return importlib.import_module(target)
-    except ImportError as err:
-        raise ToolchainError("cannot import the model's module", seen=spec, remedy=str(err)) from None
+    except Exception as err:  # ImportError, or whatever the module raises at import
+        raise ToolchainError("cannot import the model's module", seen=f"{spec}: {type(err).__name__}: {str(err)[:160]}", remedy="check the module name and that it imports cleanly") from None
 
 
 def _accepted_kwargs(factory: Any, offered: dict[str, Any]) -> dict[str, Any]:
@@ -125,14 +134,46 @@ def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None)
         return _from_state_dict(payload, model_spec, p)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ToolchainError("not a toolchain checkpoint", seen=str(p), remedy="pass a checkpoint written by `toolchain pretrain`")
+    validate_payload(payload, p)
+    if model_spec is None and payload["model"] not in BACKBONES:
+        raise ToolchainError(
+            "the checkpoint names user code as its model; a checkpoint may name only built-in backbones, so user code runs only when you pass it",
+            seen=f"{p}: model {payload['model']!r}",
+            remedy=f"pass --model {payload['model']} if you trust that code",
+        )
     spec = model_spec or payload["model"]
-    model = build_model(spec, int(payload["in_channels"]), len(payload["classes"]))
+    model = build_model(spec, payload["in_channels"], len(payload["classes"]))
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[1:3] or [str(err)[:200]]
         raise ToolchainError("checkpoint does not fit the model", seen=f"{spec}: {' '.join(x.strip() for x in first)}", remedy="pass the --model the checkpoint was trained with") from None
     return model, payload
+
+
+def validate_payload(payload: dict[str, Any], path: Path) -> None:
+    """The fields a toolchain checkpoint must have, with their types: refuse anything else."""
+    rules = [
+        ("model", isinstance(payload.get("model"), str) and bool(payload.get("model")), "a non-empty string"),
+        ("in_channels", type(payload.get("in_channels")) is int and 1 <= payload["in_channels"] <= 4096, "an integer in 1..4096"),
+        (
+            "classes",
+            isinstance(payload.get("classes"), list) and 2 <= len(payload["classes"]) <= MAX_CLASSES and all(isinstance(c, str) for c in payload["classes"]),
+            f"a list of 2..{MAX_CLASSES} strings",
+        ),
+        ("state_dict", isinstance(payload.get("state_dict"), dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()), "a dict of tensors"),
+        ("pretrain", isinstance(payload.get("pretrain", {}), dict), "a dict"),
+    ]
+    for field, ok, want in rules:
+        if not ok:
+            raise ToolchainError(
+                f"checkpoint field {field!r} must be {want}",
+                seen=f"{path}: {type(payload.get(field)).__name__} {payload.get(field)!r}"[:160],
+                remedy="pass a checkpoint written by `toolchain pretrain`",
+            )
+    for name, t in payload["state_dict"].items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ToolchainError("checkpoint has NaN or Inf values", seen=f"{path}: {name}", remedy="training diverged: retrain with a lower --lr")
 
 
 def _from_state_dict(state: dict[str, torch.Tensor], model_spec: str | None, path: Path) -> tuple[HARModel, dict[str, Any]]:

@@ -14,15 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import weight_sha256
-from toolchain.adapter_file import Adapter, ConvGeometry, ExtraRecord, LayerRecord
-from toolchain.errors import ToolchainError
+from toolchain.core.adapter_file import Adapter, ConvGeometry, ExtraRecord, LayerRecord
+from toolchain.core.errors import ToolchainError
+from toolchain.core.methods import DEFAULT_METHOD, METHODS, get_method
+from toolchain.kernels import weight_sha256
 from toolchain.peft.lora import BottleneckAdapter, LoRAConv
 from toolchain.peft.lora_edge import LoRAEdgeConv
 
-METHODS = ("lora-edge", "lora", "dora", "adapter", "full", "galore", "head", "bitfit")
-LOW_RANK = ("lora-edge", "lora", "dora", "galore")
-MERGEABLE = tuple(m for m in METHODS if m != "adapter")
+__all__ = ["METHODS", "AdaptConfig", "apply_adapter", "extract_adapter", "inject"]
 TARGET_CHOICES = ("all", "pointwise")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 Wrapper = LoRAEdgeConv | LoRAConv | BottleneckAdapter
@@ -33,7 +32,7 @@ _INNER = {LoRAEdgeConv: "base", LoRAConv: "base", BottleneckAdapter: "block"}
 class AdaptConfig:
     """What to adapt and what else to train.
 
-    targets: "all" convs, "pointwise" (1x1, groups=1) convs, or a regex searched in module names;
+    layers: "all" convs, "pointwise" (1x1, groups=1) convs, or a regex searched in module names;
     for ``adapter``, "all" means the blocks of the model's longest nn.Sequential.
     scaling: ΔW scale for lora-edge; for lora/dora, alpha = scaling * rank (PEFT's alpha / r).
     train: extra parameter groups to train: "head" (the last nn.Linear), "bn" (BatchNorm affine).
@@ -41,38 +40,38 @@ class AdaptConfig:
     reduction: bottleneck width = channels // reduction for ``adapter``.
     """
 
-    method: str = "lora-edge"
+    method: str = DEFAULT_METHOD
     rank: int = 4
     scaling: float = 1.0
-    targets: str = "all"
+    layers: str = "all"
     train: tuple[str, ...] = field(default_factory=tuple)
     update_bn_stats: bool = False
     reduction: int = 4
 
 
-def select_targets(model: nn.Module, targets: str) -> list[str]:
-    """Names of the conv modules that ``targets`` selects. Raises if none, or if a non-conv matches."""
+def select_layers(model: nn.Module, layers: str) -> list[str]:
+    """Names of the conv modules that ``layers`` selects. Raises if none, or if a non-conv matches."""
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d)}
-    if targets == "all":
+    if layers == "all":
         names = list(convs)
-    elif targets == "pointwise":
+    elif layers == "pointwise":
         names = [n for n, m in convs.items() if all(k == 1 for k in m.kernel_size) and m.groups == 1]
     else:
-        matched = _regex_modules(model, targets)
+        matched = _regex_modules(model, layers)
         bad = [n for n in matched if n not in convs and not any(c.startswith(n + ".") for c in convs)]
         if bad:
-            raise ToolchainError("a LoRA target must be a Conv1d or Conv2d module", seen=f"{bad[0]} ({type(model.get_submodule(bad[0])).__name__})", remedy="narrow --targets to conv layers")
+            raise ToolchainError("a LoRA target must be a Conv1d or Conv2d module", seen=f"{bad[0]} ({type(model.get_submodule(bad[0])).__name__})", remedy="narrow --layers to conv layers")
         names = [n for n in convs if any(n == m or n.startswith(m + ".") for m in matched)]
     if not names:
-        raise ToolchainError("no conv layer matches the target selection", seen=targets, remedy="use --targets all, pointwise or a regex naming conv modules")
+        raise ToolchainError("no conv layer matches the --layers selection", seen=layers, remedy="use --layers all, pointwise or a regex naming conv modules")
     return names
 
 
-def _regex_modules(model: nn.Module, targets: str) -> list[str]:
+def _regex_modules(model: nn.Module, selection: str) -> list[str]:
     try:
-        pattern = re.compile(targets)
+        pattern = re.compile(selection)
     except re.error as err:
-        raise ToolchainError("--targets must be all, pointwise or a valid regex", seen=targets, remedy=str(err)) from None
+        raise ToolchainError("--layers must be all, pointwise or a valid regex", seen=selection, remedy=str(err)) from None
     return [n for n, _ in model.named_modules() if n and pattern.search(n) and not _inside_match(n, pattern)]
 
 
@@ -81,22 +80,22 @@ def _inside_match(name: str, pattern: re.Pattern[str]) -> bool:
     return any(pattern.search(".".join(parts[:i])) for i in range(1, len(parts)))
 
 
-def select_blocks(model: nn.Module, targets: str) -> dict[str, tuple[int, int]]:
+def select_blocks(model: nn.Module, blocks: str) -> dict[str, tuple[int, int]]:
     """Blocks to put bottleneck adapters after: name -> (output channels, spatial dims)."""
-    if targets == "all":
+    if blocks == "all":
         seqs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]
         seqs = [(n, m) for n, m in seqs if sum(_has_conv(c) for c in m.children()) >= 2]
         if not seqs:
-            raise ToolchainError("found no nn.Sequential of conv blocks to put adapters after", seen=type(model).__name__, remedy="name the blocks with --targets REGEX")
+            raise ToolchainError("found no nn.Sequential of conv blocks to put adapters after", seen=type(model).__name__, remedy="name the blocks with --layers REGEX")
         name, seq = max(seqs, key=lambda nm: sum(_has_conv(c) for c in nm[1].children()))
         names = [f"{name}.{c}" if name else c for c, m in seq.named_children() if _has_conv(m)]
     else:
-        names = _regex_modules(model, targets)
+        names = _regex_modules(model, blocks)
     shapes = _output_shapes(model, names)
-    blocks = {n: (s[1], len(s) - 2) for n, s in shapes.items() if len(s) in (3, 4)}
-    if not blocks:
-        raise ToolchainError("no selected block outputs a (batch, channels, ...) feature map", seen=targets)
-    return blocks
+    found = {n: (s[1], len(s) - 2) for n, s in shapes.items() if len(s) in (3, 4)}
+    if not found:
+        raise ToolchainError("no selected block outputs a (batch, channels, ...) feature map", seen=blocks)
+    return found
 
 
 def _has_conv(m: nn.Module) -> bool:
@@ -128,37 +127,30 @@ def _output_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, .
     return shapes
 
 
+def _wrap_conv(kind: str, conv: nn.Module, config: AdaptConfig) -> nn.Module:
+    if kind == "tt":
+        return LoRAEdgeConv.from_pretrained(conv, config.rank, config.scaling)  # type: ignore[arg-type]
+    return LoRAConv(conv, config.rank, config.scaling * config.rank, dora=kind == "dora")  # type: ignore[arg-type]
+
+
 def inject(model: nn.Module, config: AdaptConfig) -> list[str]:
     """Apply ``config.method`` in place: wrap layers where the method does, and set requires_grad."""
-    if config.method not in METHODS:
-        raise ToolchainError("unknown adaptation method", seen=config.method, remedy=f"use one of {', '.join(METHODS)}")
-    if config.method in ("full", "galore"):
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return []
+    spec = get_method(config.method)
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(not spec.base_frozen)
+    if not spec.base_frozen:
+        return []
     names: list[str] = []
-    if config.method in ("lora-edge", "lora", "dora"):
-        names = select_targets(model, config.targets)
+    if spec.wraps_convs:
+        names = select_layers(model, config.layers)
         for name in names:
-            conv = model.get_submodule(name)
-            if config.method == "lora-edge":
-                layer: nn.Module = LoRAEdgeConv.from_pretrained(conv, config.rank, config.scaling)  # type: ignore[arg-type]
-            else:
-                layer = LoRAConv(conv, config.rank, config.scaling * config.rank, dora=config.method == "dora")  # type: ignore[arg-type]
-            _replace(model, name, layer)
-    elif config.method == "adapter":
-        blocks = "all" if config.targets in TARGET_CHOICES else config.targets  # "pointwise" selects convs, not blocks
+            _replace(model, name, _wrap_conv(spec.layer_kind, model.get_submodule(name), config))
+    elif spec.layer_kind == "bottleneck":
+        blocks = "all" if config.layers in TARGET_CHOICES else config.layers  # "pointwise" selects convs, not blocks
         for name, (channels, dims) in select_blocks(model, blocks).items():
             _replace(model, name, BottleneckAdapter(model.get_submodule(name), channels, dims, max(1, channels // config.reduction)))
             names.append(name)
-    extra = set(config.train) | ({"head"} if config.method == "head" else set()) | ({"bn"} if config.method == "bitfit" else set())
-    unfreeze_extras(model, tuple(sorted(extra)))
-    if config.method == "bitfit":
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.requires_grad_(True)
+    unfreeze_extras(model, tuple(sorted(set(config.train) | set(spec.implied_groups))))
     return names
 
 
@@ -176,6 +168,10 @@ def unfreeze_extras(model: nn.Module, groups: tuple[str, ...]) -> None:
                 if isinstance(m, _BN):
                     for p in m.parameters():
                         p.requires_grad_(True)
+        elif group == "bias":
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.requires_grad_(True)
         else:
             raise ToolchainError("unknown --train group", seen=group, remedy="use head and/or bn")
 
@@ -256,7 +252,8 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> None:
         except AttributeError:
             raise ToolchainError("adapter layer is not in the model", seen=rec.name, remedy="use the base checkpoint the adapter was trained from") from None
         values = adapter.layer_tensors(rec)
-        if rec.method == "adapter":
+        kind = get_method(rec.method).layer_kind
+        if kind == "bottleneck":
             layer: nn.Module = BottleneckAdapter(target, rec.geometry.out_channels, len(rec.geometry.kernel_size), rec.ranks[0])
             layer.load(values)  # type: ignore[operator]
             _replace(model, rec.name, layer)
@@ -268,11 +265,11 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> None:
                 seen=f"sha256 {str(got)[:12]} vs adapter {rec.base_sha256[:12]}",
                 remedy="use the matching base checkpoint",
             )
-        if rec.method == "lora-edge":
+        if kind == "tt":
             delta, *suffix = values
             layer = LoRAEdgeConv(target, suffix, rec.scaling, delta)  # type: ignore[arg-type]
         else:
-            layer = LoRAConv(target, rec.ranks[0], rec.scaling * rec.ranks[0], dora=rec.method == "dora")  # type: ignore[arg-type]
+            layer = LoRAConv(target, rec.ranks[0], rec.scaling * rec.ranks[0], dora=kind == "dora")  # type: ignore[arg-type]
             layer.load(values)
         _replace(model, rec.name, layer)
     to_adapted = {v: k for k, v in base_names(model).items()}

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import weight_sha256
-from toolchain.errors import ToolchainError
+from toolchain.core.errors import ToolchainError
+from toolchain.kernels import weight_sha256
 from toolchain.peft.lora_edge import ConvNd, conv_geometry
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import suffix_kernel, tt_svd, weight_sha256
-from toolchain.adapter_file import ConvGeometry
-from toolchain.errors import ToolchainError
+from toolchain.core.adapter_file import ConvGeometry
+from toolchain.core.errors import ToolchainError
+from toolchain.kernels import suffix_kernel, tt_svd, weight_sha256
 
 ConvNd = nn.Conv1d | nn.Conv2d
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}

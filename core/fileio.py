@@ -1,0 +1,123 @@
+"""Output files that appear whole or not at all, and the rules about where outputs may go.
+
+Without ``force`` an output is created exclusively: if another process made the same path in the
+meantime, the final step (a hard link) fails and nothing is replaced. With ``force`` the final
+step is an atomic rename over the old file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from toolchain.core.errors import ToolchainError
+
+PathLike = str | os.PathLike[str]
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_output(out: PathLike, inputs: Sequence[PathLike | None] = (), *, force: bool = False, related: Iterable[PathLike] = ()) -> Path:
+    """Refuse an output that is an input (or a file an input depends on, ``related``), that names a
+    folder, or that exists when ``force`` is False."""
+    text = os.fspath(out)
+    if not text or text.endswith(os.sep) or (os.altsep and text.endswith(os.altsep)):
+        raise ToolchainError("an output path must name a file, not a folder", seen=text or "(empty)", remedy="add a file name, e.g. out/model.onnx")
+    target = Path(text)
+    for src in [*inputs, *related]:
+        if src is not None and _same_file(target, Path(src)):
+            raise ToolchainError("an output path must not be one of the inputs or a file they use", seen=str(target), remedy="choose another output path")
+    if len(target.name.encode()) > 200:
+        raise ToolchainError("the output file name is too long (more than 200 bytes)", seen=target.name[:60] + "...", remedy="choose a shorter name")
+    if target.is_dir():
+        raise ToolchainError("the output path is a folder", seen=str(target), remedy="name a file inside it")
+    if (target.exists() or target.is_symlink()) and not force:
+        raise ToolchainError("the output exists and would be replaced", seen=str(target), remedy="pass --force to replace it, or choose another path")
+    if not target.parent.is_dir():
+        raise ToolchainError("the output's folder does not exist", seen=str(target.parent), remedy="create it first")
+    if not os.access(target.parent, os.W_OK):
+        raise ToolchainError("the output's folder is not writable", seen=str(target.parent), remedy="choose a folder you can write to")
+    return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def atomic_path(target: PathLike, *, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success fsync it and move it into place.
+
+    ``force`` False: the move fails if ``target`` exists by then (exclusive create), so two runs
+    racing for one new path cannot both succeed. On any exception, SIGINT and SIGTERM included
+    (the CLI turns SIGTERM into an exception), the temporary file is removed and ``target`` is
+    left as it was.
+    """
+    target = Path(target)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".partial", dir=target.parent)
+    except OSError as err:
+        raise ToolchainError("cannot create the output", seen=f"{target}: {err.strerror or err}", remedy="check that its folder exists and is writable") from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        _publish(tmp_path, target, force)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise ToolchainError("cannot write the output", seen=f"{target}: {err.strerror or err}", remedy="check free space and permissions") from None
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def _publish(tmp: Path, target: Path, force: bool) -> None:
+    if force:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)  # fails with EEXIST when someone else created target meanwhile
+    except FileExistsError:
+        raise ToolchainError("the output appeared while this command ran; it was not replaced", seen=str(target), remedy="pass --force to replace it, or choose another path") from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # no hard links here
+        os.close(fd)
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
+
+
+def write_bytes_atomic(target: PathLike, data: bytes, *, force: bool = True) -> None:
+    """Write ``data`` to ``target`` through ``atomic_path``."""
+    with atomic_path(target, force=force) as tmp:
+        tmp.write_bytes(data)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
