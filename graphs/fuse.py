@@ -75,7 +75,7 @@ def _find_weight(layer: LayerRecord, convs: dict[str, Weight], scales: dict[str,
             raise ToolchainError(
                 f"layer {layer.name}: the Conv weight's shape does not fit the adapter layer", seen=(shape, layer.geometry.weight_shape), remedy="fuse into the base model this adapter came from"
             )
-        got = digests.setdefault(w.name, weight_sha256(w.values()))
+        got = _digest(w, digests)
         if got == layer.base_sha256:
             return w, None
         scale = _folded_scale(layer, w, got, scales)
@@ -87,9 +87,15 @@ def _find_weight(layer: LayerRecord, convs: dict[str, Weight], scales: dict[str,
             remedy="fuse into the base model this adapter came from (BatchNorm folded? export with `toolchain export --fold-bn`, which records the fold scales)",
         )
     for other in convs.values():  # names differ: fall back to the content hash
-        if tuple(int(d) for d in other.tensor.dims) == layer.geometry.weight_shape and digests.setdefault(other.name, weight_sha256(other.values())) == layer.base_sha256:
+        if tuple(int(d) for d in other.tensor.dims) == layer.geometry.weight_shape and _digest(other, digests) == layer.base_sha256:
             return other, None
     raise ToolchainError(f"layer {layer.name}: no Conv weight in the model matches the adapter (by name or SHA-256)", seen=layer.param, remedy="fuse into the base model this adapter came from")
+
+
+def _digest(w: Weight, digests: dict[str, str]) -> str:
+    if w.name not in digests:
+        digests[w.name] = w.sha256()
+    return digests[w.name]
 
 
 def _check_consumers(layer: LayerRecord, w: Weight) -> None:
@@ -112,22 +118,31 @@ def _check_consumers(layer: LayerRecord, w: Weight) -> None:
 
 
 def _fuse_layers(graph: onnx.GraphProto, adapter: Adapter, scales: dict[str, dict]) -> list[str]:
+    """Resolve every layer's weight (hashes in parallel), then compute the fused weights in parallel."""
     convs = conv_weights(index_weights(graph))
-    digests: dict[str, str] = {}
-    claimed: dict[str, str] = {}
-    changed: list[str] = []
-    for layer in adapter.layers:
-        w, scale = _find_weight(layer, convs, scales, digests)
-        if w.name in claimed:
-            raise ToolchainError("two adapter layers resolve to the same Conv weight", seen=(claimed[w.name], layer.name), remedy="the adapter does not belong to this model")
-        claimed[w.name] = layer.name
-        _check_consumers(layer, w)
-        fused = methods.fused_weight(layer.method, w.values().astype(np.float32), adapter.layer_tensors(layer), layer.geometry.groups, layer.scaling, scale)
-        if not np.all(np.isfinite(fused)):
-            raise ToolchainError(f"layer {layer.name}: the fused weight has NaN or Inf values", seen=w.name, remedy="check the scaling and the adapter's values; the update overflows float32")
-        w.set_values(fused)
-        changed.append(w.name)
-    return changed
+    named = [convs[x.param] for x in adapter.layers if x.param in convs]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # hashlib and numpy release the GIL
+        digests = dict(zip([w.name for w in named], pool.map(Weight.sha256, named), strict=True))
+        claimed: dict[str, str] = {}
+        plan = []
+        for layer in adapter.layers:
+            w, scale = _find_weight(layer, convs, scales, digests)
+            if w.name in claimed:
+                raise ToolchainError("two adapter layers resolve to the same Conv weight", seen=(claimed[w.name], layer.name), remedy="the adapter does not belong to this model")
+            claimed[w.name] = layer.name
+            _check_consumers(layer, w)
+            plan.append((layer, w, scale))
+        fused = list(pool.map(lambda item: _fused(item[0], item[1], item[2], adapter), plan))
+    for (_, w, _), values in zip(plan, fused, strict=True):
+        w.set_values(values)
+    return [w.name for _, w, _ in plan]
+
+
+def _fused(layer: LayerRecord, w: Weight, scale: np.ndarray | None, adapter: Adapter) -> np.ndarray:
+    fused = methods.fused_weight(layer.method, w.values().astype(np.float32, copy=False), adapter.layer_tensors(layer), layer.geometry.groups, layer.scaling, scale)
+    if not np.all(np.isfinite(fused)):
+        raise ToolchainError(f"layer {layer.name}: the fused weight has NaN or Inf values", seen=w.name, remedy="check the scaling and the adapter's values; the update overflows float32")
+    return fused
 
 
 def _apply_extras(model: onnx.ModelProto, extras: list[ExtraRecord], adapter: Adapter) -> list[str]:
@@ -192,12 +207,22 @@ def _resize_outputs(model: onnx.ModelProto, resized: list[Weight]) -> None:
 
 def fuse_model(model: onnx.ModelProto, adapter: Adapter, provenance: dict[str, str]) -> onnx.ModelProto:
     """A copy of ``model`` with the adapter fused; only initializer values and metadata_props change."""
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    changed = fuse_in_place(fused, adapter, provenance.get("toolchain.adapter_sha256", ""))
+    _set_metadata(fused, {**provenance, "toolchain.fused_weights": json.dumps(changed)})
+    return fused
+
+
+def fuse_in_place(model: onnx.ModelProto, adapter: Adapter, adapter_sha256: str) -> list[str]:
+    """Fuse into ``model`` itself (no copy); returns the names of the rewritten tensors. Metadata
+    is left to the caller. On an error the model may be partly rewritten: discard it."""
     meta = {p.key: p.value for p in model.metadata_props}
     if meta.get("toolchain.fused") == "true":
-        same = meta.get("toolchain.adapter_sha256") == provenance.get("toolchain.adapter_sha256")
+        same = meta.get("toolchain.adapter_sha256") == adapter_sha256
         raise ToolchainError(
             "the model is already fused" + (" with this very adapter" if same else " with another adapter"),
-            seen=f"fused with adapter sha256 {meta.get('toolchain.adapter_sha256', '?')[:12]}, this adapter {provenance.get('toolchain.adapter_sha256', '?')[:12]}",
+            seen=f"fused with adapter sha256 {meta.get('toolchain.adapter_sha256', '?')[:12]}, this adapter {adapter_sha256[:12] or '?'}",
             remedy="fuse into the unfused base model (toolchain export without --adapter)",
         )
     spec = methods.get_method(adapter.method)
@@ -207,13 +232,9 @@ def fuse_model(model: onnx.ModelProto, adapter: Adapter, provenance: dict[str, s
             seen=f"{len(adapter.layers)} blocks, e.g. {adapter.layers[0].name}",
             remedy="deploy the unfused export (toolchain export --adapter FILE, without --fuse) and measure its cost with toolchain bench",
         )
-    fused = onnx.ModelProto()
-    fused.CopyFrom(model)
-    check_finite(fused.graph)
-    changed = _fuse_layers(fused.graph, adapter, read_scales(fused))
-    changed += _apply_extras(fused, adapter.extras, adapter)
-    _set_metadata(fused, {**provenance, "toolchain.fused_weights": json.dumps(changed)})
-    return fused
+    check_finite(model.graph)
+    changed = _fuse_layers(model.graph, adapter, read_scales(model))
+    return changed + _apply_extras(model, adapter.extras, adapter)
 
 
 def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
@@ -232,20 +253,21 @@ def fuse_files(base: str | os.PathLike[str], adapter_path: str | os.PathLike[str
 
     check_output(out, [base, adapter_path], force=force)
     adapter = load_adapter(adapter_path)
+    adapter_sha256 = hashlib.sha256(Path(adapter_path).read_bytes()).hexdigest()
     data = read_model_bytes(base)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # hashlib releases the GIL: hash while protobuf parses
+    with ThreadPoolExecutor(max_workers=1) as pool:  # hashlib releases the GIL: hash the file while fusing
         base_hash = pool.submit(lambda: hashlib.sha256(data).hexdigest())
         model = parse_onnx(data, Path(base))
-        digest = base_hash.result()
-    check_output(out, [base, adapter_path], force=force, related=external_files(model, Path(base).parent))
-    load_external(model, Path(base).parent)
-    provenance = {
-        "toolchain.fused": "true",
-        "toolchain.base_sha256": digest,
-        "toolchain.adapter_sha256": hashlib.sha256(Path(adapter_path).read_bytes()).hexdigest(),
-        "toolchain.kind": "fused",
-        "toolchain.version": __version__,
-    }
-    fused = fuse_model(model, adapter, provenance)
-    save_onnx(fused, Path(out), force=force, validate=True)
+        check_output(out, [base, adapter_path], force=force, related=external_files(model, Path(base).parent))
+        load_external(model, Path(base).parent)
+        changed = fuse_in_place(model, adapter, adapter_sha256)
+        provenance = {
+            "toolchain.fused": "true",
+            "toolchain.base_sha256": base_hash.result(),
+            "toolchain.adapter_sha256": adapter_sha256,
+            "toolchain.kind": "fused",
+            "toolchain.version": __version__,
+        }
+    _set_metadata(model, {**provenance, "toolchain.fused_weights": json.dumps(changed)})
+    save_onnx(model, Path(out), force=force, validate=True)
     return provenance

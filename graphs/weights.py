@@ -7,6 +7,7 @@ every (node, input index) in the main graph that names it, plus every node insid
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from toolchain.core.errors import ToolchainError
+from toolchain.kernels.digest import weight_sha256
 
 FLOAT_TYPES: dict[int, type] = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64}
 
@@ -44,6 +46,18 @@ class Weight:
             return numpy_helper.to_array(self.tensor)
         except Exception as err:  # onnx raises ValueError and others for data that does not fit the dims
             raise ToolchainError("an ONNX tensor's data does not match its declared shape", seen=f"{self.name}: {str(err)[:100]}", remedy="the model is corrupt; re-export it") from None
+
+    def sha256(self) -> str:
+        """``kernels.weight_sha256`` of the values; straight from raw little-endian float32 bytes when
+        the tensor stores them so (no copies), else through numpy."""
+        t = self.tensor
+        if t.data_type == onnx.TensorProto.FLOAT and t.HasField("raw_data") and t.data_location == onnx.TensorProto.DEFAULT:
+            raw = t.raw_data
+            if len(raw) == 4 * int(np.prod(t.dims, dtype=np.int64)):
+                h = hashlib.sha256(("x".join(str(int(d)) for d in t.dims) + ";").encode())
+                h.update(raw)
+                return h.hexdigest()
+        return weight_sha256(self.values())
 
     def set_values(self, values: np.ndarray) -> None:
         """Replace the values in place, keeping name, dtype and doc string; the shape may change."""
