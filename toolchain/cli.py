@@ -63,8 +63,14 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from toolchain.workflows import FinetuneJob, finetune, metrics_path
 
     adapt = AdaptConfig(method=a.method, rank=a.rank, scaling=a.scaling, layers=a.layers, train=tuple(a.train), update_bn_stats=a.update_bn_stats, reduction=a.reduction)
-    job = FinetuneJob(checkpoint=a.checkpoint, out=a.out, adapt=adapt, data=a.data, subjects=a.target_subjects, train=_train_config(a), force=a.force, model=a.model)
+    job = FinetuneJob(checkpoint=a.checkpoint, out=a.out, adapt=adapt, data=a.data, subjects=a.target_subjects, train=_train_config(a), force=a.force, model=a.model, lean=not a.reference_path)
+    if a.memory_budget is not None:
+        from toolchain.memory import parse_size
+
+        job.memory_budget = parse_size(a.memory_budget)
     m = finetune(job)
+    if a.memory_budget is not None:
+        print(f"memory budget {a.memory_budget}: batch size {m['batch_size']} ({m['peak_train_memory_mb']:.1f} MiB accounted on the {m['training_path']} path)")
     print(
         f"{m['method']} rank {m['rank']}: {m['trainable_params']} of {m['total_params']} parameters trained "
         f"({100 * m['trainable_fraction']:.2f}%), macro-F1 {m['f1_before']:.3f} -> {m['f1_after']:.3f}, "
@@ -301,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", "--targets", dest="layers", default="all", help="convs to adapt: all, pointwise, or a regex on module names (default all; --targets is the old name)")
     p.add_argument("--train", action="append", default=[], choices=["head", "bn"], help="also train the classifier head or BatchNorm affine (repeatable)")
     p.add_argument("--update-bn-stats", action="store_true", help="let BatchNorm running statistics move (frozen by default)")
+    p.add_argument("--reference-path", action="store_true", help="train on PyTorch's own autograd path instead of the lean one (same gradients, more memory)")
+    p.add_argument("--memory-budget", default=None, help="e.g. 512MB: choose the largest batch whose accounted training memory fits (overrides --batch-size)")
     p.add_argument("--data", default=None, help="data spec (default: the checkpoint's)")
     p.add_argument("--target-subjects", type=_ints, default=None, help="subjects to adapt to (default: those held out at pretraining)")
     p.add_argument("--out", default="adapter.safetensors", help="adapter to write; metrics go to <name>.metrics.json (default adapter.safetensors)")

@@ -28,7 +28,8 @@ from toolchain.data.sources import default_target_subjects, load_data
 from toolchain.data.windows import split_subjects, time_split
 from toolchain.models.registry import load_checkpoint
 from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_train_mode
-from toolchain.profile import profile_step
+from toolchain.peft.lean import lean_training
+from toolchain.profile import activation_bytes, profile_step
 from toolchain.train import TrainConfig, count_params, evaluate, train
 from toolchain.workflows import PretrainJob, make_optimizer, pretrain
 
@@ -117,11 +118,16 @@ def run_one(base: torch.nn.Module, adapt: Any, test: Any, method: str, rank: int
     trainable, total = count_params(model)
     lr = get_method(method).lr
     x, y = torch.from_numpy(adapt.X[: job.batch_size]), torch.from_numpy(adapt.y[: job.batch_size])
-    probe = copy.deepcopy(model)  # the profiled step must not move the model that is trained below
-    prof = profile_step(probe, make_optimizer(probe, cfg, lr), x, y, lambda m: set_train_mode(m, False))
+    lean = get_method(method).base_frozen  # the path finetune trains on
+    probes = {path: copy.deepcopy(model) for path in ("lean", "reference")}  # profiled steps must not move the trained model
+    with lean_training(probes["lean"], lean):
+        prof = profile_step(probes["lean"], make_optimizer(probes["lean"], cfg, lr), x, y, lambda m: set_train_mode(m, False))
+    set_train_mode(probes["reference"], False)
+    reference_activations = activation_bytes(probes["reference"], x)
     f1_0 = evaluate(model, test, torch.device("cpu"))[0]
     tc = TrainConfig(lr=lr, batch_size=job.batch_size, steps=job.steps, seed=job.seed, eval_every=job.eval_every, progress=False)
-    res = train(model, adapt, tc, set_mode=lambda m: set_train_mode(m, False), eval_data=test, optimizer=make_optimizer(model, cfg, lr))
+    with lean_training(model, lean):
+        res = train(model, adapt, tc, set_mode=lambda m: set_train_mode(m, False), eval_data=test, optimizer=make_optimizer(model, cfg, lr))
     f1, acc = evaluate(model, test, torch.device("cpu"))
     path = out / "adapters" / f"{job.backbone}_{method}_r{rank}.safetensors"
     save_adapter(extract_adapter(model, state, cfg, {"compare": True}), path)
@@ -142,6 +148,8 @@ def run_one(base: torch.nn.Module, adapt: Any, test: Any, method: str, rank: int
         "train_seconds": res.seconds,
         "seconds_per_step": res.seconds / max(res.steps, 1),
         "fusable": get_method(method).fusable,
+        "training_path": "lean" if lean else "reference",
+        "activation_bytes_reference": reference_activations,
         **prof.as_dict(),
     }
 
@@ -179,6 +187,8 @@ COLUMNS = [
     "grad_bytes",
     "optimizer_bytes",
     "activation_bytes",
+    "activation_bytes_reference",
+    "training_path",
     "fusable",
 ]
 
@@ -194,14 +204,15 @@ def write_reports(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| method | rank | trainable | % | adapter KiB | F1 start | F1 final | steps to target | s to target | MFLOP/step | memory MiB (param/grad/opt/act) | fusable |\n"
-    head += "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    head = "| method | rank | trainable | % | adapter KiB | F1 start | F1 final | steps to target | s to target | MFLOP/step | memory MiB (param/grad/opt/act) | act. MiB reference path | fusable |\n"
+    head += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     mib = 1 / (1 << 20)
     lines = [
         f"| {r['method']} | {r['rank'] or '-'} | {r['trainable_params']} | {100 * r['trainable_fraction']:.2f} | {r['adapter_bytes'] / 1024:.1f} | {r['f1_start']:.3f} | "
         f"{r['f1_final']:.3f} | {r.get('steps_to_target') if r.get('steps_to_target') is not None else 'not reached'} | "
         f"{_fmt(r.get('seconds_to_target'))} | {r['total_flops'] / 1e6:.1f} | "
-        f"{r['param_bytes'] * mib:.2f}/{r['grad_bytes'] * mib:.2f}/{r['optimizer_bytes'] * mib:.2f}/{r['activation_bytes'] * mib:.2f} | {'yes' if r['fusable'] else 'no'} |"
+        f"{r['param_bytes'] * mib:.2f}/{r['grad_bytes'] * mib:.2f}/{r['optimizer_bytes'] * mib:.2f}/{r['activation_bytes'] * mib:.2f} | "
+        f"{r.get('activation_bytes_reference', r['activation_bytes']) * mib:.2f} | {'yes' if r['fusable'] else 'no'} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"
@@ -233,14 +244,20 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5))
     labels = [_label(r) for r in rows]
+    pos = np.arange(len(rows))
     bottom = np.zeros(len(rows))
     for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes"):
         vals = np.array([r[key] for r in rows]) / (1 << 20)
-        ax.bar(labels, vals, bottom=bottom, label=key.replace("_bytes", ""))
+        ax.bar(pos - 0.2, vals, 0.4, bottom=bottom, label=key.replace("_bytes", "") + (" (lean path)" if key == "activation_bytes" else ""))
         bottom += vals
-    ax.set(ylabel="MiB", title="training memory by category (one step)")
-    ax.tick_params(axis="x", rotation=60)
-    ax.legend()
+    ref = np.array([r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"] + r.get("activation_bytes_reference", r["activation_bytes"]) for r in rows]) / (1 << 20)
+    ax.bar(pos + 0.2, ref, 0.4, color="none", edgecolor="k", hatch="//", label="total on the reference path")
+    full = [r for r in rows if r["method"] == "full"]
+    if full:
+        ax.axhline(bottom[rows.index(full[0])], color="r", ls="--", lw=0.8, label="full fine-tuning")
+    ax.set(ylabel="MiB", title="training memory by category (one step): lean vs reference vs full")
+    ax.set_xticks(pos, labels, rotation=60)
+    ax.legend(fontsize=7)
     _save(fig, out / "memory.png")
 
     fig, ax = plt.subplots(figsize=(7, 5))

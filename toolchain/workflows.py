@@ -20,9 +20,11 @@ from toolchain.core.methods import get_method
 from toolchain.data.sources import default_target_subjects, load_data
 from toolchain.data.windows import WindowDataset, fit_standardization, split_subjects, time_split
 from toolchain.kernels import tt_ranks
+from toolchain.memory import MIB, account, batch_for_budget
 from toolchain.models.registry import build_model, load_checkpoint, save_checkpoint
 from toolchain.peft.galore import GaLoreAdam
 from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_train_mode
+from toolchain.peft.lean import lean_training
 from toolchain.train import TrainConfig, count_params, evaluate, peak_rss_mb, resolve_device, seed_everything, train
 
 DEFAULT_DATA = "watch"
@@ -52,6 +54,8 @@ class FinetuneJob:
     adapt_fraction: float = 0.8
     force: bool = False
     model: str | None = None  # needed for a plain state_dict checkpoint; rebuilds a toolchain one otherwise
+    lean: bool = True  # the lean training path for methods whose base weights stay frozen
+    memory_budget: int | None = None  # bytes: pick the largest batch whose accounted memory fits
 
 
 def metrics_path(adapter_out: str | os.PathLike[str]) -> Path:
@@ -153,8 +157,15 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     f1_before, acc_before = evaluate(model, test_set, dev)
     layers = inject(model, adapt_cfg)
     trainable, total = count_params(model)
+    lean = job.lean and get_method(adapt_cfg.method).base_frozen
+    set_mode = lambda m: set_train_mode(m, adapt_cfg.update_bn_stats)  # noqa: E731
+    acc = account(model, lambda m: make_optimizer(m, adapt_cfg, job.train.lr), adapt_set, set_mode, lean)
+    train_cfg = job.train
+    if job.memory_budget is not None:
+        train_cfg = dataclasses.replace(train_cfg, batch_size=batch_for_budget(acc, job.memory_budget, len(adapt_set)))
     opt = make_optimizer(model, adapt_cfg, job.train.lr)
-    result = train(model, adapt_set, job.train, set_mode=lambda m: set_train_mode(m, adapt_cfg.update_bn_stats), optimizer=opt)
+    with lean_training(model, lean):
+        result = train(model, adapt_set, train_cfg, set_mode=set_mode, optimizer=opt)
     f1_after, acc_after = evaluate(model, test_set, dev)
     metrics = {
         "method": job.adapt.method,
@@ -170,12 +181,16 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
         "accuracy_after": acc_after,
         "steps": result.steps,
         "train_seconds": result.seconds,
+        "training_path": "lean" if lean else "reference",
+        "batch_size": train_cfg.batch_size,
+        "memory_budget_mb": job.memory_budget / MIB if job.memory_budget else None,
+        "peak_train_memory_mb": acc.at(train_cfg.batch_size) / MIB,
         "peak_rss_mb": peak_rss_mb(),
         "target_subjects": list(subjects),
         "adapt_windows": len(adapt_set),
         "test_windows": len(test_set),
         "checkpoint": str(job.checkpoint),
-        "train_config": asdict(job.train),
+        "train_config": asdict(train_cfg),
     }
     info = {"rank": job.adapt.rank, "layers": job.adapt.layers, "checkpoint_model": payload["model"], "classes": list(ds.classes)}
     adapter = extract_adapter(model.cpu(), {k: v.cpu() for k, v in base_state.items()}, adapt_cfg, info)

@@ -42,6 +42,7 @@ class LoRAConv(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, device=w.device))
         self.magnitude = nn.Parameter(w.detach().flatten(1).norm(dim=1).clone()) if dora else None
         self.merged = False
+        self.lean = False  # set by ``toolchain.peft.lean.lean_training``
         self._unmerged_weight: Tensor | None = None
 
     @property
@@ -64,6 +65,12 @@ class LoRAConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
+        if self.lean and self.magnitude is None and torch.is_grad_enabled():
+            from toolchain.peft.lean import conv_inputs
+            from toolchain.peft.lean_ops import LoRAConv as LeanFn
+
+            xp, conf = conv_inputs(self.base, x)
+            return LeanFn.apply(xp, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, conf)
         if self.magnitude is not None:
             return self.base._conv_forward(x, self.dora_weight(), self.base.bias)
         h = self.base._conv_forward(x, self.lora_A, None)

@@ -7,6 +7,7 @@ conv(x, suffix kernel, same geometry, r1 channels per group) -> grouped 1x1 conv
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -65,6 +66,7 @@ class LoRAEdgeConv(nn.Module):
         init = torch.zeros(base.out_channels, r1) if delta_g1 is None else torch.as_tensor(np.asarray(delta_g1, dtype=np.float32))
         self.delta_g1 = nn.Parameter(init.to(dev).clone())
         self.merged = False
+        self.lean = False  # set by ``toolchain.peft.lean.lean_training``
 
     @classmethod
     def from_pretrained(cls, base: ConvNd, rank: int, scaling: float = 1.0) -> LoRAEdgeConv:
@@ -91,10 +93,23 @@ class LoRAEdgeConv(nn.Module):
         return _CONV_FN[self.suffix.dim() - 2](h, up, groups=g)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.lean and not self.merged and torch.is_grad_enabled():
+            return self._lean_forward(x)
         y = self.base(x)
         if self.merged:
             return y
         return y + self.scaling * self._aux(x)
+
+    def _lean_forward(self, x: Tensor) -> Tensor:
+        """One conv with W + s·ΔW, keeping the r1-channel projection or x, whichever is smaller."""
+        from toolchain.peft.lean import conv_inputs
+        from toolchain.peft.lean_ops import LoRAEdgeConv as LeanFn
+
+        xp, conf = conv_inputs(self.base, x)
+        spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(xp.shape[2:], conf[1], conf[2], self.suffix.shape[2:], conf[0], strict=True)]
+        h_numel = self.base.groups * self.ranks[1] * math.prod(spatial)
+        keep_x = math.prod(xp.shape[1:]) < h_numel
+        return LeanFn.apply(xp, self.base.weight, self.base.bias, self.suffix, self.delta_g1, self.scaling, conf, keep_x)
 
     @torch.no_grad()
     def merge(self) -> None:

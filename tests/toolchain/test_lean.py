@@ -1,0 +1,135 @@
+"""The lean training path gives the reference path's gradients (and weights after training) and keeps less."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.geometries import GEOMETRIES, make_conv
+from toolchain.models.backbones import BACKBONES
+from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
+from toolchain.peft.lean import lean_training
+from toolchain.profile import activation_bytes
+
+
+class Block(nn.Module):
+    """conv -> BN (frozen, eval) -> ReLU6 -> max-pool: every lean op around one adapted conv."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        nd = conv.weight.dim() - 2
+        self.conv = conv
+        self.bn = (nn.BatchNorm1d if nd == 1 else nn.BatchNorm2d)(conv.out_channels)
+        self.act = nn.ReLU6()
+        self.pool = (nn.MaxPool1d if nd == 1 else nn.MaxPool2d)(2)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_()
+            self.bn.bias.normal_()
+
+    def forward(self, x):
+        return self.pool(self.act(3 * self.bn(self.conv(x))))
+
+
+def _grads(model: nn.Module, x: torch.Tensor, lean: bool, update_bn: bool = False) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(model)
+    x = x.clone().requires_grad_(True)
+    set_train_mode(model, update_bn)
+    with lean_training(model, lean):
+        out = model(x)
+        weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads["input"] = x.grad.clone()
+    return grads
+
+
+def _assert_same(ref: dict, lean: dict) -> None:
+    assert ref.keys() == lean.keys()
+    for k in ref:
+        scale = ref[k].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(lean[k], ref[k], rtol=1e-5, atol=1e-5 * float(scale), msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _adapted(geom_id: str, method: str, scaling: float, train: tuple[str, ...] = ()) -> tuple[nn.Module, torch.Tensor]:
+    conv, x, rank = make_conv(geom_id)
+    model = Block(conv)
+    inject(model, AdaptConfig(method=method, rank=min(rank, 4), scaling=scaling, train=train))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and ("delta_g1" in n or "lora_B" in n):
+                p.normal_(0, 0.3)
+    return model, x
+
+
+@pytest.mark.parametrize("geom_id", list(GEOMETRIES))
+@pytest.mark.parametrize(("method", "scaling"), [("lora-edge", 0.7), ("lora", 1.5), ("dora", 1.0), ("bitfit", 1.0)])
+def test_lean_gradients_equal_reference_on_the_geometry_table(geom_id, method, scaling):
+    model, x = _adapted(geom_id, method, scaling)
+    _assert_same(_grads(model, x, lean=False), _grads(model, x, lean=True))
+
+
+@pytest.mark.parametrize("geom_id", ["1d-plain", "1d-depthwise", "2d-stride-dil", "1d-same"])
+def test_lean_gradients_with_trained_head_bn_and_moving_statistics(geom_id):
+    model, x = _adapted(geom_id, "lora-edge", 2.0, train=("bn",))
+    _assert_same(_grads(model, x, lean=False), _grads(model, x, lean=True))
+    _assert_same(_grads(model, x, lean=False, update_bn=True), _grads(model, x, lean=True, update_bn=True))
+
+
+def _backbone(name: str, method: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = BACKBONES[name](in_channels=6, num_classes=5)
+    layers = "pointwise" if name == "mobilenet1d" and method in ("lora-edge", "lora") else "all"
+    inject(model, AdaptConfig(method=method, rank=4, scaling=0.5, layers=layers, train=("head",) if method != "bitfit" else ()))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and ("delta_g1" in n or "lora_B" in n or ".up." in n):
+                p.normal_(0, 0.1)
+    return model, torch.randn(4, 6, 64)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("method", ["lora-edge", "lora", "dora", "bitfit", "head", "adapter"])
+def test_lean_gradients_equal_reference_on_every_backbone(name, method):
+    model, x = _backbone(name, method)
+    _assert_same(_grads(model, x, lean=False), _grads(model, x, lean=True))
+
+
+def test_lean_training_reaches_the_reference_weights():
+    import numpy as np
+
+    from toolchain.data.windows import WindowDataset
+    from toolchain.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    ds = WindowDataset(rng.standard_normal((64, 6, 64)).astype(np.float32), rng.integers(0, 5, 64), np.zeros(64, int), np.zeros(64, int), [str(i) for i in range(5)])
+    model, _ = _backbone("resnet1d", "lora-edge")
+    results = []
+    for lean in (False, True):
+        m = copy.deepcopy(model)
+        with lean_training(m, lean):
+            train(m, ds, TrainConfig(lr=5e-3, batch_size=16, steps=6, progress=False), set_mode=lambda mm: set_train_mode(mm, False))
+        results.append({n: p.detach() for n, p in m.named_parameters() if p.requires_grad})
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "layers", "bound"), [("cnn1d", "all", 0.4), ("resnet1d", "all", 0.4), ("mobilenet1d", "pointwise", 0.5)])
+def test_lean_lora_edge_keeps_a_fraction_of_full_finetuning_activations(name, layers, bound):
+    torch.manual_seed(0)
+    x = torch.randn(32, 6, 128)
+    full = BACKBONES[name](in_channels=6, num_classes=5)
+    set_train_mode(full, False)
+    full_bytes = activation_bytes(full, x)
+    edge = copy.deepcopy(full)
+    inject(edge, AdaptConfig(method="lora-edge", rank=4, layers=layers))
+    set_train_mode(edge, False)
+    ref_bytes = activation_bytes(edge, x)
+    with lean_training(edge):
+        lean_bytes = activation_bytes(edge, x)
+    assert lean_bytes < bound * full_bytes, (lean_bytes, ref_bytes, full_bytes)
+    assert ref_bytes > full_bytes * 0.9, "the reference path keeps about what full fine-tuning keeps"

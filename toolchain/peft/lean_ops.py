@@ -1,0 +1,212 @@
+"""Autograd functions that keep for backward only what their gradients need.
+
+PyTorch's convolution saves its input even when the weight is frozen (its derivative formula covers
+all inputs), ReLU saves its float output and max-pooling int64 indices. Here:
+
+- ``FrozenConv``: y = conv(x, W) + b with W frozen keeps nothing: grad_x needs only W.
+- ``LoRAEdgeConv``: y = conv(x, W + s·ΔG1 ×₁ S) + b (one merged conv) keeps the r1-channel
+  projection h = conv(x, S) (grad ΔG1 = s·Σ grad_y ⊗ h) or x itself, whichever is smaller.
+- ``LoRAConv``: y = conv(x, W + s·B·A) + b keeps x and the r-channel projection h = conv(x, A).
+- ``MaskedClamp``: ReLU / ReLU6 keeping a boolean mask; ``WindowMax``: non-overlapping max pooling
+  keeping uint8 window positions; ``FrozenLinear``: a frozen linear layer keeping nothing.
+
+Everything kept goes through ``ctx.save_for_backward``, so ``saved_tensors_hooks`` (the memory
+accounting in ``toolchain.profile``) sees it. Shapes: x (B, C_in, *spatial), W (C_out, C_in/g, *k).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Conf = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]  # stride, padding, dilation, groups
+_CONV = {1: F.conv1d, 2: F.conv2d}
+
+
+def conv(x: Tensor, w: Tensor, b: Tensor | None, conf: Conf) -> Tensor:
+    stride, padding, dilation, groups = conf
+    return _CONV[w.dim() - 2](x, w, b, stride, padding, dilation, groups)
+
+
+def conv_grad_input(shape: torch.Size, w: Tensor, g: Tensor, conf: Conf) -> Tensor:
+    """grad_x of conv(x, w) for grad_y = g, from x's shape alone."""
+    stride, padding, dilation, groups = conf
+    placeholder = g.new_empty(1).expand(shape)
+    return torch.ops.aten.convolution_backward(g, placeholder, w, None, stride, padding, dilation, False, [0] * len(stride), groups, (True, False, False))[0]
+
+
+def conv_grad_weight(x: Tensor, w: Tensor, g: Tensor, conf: Conf) -> Tensor:
+    """grad_w of conv(x, w) for grad_y = g."""
+    stride, padding, dilation, groups = conf
+    return torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0] * len(stride), groups, (False, True, False))[1]
+
+
+def bias_grad(g: Tensor) -> Tensor:
+    return g.sum(dim=[0, *range(2, g.dim())])
+
+
+def group_outer(g: Tensor, h: Tensor, groups: int) -> Tensor:
+    """Σ_{batch, space} g[:, o] h[:, group(o)·r + j] -> (C_out, r) for a grouped 1x1 up-projection."""
+    b, c_out = g.shape[:2]
+    r = h.shape[1] // groups
+    gg = g.reshape(b, groups, c_out // groups, -1)
+    hh = h.reshape(b, groups, r, -1)
+    return torch.einsum("bgol,bgjl->goj", gg, hh).reshape(c_out, r)
+
+
+def group_up_transpose(g: Tensor, up: Tensor, groups: int) -> Tensor:
+    """grad of h through the grouped 1x1 up-projection ``up`` (C_out, r): (B, g·r, *space)."""
+    b, c_out = g.shape[:2]
+    r = up.shape[1]
+    gg = g.reshape(b, groups, c_out // groups, -1)
+    uu = up.reshape(groups, c_out // groups, r)
+    return torch.einsum("bgol,goj->bgjl", gg, uu).reshape(b, groups * r, *g.shape[2:])
+
+
+def tt_delta(dg1: Tensor, suffix: Tensor) -> Tensor:
+    """ΔW = ΔG1 ×₁ S: (C_out, r1) x (r1, C_in/g, *k) -> (C_out, C_in/g, *k)."""
+    return (dg1 @ suffix.reshape(suffix.shape[0], -1)).reshape(dg1.shape[0], *suffix.shape[1:])
+
+
+def lora_delta(a: Tensor, b: Tensor, groups: int) -> Tensor:
+    """ΔW = B·A per group: A (g·r, C_in/g, *k), B (C_out, r) -> (C_out, C_in/g, *k)."""
+    r = b.shape[1]
+    return torch.bmm(b.reshape(groups, -1, r), a.reshape(groups, r, -1)).reshape(b.shape[0], *a.shape[1:])
+
+
+class FrozenConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, conf: Conf) -> Tensor:
+        ctx.save_for_backward(w)
+        ctx.conf, ctx.shape = conf, x.shape
+        return conv(x, w, b, conf)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+        (w,) = ctx.saved_tensors
+        gx = conv_grad_input(ctx.shape, w, g, ctx.conf) if ctx.needs_input_grad[0] else None
+        return gx, None, bias_grad(g) if ctx.needs_input_grad[2] else None, None
+
+
+class LoRAEdgeConv(torch.autograd.Function):
+    """Merged forward with W + s·ΔW; keeps h = conv(x, S repeated per group) or x (``keep_x``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, suffix: Tensor, dg1: Tensor, scaling: float, conf: Conf, keep_x: bool) -> Tensor:
+        groups = conf[3]
+        if keep_x:
+            ctx.save_for_backward(w, suffix, dg1, x)
+        else:
+            h = conv(x, suffix.repeat(groups, *([1] * (suffix.dim() - 1))), None, conf)
+            ctx.save_for_backward(w, suffix, dg1, h)
+        ctx.conf, ctx.shape, ctx.scaling, ctx.keep_x = conf, x.shape, scaling, keep_x
+        return conv(x, w + scaling * tt_delta(dg1, suffix), b, conf)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:
+        w, suffix, dg1, kept = ctx.saved_tensors
+        s, conf = ctx.scaling, ctx.conf
+        w_eff = w + s * tt_delta(dg1, suffix)
+        gx = conv_grad_input(ctx.shape, w_eff, g, conf) if ctx.needs_input_grad[0] else None
+        gdg1 = None
+        if ctx.needs_input_grad[4]:
+            if ctx.keep_x:  # grad of ΔW contracted with the suffix: ΔW[o] = Σ_j ΔG1[o, j] S[j]
+                gw = conv_grad_weight(kept, w_eff, g, conf)
+                gdg1 = s * gw.reshape(gw.shape[0], -1) @ suffix.reshape(suffix.shape[0], -1).T
+            else:
+                gdg1 = s * group_outer(g, kept, conf[3])
+        gb = bias_grad(g) if ctx.needs_input_grad[2] else None
+        return gx, None, gb, None, gdg1, None, None, None
+
+
+class LoRAConv(torch.autograd.Function):
+    """Conv LoRA, merged forward with W + s·B·A; keeps x (for grad A) and h = conv(x, A) (for grad B)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, conf: Conf) -> Tensor:
+        h = conv(x, lora_a, None, conf)
+        ctx.save_for_backward(w, lora_a, lora_b, x, h)
+        ctx.conf, ctx.scaling = conf, scaling
+        return conv(x, w + scaling * lora_delta(lora_a, lora_b, conf[3]), b, conf)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:
+        w, a, b_up, x, h = ctx.saved_tensors
+        s, conf = ctx.scaling, ctx.conf
+        groups = conf[3]
+        gx = conv_grad_input(x.shape, w + s * lora_delta(a, b_up, groups), g, conf) if ctx.needs_input_grad[0] else None
+        gb_up = s * group_outer(g, h, groups) if ctx.needs_input_grad[4] else None
+        ga = conv_grad_weight(x, a, s * group_up_transpose(g, b_up, groups), conf) if ctx.needs_input_grad[3] else None
+        gbias = bias_grad(g) if ctx.needs_input_grad[2] else None
+        return gx, None, gbias, ga, gb_up, None, None
+
+
+class FrozenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        ctx.save_for_backward(w)
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        (w,) = ctx.saved_tensors
+        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return (g @ w if ctx.needs_input_grad[0] else None), None, gb
+
+
+class MaskedClamp(torch.autograd.Function):
+    """clamp(x, 0, upper) keeping a boolean mask of where the gradient passes (ReLU: upper None)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, upper: float | None) -> Tensor:
+        mask = (x > 0) if upper is None else (x > 0) & (x < upper)
+        ctx.save_for_backward(mask)
+        return x.clamp(0, upper)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        return g * mask, None
+
+
+class WindowMax(torch.autograd.Function):
+    """Max pooling with kernel = stride, no padding or dilation, keeping each window's argmax as uint8.
+
+    x (B, C, *spatial) -> (B, C, *spatial // k); trailing samples that fill no window are dropped,
+    as nn.MaxPool does. The first maximum of a window wins, as in PyTorch's kernels.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, k: tuple[int, ...]) -> Tensor:
+        windows, out_shape = _windows(x, k)
+        values, idx = windows.max(dim=-1)
+        ctx.save_for_backward(idx.to(torch.uint8))
+        ctx.shape, ctx.k = x.shape, k
+        return values.reshape(out_shape)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        k, shape = ctx.k, ctx.shape
+        b, c, outs = shape[0], shape[1], [n // kk for n, kk in zip(shape[2:], k, strict=True)]
+        flat = g.new_zeros(*idx.shape, int(torch.tensor(k).prod()))
+        flat.scatter_(-1, idx.long().unsqueeze(-1), g.reshape(*idx.shape, 1))
+        if len(k) == 1:
+            grad = flat.reshape(b, c, outs[0] * k[0])
+        else:
+            grad = flat.reshape(b, c, outs[0], outs[1], k[0], k[1]).permute(0, 1, 2, 4, 3, 5).reshape(b, c, outs[0] * k[0], outs[1] * k[1])
+        pad = [p for n, used in reversed(list(zip(shape[2:], grad.shape[2:], strict=True))) for p in (0, n - used)]
+        return F.pad(grad, pad), None
+
+
+def _windows(x: Tensor, k: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
+    b, c = x.shape[:2]
+    outs = [n // kk for n, kk in zip(x.shape[2:], k, strict=True)]
+    if len(k) == 1:
+        w = x[..., : outs[0] * k[0]].reshape(b, c, outs[0], k[0])
+    else:
+        w = x[..., : outs[0] * k[0], : outs[1] * k[1]].reshape(b, c, outs[0], k[0], outs[1], k[1]).permute(0, 1, 2, 4, 3, 5).reshape(b, c, outs[0], outs[1], k[0] * k[1])
+    return w, (b, c, *outs)
