@@ -33,7 +33,7 @@ MAX_DIM = 1 << 31
 MAX_ENTRIES = 1 << 16
 MAX_SCALING = 1e6
 EXTRA_PREFIX = "extra:"
-_DTYPES = {"F32": np.dtype("<f4")}
+_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
 
 
 @dataclass(frozen=True)
@@ -172,18 +172,13 @@ def content_digest(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> str:
 def load_adapter(path: str | os.PathLike[str]) -> Adapter:
     """Read and validate an adapter file. Raises ToolchainError for anything that is not one."""
     p = Path(path)
-    data = read_regular_file(p, MAX_ADAPTER_BYTES, what="adapter file", remedy="pass the .safetensors file written by `toolchain finetune`")
-    header = _parse_header(data, str(p))
-    meta = header.pop("__metadata__", None)
+    meta, tensors = read_safetensors(p, what="adapter file", remedy="pass the .safetensors file written by `toolchain finetune`")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ToolchainError("not a toolchain adapter: safetensors metadata lacks format=toolchain-adapter", seen=str(p), remedy="pass a file written by `toolchain finetune`")
     if not all(isinstance(v, str) for v in meta.values()):
         raise ToolchainError("safetensors metadata values must all be strings", seen=sorted(k for k, v in meta.items() if not isinstance(v, str))[:3], remedy=_CORRUPT)
     if meta.get("format_version") != str(FORMAT_VERSION):
         raise ToolchainError(f"unsupported adapter format version (this toolchain reads {FORMAT_VERSION})", seen=meta.get("format_version"), remedy="re-export the adapter with this toolchain version")
-    base = 8 + int.from_bytes(data[:8], "little")
-    _check_tiling(header, len(data) - base)
-    tensors = {name: _read_tensor(data, base, name, entry) for name, entry in header.items()}
     method = methods.get_method(meta.get("method", "")).name
     layers = [_layer_from_dict(d, method) for d in _list(_json(meta, "layers"), "layers")]
     extras = [_extra_from_dict(d) for d in _list(_json(meta, "extras"), "extras")]
@@ -193,6 +188,17 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
     if meta.get("content_sha256") != content_digest(tensors, meta):
         raise ToolchainError("adapter content does not match its checksum (content_sha256): the file is corrupt or was edited", seen=str(p), remedy="re-export or re-download the adapter")
     return adapter
+
+
+def read_safetensors(p: Path, *, what: str, remedy: str, dtypes: tuple[str, ...] = ("F32",)) -> tuple[dict[str, Any] | None, dict[str, np.ndarray]]:
+    """(metadata, float32 tensors) of a safetensors file, read strictly: bounded size, no duplicate
+    keys, byte ranges that tile the data section exactly, shapes that match, only ``dtypes``."""
+    data = read_regular_file(p, MAX_ADAPTER_BYTES, what=what, remedy=remedy)
+    header = _parse_header(data, str(p))
+    meta = header.pop("__metadata__", None)
+    base = 8 + int.from_bytes(data[:8], "little")
+    _check_tiling(header, len(data) - base)
+    return meta, {name: _read_tensor(data, base, name, entry, dtypes) for name, entry in header.items()}
 
 
 def validate_adapter(adapter: Adapter) -> None:
@@ -305,16 +311,18 @@ def _check_tiling(header: dict[str, Any], size: int) -> None:
         raise ToolchainError("the data section holds bytes no tensor owns, or is too short", seen=(pos, size), remedy="the file is truncated or corrupt")
 
 
-def _read_tensor(data: bytes, base: int, name: str, entry: Any) -> np.ndarray:
-    if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
-        raise ToolchainError("adapter tensors must be float32 (F32)", seen=(name, entry.get("dtype") if isinstance(entry, dict) else entry))
+def _read_tensor(data: bytes, base: int, name: str, entry: Any, dtypes: tuple[str, ...] = ("F32",)) -> np.ndarray:
+    if not isinstance(entry, dict) or entry.get("dtype") not in dtypes:
+        also = " or float16 (F16)" if "F16" in dtypes else ""
+        raise ToolchainError(f"adapter tensors must be float32 (F32){also}", seen=(name, entry.get("dtype") if isinstance(entry, dict) else entry), remedy="save the adapter in float32")
+    dtype = _DTYPES[entry["dtype"]]
     shape = entry.get("shape")
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
         raise ToolchainError(f"tensor shape must be a list of at most {MAX_DIMS} integers in 0..{MAX_DIM}", seen=(name, shape), remedy=_CORRUPT)
     begin, end = entry["data_offsets"]
-    if end - begin != math.prod(shape) * 4:
+    if end - begin != math.prod(shape) * dtype.itemsize:
         raise ToolchainError("tensor data does not match its shape", seen=(name, shape, [begin, end]), remedy="the file is truncated or corrupt")
-    return np.frombuffer(data, dtype=_DTYPES["F32"], count=math.prod(shape), offset=base + begin).reshape(shape).copy()
+    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=base + begin).reshape(shape).astype(np.float32)
 
 
 def _layer_to_dict(layer: LayerRecord) -> dict[str, Any]:

@@ -247,19 +247,28 @@ def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
 
 
 def fuse_files(base: str | os.PathLike[str], adapter_path: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False) -> dict[str, str]:
-    """`toolchain fuse`: read (hashing while parsing), fuse, validate the output, write it atomically."""
+    """`toolchain fuse`: read (hashing while parsing), fuse, validate the output, write it atomically.
+
+    ``adapter_path`` is a toolchain adapter file or a PEFT adapter folder (``toolchain.graphs.peft``).
+    """
     from toolchain import __version__
+    from toolchain.graphs import peft
     from toolchain.graphs.onnx_io import external_files, load_external, parse_onnx, read_model_bytes, save_onnx
 
-    check_output(out, [base, adapter_path], force=force)
-    adapter = load_adapter(adapter_path)
-    adapter_sha256 = hashlib.sha256(Path(adapter_path).read_bytes()).hexdigest()
+    adapter_path = Path(adapter_path)
+    is_peft = peft.is_peft_dir(adapter_path)
+    related = [Path(adapter_path) / peft.CONFIG, Path(adapter_path) / peft.WEIGHTS] if is_peft else []
+    check_output(out, [base, adapter_path], force=force, related=related)
+    peft_adapter = peft.load_peft(adapter_path) if is_peft else None
+    adapter = None if is_peft else load_adapter(adapter_path)
+    adapter_sha256 = peft_adapter.sha256 if peft_adapter else hashlib.sha256(Path(adapter_path).read_bytes()).hexdigest()
     data = read_model_bytes(base)
     with ThreadPoolExecutor(max_workers=1) as pool:  # hashlib releases the GIL: hash the file while fusing
         base_hash = pool.submit(lambda: hashlib.sha256(data).hexdigest())
         model = parse_onnx(data, Path(base))
-        check_output(out, [base, adapter_path], force=force, related=external_files(model, Path(base).parent))
+        check_output(out, [base, adapter_path], force=force, related=[*related, *external_files(model, Path(base).parent)])
         load_external(model, Path(base).parent)
+        adapter = adapter or peft.peft_to_adapter(peft_adapter, model)  # type: ignore[arg-type]
         changed = fuse_in_place(model, adapter, adapter_sha256)
         provenance = {
             "toolchain.fused": "true",
@@ -267,6 +276,7 @@ def fuse_files(base: str | os.PathLike[str], adapter_path: str | os.PathLike[str
             "toolchain.adapter_sha256": adapter_sha256,
             "toolchain.kind": "fused",
             "toolchain.version": __version__,
+            "toolchain.adapter_format": "peft" if is_peft else "toolchain",
         }
     _set_metadata(model, {**provenance, "toolchain.fused_weights": json.dumps(changed)})
     save_onnx(model, Path(out), force=force, validate=True)

@@ -35,7 +35,7 @@ def latency(tmp: Path, runs: int) -> list[dict]:
         torch.manual_seed(0)
         model = build_model(name, 6, 6).eval()
         ck = tmp / f"{name}.pt"
-        save_checkpoint(model, ck, spec=name, classes=[str(i) for i in range(6)], extra={"data": "watch", "pretrain": {}})
+        save_checkpoint(model, ck, spec=name, classes=[str(i) for i in range(6)], input_shape=(6, 128), extra={"data": "watch", "pretrain": {}})
         state = {k: v.clone() for k, v in model.state_dict().items()}
         cfg = AdaptConfig(rank=8, layers=targets)
         inject(model, cfg)

@@ -90,7 +90,8 @@ def _dyn(text: str) -> tuple[int, int, int]:
 def cmd_export(a: argparse.Namespace) -> int:
     from toolchain.export import ExportOptions, export
 
-    meta = export(a.checkpoint, a.output, adapter=a.adapter, fuse=a.fuse, opts=ExportOptions(dynamic_batch=a.dynamic_batch, fold_bn=a.fold_bn), force=a.force, model=a.model)
+    opts = ExportOptions(dynamic_batch=a.dynamic_batch, fold_bn=a.fold_bn)
+    meta = export(a.checkpoint, a.output, adapter=a.adapter, fuse=a.fuse, opts=opts, force=a.force, model=a.model, input_shape=a.input_shape)
     print(f"exported {meta.get('toolchain.kind')} model -> {a.output}")
     return 0
 
@@ -198,6 +199,7 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("-o", "--output", default="model.onnx", help="(default model.onnx)")
     p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch axis (default: fixed batch 1)")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into Conv weights (records per-channel scales for fusion)")
+    p.add_argument("--input-shape", type=_ints, default=None, help="C,T or C,H,W: needed for a plain state_dict; else overrides the checkpoint's (shape-agnostic models only)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -19,7 +19,6 @@ from toolchain.core.errors import ToolchainError
 from toolchain.kernels import weight_sha256
 
 OPSET = 18
-WINDOW = 128
 
 
 @dataclass
@@ -29,12 +28,12 @@ class ExportOptions:
     batch: int = 1
 
 
-def to_onnx(model: nn.Module, in_channels: int, opts: ExportOptions, length: int = WINDOW) -> onnx.ModelProto:
+def to_onnx(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions) -> onnx.ModelProto:
     """Export with torch.export (dynamo). ``fold_bn`` runs onnxscript's optimizer, which folds
     BatchNorm into Conv weights *under the same names*; the per-channel scales are recorded."""
     model = model.eval().cpu()
     batch = max(opts.batch, 2) if opts.dynamic_batch else opts.batch
-    x = torch.randn(batch, in_channels, length)
+    x = torch.randn(batch, *input_shape)
     dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if opts.dynamic_batch else None
     with _quiet():
         program = torch.onnx.export(
@@ -94,7 +93,39 @@ def fold_scales(model: nn.Module, proto: onnx.ModelProto) -> dict[str, dict[str,
     return out
 
 
-def export(checkpoint: str, out: str, *, adapter: str | None = None, fuse: bool = False, opts: ExportOptions | None = None, force: bool = False, model: str | None = None) -> dict[str, str]:
+def _export_shape(net: nn.Module, payload: dict, override: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The checkpoint's input shape, or ``override`` where the model runs at that shape (shape-agnostic)."""
+    from toolchain.models.registry import check_input_shape
+
+    recorded = payload.get("input_shape")
+    if override is None:
+        if recorded is None:
+            raise ToolchainError("a plain state_dict does not record its input shape", seen="no input_shape", remedy="pass --input-shape C,T or C,H,W")
+        return tuple(recorded)
+    shape = check_input_shape(list(override), "--input-shape")
+    if recorded is not None and (len(shape) != len(recorded) or shape[0] != recorded[0]):
+        raise ToolchainError(
+            "--input-shape must keep the checkpoint's channels and number of dims", seen=(list(shape), recorded), remedy=f"pass {recorded[0]} channels and {len(recorded) - 1} spatial dims"
+        )
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, *shape))
+    except Exception as err:  # the model's own shape rules (a flatten to a fixed size, a too-short input)
+        raise ToolchainError("the model does not run at --input-shape", seen=f"{list(shape)}: {type(err).__name__}: {str(err)[:120]}", remedy=f"use the shape it was trained on, {recorded}") from None
+    return shape
+
+
+def export(
+    checkpoint: str,
+    out: str,
+    *,
+    adapter: str | None = None,
+    fuse: bool = False,
+    opts: ExportOptions | None = None,
+    force: bool = False,
+    model: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> dict[str, str]:
     """`toolchain export`: base model, unfused adapted model, or base exported then fused in ONNX."""
     from toolchain import __version__
     from toolchain.core.adapter_file import load_adapter
@@ -108,13 +139,14 @@ def export(checkpoint: str, out: str, *, adapter: str | None = None, fuse: bool 
     check_output(out, [checkpoint, adapter], force=force)
     if fuse and adapter is None:
         raise ToolchainError("--fuse needs --adapter", seen="no adapter", remedy="pass --adapter adapter.safetensors")
-    net, payload = load_checkpoint(checkpoint, model)
+    net, payload = load_checkpoint(checkpoint, model, input_shape)
+    shape = _export_shape(net, payload, input_shape)
     ad = load_adapter(adapter) if adapter else None
     kind = "base"
     if ad is not None and not fuse:
         apply_adapter(net, ad)
         kind = "unfused"
-    proto = to_onnx(net, int(payload["in_channels"]), opts)
+    proto = to_onnx(net, shape, opts)
     meta = {"toolchain.kind": kind, "toolchain.checkpoint_sha256": sha256_file(checkpoint), "toolchain.version": __version__, "toolchain.classes": json.dumps(payload["classes"])}
     if ad is not None and not fuse:
         meta["toolchain.adapter_sha256"] = sha256_file(str(adapter))

@@ -73,10 +73,10 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
     if job.exclude_classes:
         ds = drop_classes(ds, job.exclude_classes)
     source, target = split_subjects(ds, subjects)
-    model = build_model(job.model, ds.X.shape[1], len(ds.classes))
+    model = build_model(job.model, ds.X.shape[1], len(ds.classes), ds.X.ndim - 2)
     mean, std = fit_standardization(source)
-    model.norm.mean.copy_(torch.from_numpy(mean).view(1, -1, 1))
-    model.norm.std.copy_(torch.from_numpy(std).view(1, -1, 1))
+    model.norm.mean.copy_(torch.from_numpy(mean).view(model.norm.mean.shape))
+    model.norm.std.copy_(torch.from_numpy(std).view(model.norm.std.shape))
     result = train(model, source, job.train)
     dev = resolve_device(job.train.device)
     f1_src, acc_src = evaluate(model, source, dev)
@@ -93,7 +93,7 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
         "f1_target": f1_tgt,
         "accuracy_target": acc_tgt,
     }
-    save_checkpoint(model.cpu(), job.out, spec=job.model, classes=ds.classes, extra={"data": job.data, "pretrain": metrics})
+    save_checkpoint(model.cpu(), job.out, spec=job.model, classes=ds.classes, input_shape=tuple(ds.X.shape[1:]), extra={"data": job.data, "pretrain": metrics})
     return metrics
 
 
@@ -134,6 +134,14 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     seed_everything(job.train.seed)  # LoRA's random A and a grown head's rows are drawn below
     model, payload = load_checkpoint(job.checkpoint, job.model)
     ds = load_data(job.data or payload.get("data") or DEFAULT_DATA)
+    if payload.get("input_shape") is None:  # a plain state_dict: the data says
+        payload["input_shape"] = list(ds.X.shape[1:])
+    if list(ds.X.shape[1:]) != list(payload["input_shape"]):
+        raise ToolchainError(
+            "the data's window or image shape differs from the shape the model was trained on",
+            seen=f"data {list(ds.X.shape[1:])}, checkpoint {payload['input_shape']}",
+            remedy="adapt on data of the checkpoint's input shape (resample or resize it)",
+        )
     if payload.get("plain_state_dict") and len(payload["classes"]) == len(ds.classes):
         payload["classes"] = list(ds.classes)  # a plain state_dict has class indices only
     old_classes = list(payload["classes"])

@@ -46,23 +46,7 @@ def adapted_pair(geom_id: str, *, bn: bool = False, seed: int = 0) -> tuple[nn.M
 def export_proto(model: nn.Module, x: torch.Tensor, fold_bn: bool = False) -> onnx.ModelProto:
     """Export through the toolchain's exporter, whatever the input rank."""
     opts = ExportOptions(fold_bn=fold_bn, batch=x.shape[0])
-    if x.dim() == 3:
-        return to_onnx(model, x.shape[1], opts, length=x.shape[2])
-    return _export_any(model, x, opts)
-
-
-def _export_any(model: nn.Module, x: torch.Tensor, opts: ExportOptions) -> onnx.ModelProto:
-    import json
-
-    from toolchain.export import _quiet, _strip_stack_traces, fold_scales
-
-    with _quiet():
-        prog = torch.onnx.export(model.eval(), (x,), dynamo=True, optimize=opts.fold_bn, opset_version=18, input_names=["x"], external_data=False)
-    proto = prog.model_proto
-    _strip_stack_traces(proto)
-    if opts.fold_bn:
-        proto.metadata_props.add(key="toolchain.weight_scales", value=json.dumps(fold_scales(model, proto)))
-    return proto
+    return to_onnx(model, tuple(x.shape[1:]), opts)
 
 
 def run(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:

@@ -18,7 +18,7 @@ from toolchain.core.fileio import atomic_path
 from toolchain.graphs.diff import diff_models
 from toolchain.graphs.fuse import fuse_model
 from toolchain.graphs.onnx_io import save_onnx
-from toolchain.models.backbones import BACKBONES
+from toolchain.models.backbones import BACKBONES, SPATIAL_DIMS
 from toolchain.peft.inject import AdaptConfig, extract_adapter, inject
 
 PROV = {"toolchain.fused": "true", "toolchain.base_sha256": "b" * 64, "toolchain.adapter_sha256": "a" * 64, "toolchain.version": "test"}
@@ -26,9 +26,10 @@ PROV = {"toolchain.fused": "true", "toolchain.base_sha256": "b" * 64, "toolchain
 
 def _adapted_backbone(name: str) -> tuple[onnx.ModelProto, nn.Module, object, torch.Tensor]:
     torch.manual_seed(0)
-    base = BACKBONES[name](in_channels=6, num_classes=5).eval()
+    channels = 6 if SPATIAL_DIMS[name] == 1 else 3
+    base = BACKBONES[name](in_channels=channels, num_classes=5).eval()
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    model = BACKBONES[name](in_channels=6, num_classes=5).eval()
+    model = BACKBONES[name](in_channels=channels, num_classes=5).eval()
     model.load_state_dict(state)
     cfg = AdaptConfig(method="lora-edge", rank=4, scaling=0.5, train=("head",))
     inject(model, cfg)
@@ -36,7 +37,7 @@ def _adapted_backbone(name: str) -> tuple[onnx.ModelProto, nn.Module, object, to
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    x = torch.randn(1, 6, 64)
+    x = torch.randn(1, 6, 64) if SPATIAL_DIMS[name] == 1 else torch.randn(1, 3, 32, 32)
     return export_proto(base, x), model.eval(), extract_adapter(model, state, cfg, {}), x
 
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import onnx
 import pytest
 import torch
 
@@ -117,5 +118,9 @@ def test_plain_state_dict_with_model_spec(tmp_path):
     ad = tmp_path / "a.safetensors"
     assert main(["finetune", "--checkpoint", str(tmp_path / "weights.pt"), "--model", spec, "--out", str(ad), "--steps", "5", "--no-progress"]) == 0
     assert [layer.name for layer in load_adapter(ad).layers] == ["net.0", "net.2"]
-    assert main(["export", "--checkpoint", str(tmp_path / "weights.pt"), "--model", spec, "--adapter", str(ad), "--fuse", "-o", str(tmp_path / "f.onnx")]) == 0
+    export = ["export", "--checkpoint", str(tmp_path / "weights.pt"), "--model", spec, "--adapter", str(ad), "--fuse", "-o", str(tmp_path / "f.onnx")]
+    assert main(export) == 2, "a plain state_dict records no input shape"
+    assert main([*export, "--input-shape", "6,200"]) == 0
+    dims = [d.dim_value for d in onnx.load(tmp_path / "f.onnx").graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 6, 200]
     assert main(["finetune", "--checkpoint", str(tmp_path / "weights.pt"), "--out", str(tmp_path / "b.safetensors"), "--steps", "1", "--no-progress"]) == 2

@@ -120,7 +120,8 @@ def _int_array(a: np.ndarray, name: str, path: str | Path) -> np.ndarray:
 
 
 def load_npz(path: str | Path) -> WindowDataset:
-    """A generic ``.npz`` with X (N, C, T), y (N,), subject (N,); optional segment and classes.
+    """A generic ``.npz`` with X (N, C, T) windows or (N, C, H, W) images, y (N,), subject (N,);
+    optional segment and classes.
 
     Sizes are checked from the zip directory before any array is inflated (at most
     ``MAX_NPZ_BYTES`` uncompressed); dtypes, ranks and label ranges before any copy.
@@ -137,8 +138,12 @@ def load_npz(path: str | Path) -> WindowDataset:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ToolchainError("cannot read .npz (pickled arrays are refused)", seen=f"{path}: {str(err)[:120]}", remedy="save plain numeric arrays X, y, subject") from None
     X = arrays["X"]
-    if X.dtype.kind not in "fiu" or X.ndim != 3 or X.shape[0] < 1 or X.shape[1] < 1 or X.shape[2] < 2:
-        raise ToolchainError(".npz X must be numeric (N, C, T) with N >= 1, C >= 1, T >= 2", seen=f"{path}: dtype {X.dtype}, shape {X.shape}", remedy="store windows as float32 (N, C, T)")
+    if X.dtype.kind not in "fiu" or X.ndim not in (3, 4) or X.shape[0] < 1 or X.shape[1] < 1 or min(X.shape[2:]) < 2:
+        raise ToolchainError(
+            ".npz X must be numeric (N, C, T) or (N, C, H, W) with N >= 1, C >= 1, T (H, W) >= 2",
+            seen=f"{path}: dtype {X.dtype}, shape {X.shape}",
+            remedy="store windows as float32 (N, C, T) or images as (N, C, H, W)",
+        )
     y, subject = _int_array(arrays["y"], "y", path), _int_array(arrays["subject"], "subject", path)
     segment = _int_array(arrays["segment"], "segment", path) if "segment" in arrays else subject
     if not (len(y) == len(subject) == len(segment) == len(X)):
@@ -153,18 +158,52 @@ def load_npz(path: str | Path) -> WindowDataset:
 
 
 def load_data(spec: str) -> WindowDataset:
-    """``watch`` (embedded default), ``hapt:FOLDER`` or a HAPT folder, or ``file.npz``."""
+    """``watch`` (embedded default), ``hapt:FOLDER`` or a HAPT folder, or ``file.npz``.
+
+    Parsed datasets are cached for the process (keyed on the spec and the files' modification
+    times), so a benchmark that runs ``finetune`` hundreds of times parses the raw files once.
+    """
     if spec == "watch":
-        return load_watch()
+        return _cached(spec, watch_path())
     if spec.startswith("hapt:"):
-        return load_hapt(spec[5:])
+        return _cached(spec, Path(spec[5:]) / "RawData" / "labels.txt")
+    if spec == "digits" or spec.startswith("digits:"):
+        from toolchain.data.images import load_digits_shift
+
+        level = spec.partition(":")[2] or "3"
+        if not level.isdigit():
+            raise ToolchainError("digits takes a severity 1..5", seen=spec, remedy="use digits or digits:3")
+        return load_digits_shift(int(level))
+    if spec.startswith("imagefolder:"):
+        from toolchain.data.images import load_image_folder
+
+        root, _, size = spec[len("imagefolder:") :].partition(":")
+        if size and not size.isdigit():
+            raise ToolchainError("imagefolder takes ROOT or ROOT:SIZE", seen=spec, remedy="e.g. imagefolder:photos:32")
+        return load_image_folder(root, int(size) if size else 32)
     if spec.endswith(".npz"):
         if not Path(spec).is_file():
             raise ToolchainError("data file does not exist", seen=spec)
         return load_npz(spec)
     if Path(spec).is_dir():
         return load_hapt(spec)
-    raise ToolchainError("unknown data spec", seen=spec, remedy="use watch, hapt:FOLDER, a HAPT folder or a .npz file")
+    raise ToolchainError("unknown data spec", seen=spec, remedy="use watch, digits[:SEVERITY], hapt:FOLDER, imagefolder:ROOT[:SIZE], a HAPT folder or a .npz file")
+
+
+_CACHE: dict[tuple[str, float], WindowDataset] = {}
+
+
+def _cached(spec: str, stamp_file: Path) -> WindowDataset:
+    try:
+        key = (spec, stamp_file.stat().st_mtime)
+    except OSError:
+        key = (spec, -1.0)
+    if key not in _CACHE:
+        ds = load_watch() if spec == "watch" else load_hapt(spec[5:])
+        _CACHE.clear()
+        _CACHE[key] = ds
+    ds = _CACHE[key]
+    return WindowDataset(ds.X, ds.y, ds.subject, ds.segment, list(ds.classes), ds.name)  # callers may replace fields, never arrays in place
 
 
 def default_target_subjects(ds: WindowDataset) -> tuple[int, ...]:
@@ -173,4 +212,6 @@ def default_target_subjects(ds: WindowDataset) -> tuple[int, ...]:
         return tuple(t for t in HAPT_TEST_USERS if t in ds.subjects())
     if ds.name == "watch":
         return WATCH_TARGETS
+    if ds.name == "digits":
+        return (1, 2, 3, 4)
     return tuple(ds.subjects()[-max(1, len(ds.subjects()) // 3) :])

@@ -15,7 +15,8 @@ STEP = 64
 
 @dataclass
 class WindowDataset:
-    """X: (N, C, T) float32; y: (N,) int64 class index; subject: (N,) int64; segment: (N,) int64.
+    """X: (N, C, T) windows or (N, C, H, W) images, float32; y: (N,) int64 class index; subject:
+    (N,) int64 (a person, or an image domain); segment: (N,) int64.
 
     ``segment`` numbers the contiguous labelled recordings in time order; windows inside a segment
     are in time order too, which the time split relies on.
@@ -30,8 +31,8 @@ class WindowDataset:
 
     def __post_init__(self) -> None:
         n = len(self.X)
-        if self.X.ndim != 3 or any(len(a) != n for a in (self.y, self.subject, self.segment)):
-            raise ToolchainError("a window dataset needs X (N, C, T) and y, subject of length N", seen=(self.X.shape, len(self.y), len(self.subject)))
+        if self.X.ndim not in (3, 4) or any(len(a) != n for a in (self.y, self.subject, self.segment)):
+            raise ToolchainError("a dataset needs X (N, C, T) or (N, C, H, W) and y, subject of length N", seen=(self.X.shape, len(self.y), len(self.subject)))
         if n and (self.y.min() < 0 or self.y.max() >= len(self.classes)):
             raise ToolchainError("labels must be class indices 0..K-1", seen=(int(self.y.min()), int(self.y.max())), remedy="relabel y")
 
@@ -101,6 +102,7 @@ def time_split(ds: WindowDataset, fraction: float = 0.8) -> tuple[WindowDataset,
 
 def fit_standardization(ds: WindowDataset) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std over all samples of ``ds`` (the source subjects). Shapes (C,)."""
-    mean = ds.X.mean(axis=(0, 2), dtype=np.float64)
-    std = ds.X.std(axis=(0, 2), dtype=np.float64)
+    axes = (0, *range(2, ds.X.ndim))
+    mean = ds.X.mean(axis=axes, dtype=np.float64)
+    std = ds.X.std(axis=axes, dtype=np.float64)
     return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)

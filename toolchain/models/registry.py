@@ -26,10 +26,11 @@ class Standardize(nn.Module):
     mean: Tensor
     std: Tensor
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, spatial_dims: int = 1) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.zeros(1, channels, 1))
-        self.register_buffer("std", torch.ones(1, channels, 1))
+        shape = (1, channels) + (1,) * spatial_dims
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
@@ -38,9 +39,9 @@ class Standardize(nn.Module):
 class HARModel(nn.Module):
     """A backbone behind the input standardisation, so deployed models take raw sensor windows."""
 
-    def __init__(self, net: nn.Module, channels: int) -> None:
+    def __init__(self, net: nn.Module, channels: int, spatial_dims: int = 1) -> None:
         super().__init__()
-        self.norm: Standardize = Standardize(channels)
+        self.norm: Standardize = Standardize(channels, spatial_dims)
         self.net = net
 
     def forward(self, x: Tensor) -> Tensor:
@@ -100,12 +101,20 @@ def _accepted_kwargs(factory: Any, offered: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in offered.items() if k in params}
 
 
-def build_model(spec: str, in_channels: int, num_classes: int) -> HARModel:
-    """The full model: standardisation plus backbone."""
-    return HARModel(build_backbone(spec, in_channels, num_classes), in_channels)
+def build_model(spec: str, in_channels: int, num_classes: int, spatial_dims: int = 1) -> HARModel:
+    """The full model: standardisation (for 1-D windows or 2-D images) plus backbone."""
+    return HARModel(build_backbone(spec, in_channels, num_classes), in_channels, spatial_dims)
 
 
-def save_checkpoint(model: HARModel, path: str | os.PathLike[str], *, spec: str, classes: list[str], extra: dict[str, Any]) -> None:
+def check_input_shape(shape: object, where: str) -> tuple[int, ...]:
+    """(C, T) or (C, H, W), every entry an integer in 1..65536."""
+    ok = isinstance(shape, list | tuple) and len(shape) in (2, 3) and all(type(d) is int and 1 <= d <= 65536 for d in shape)
+    if not ok:
+        raise ToolchainError("an input shape is C,T (windows) or C,H,W (images), each 1..65536", seen=f"{where}: {shape!r}"[:160], remedy="pass e.g. --input-shape 6,128 or 3,32,32")
+    return tuple(shape)  # type: ignore[arg-type]
+
+
+def save_checkpoint(model: HARModel, path: str | os.PathLike[str], *, spec: str, classes: list[str], input_shape: tuple[int, ...], extra: dict[str, Any]) -> None:
     """Write a checkpoint (tensors and plain data only, loadable with weights_only=True) atomically."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
@@ -113,6 +122,7 @@ def save_checkpoint(model: HARModel, path: str | os.PathLike[str], *, spec: str,
         "version": 1,
         "model": spec,
         "in_channels": int(model.norm.mean.shape[1]),
+        "input_shape": [int(d) for d in input_shape],
         "classes": list(classes),
         "state_dict": state,
         **extra,
@@ -121,8 +131,13 @@ def save_checkpoint(model: HARModel, path: str | os.PathLike[str], *, spec: str,
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None) -> tuple[HARModel, dict[str, Any]]:
-    """Load a checkpoint with ``weights_only=True`` and rebuild its model. Returns (model, payload)."""
+def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None, input_shape: tuple[int, ...] | None = None) -> tuple[HARModel, dict[str, Any]]:
+    """Load a checkpoint with ``weights_only=True`` and rebuild its model. Returns (model, payload).
+
+    ``payload["input_shape"]`` is the (C, T) or (C, H, W) the model was trained on: recorded at
+    pretrain; for a plain state_dict, ``input_shape`` (None until the data or --input-shape gives it);
+    checkpoints from before it was recorded used (C, 128) windows.
+    """
     p = Path(path)
     if not p.is_file():
         raise ToolchainError("checkpoint file does not exist", seen=str(p), remedy="run `toolchain pretrain --out base.pt` first")
@@ -131,7 +146,7 @@ def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None)
     except Exception as err:  # torch raises many types for a bad file
         raise ToolchainError("cannot read checkpoint (loaded with weights_only=True)", seen=f"{p}: {type(err).__name__}", remedy="pass a checkpoint written by `toolchain pretrain`") from None
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return _from_state_dict(payload, model_spec, p)
+        return _from_state_dict(payload, model_spec, p, input_shape)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ToolchainError("not a toolchain checkpoint", seen=str(p), remedy="pass a checkpoint written by `toolchain pretrain`")
     validate_payload(payload, p)
@@ -142,7 +157,10 @@ def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None)
             remedy=f"pass --model {payload['model']} if you trust that code",
         )
     spec = model_spec or payload["model"]
-    model = build_model(spec, payload["in_channels"], len(payload["classes"]))
+    payload["input_shape"] = list(check_input_shape(payload.get("input_shape", [payload["in_channels"], 128]), str(p)))
+    if payload["input_shape"][0] != payload["in_channels"]:
+        raise ToolchainError("checkpoint input_shape and in_channels disagree", seen=(payload["input_shape"], payload["in_channels"]), remedy="pass a checkpoint written by `toolchain pretrain`")
+    model = build_model(spec, payload["in_channels"], len(payload["classes"]), len(payload["input_shape"]) - 1)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
@@ -176,7 +194,7 @@ def validate_payload(payload: dict[str, Any], path: Path) -> None:
             raise ToolchainError("checkpoint has NaN or Inf values", seen=f"{path}: {name}", remedy="training diverged: retrain with a lower --lr")
 
 
-def _from_state_dict(state: dict[str, torch.Tensor], model_spec: str | None, path: Path) -> tuple[HARModel, dict[str, Any]]:
+def _from_state_dict(state: dict[str, torch.Tensor], model_spec: str | None, path: Path, input_shape: tuple[int, ...] | None) -> tuple[HARModel, dict[str, Any]]:
     """A plain state_dict for the backbone of ``--model`` (inputs taken as already standardised).
 
     Channels come from the first conv kernel, classes from the last matrix (the classifier).
@@ -188,7 +206,14 @@ def _from_state_dict(state: dict[str, torch.Tensor], model_spec: str | None, pat
     if not kernels or not matrices:
         raise ToolchainError("cannot tell input channels and classes from this state_dict (no conv kernel or no classifier matrix)", seen=str(path))
     in_channels, num_classes = int(kernels[0].shape[1]), int(matrices[-1].shape[0])
-    model = build_model(model_spec, in_channels, num_classes)
+    spatial_dims = kernels[0].dim() - 2
+    if input_shape is not None:
+        input_shape = check_input_shape(list(input_shape), "--input-shape")
+        if input_shape[0] != in_channels or len(input_shape) - 1 != spatial_dims:
+            raise ToolchainError(
+                "--input-shape does not fit the state_dict's first conv", seen=(input_shape, tuple(kernels[0].shape)), remedy=f"pass {in_channels} channels and {spatial_dims} spatial dims"
+            )
+    model = build_model(model_spec, in_channels, num_classes, spatial_dims)
     try:
         model.net.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -199,6 +224,7 @@ def _from_state_dict(state: dict[str, torch.Tensor], model_spec: str | None, pat
         "version": 1,
         "model": model_spec,
         "in_channels": in_channels,
+        "input_shape": list(input_shape) if input_shape is not None else None,
         "classes": [str(i) for i in range(num_classes)],
         "data": None,
         "pretrain": {"target_subjects": None},

@@ -11,6 +11,7 @@ not change, so the reference path is the same model outside the block.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +40,44 @@ def _frozen(*params: Tensor | None) -> bool:
     return not any(p is not None and p.requires_grad for p in params)
 
 
+def bn_is_frozen(bn: nn.Module) -> bool:
+    """Eval-mode BatchNorm with running statistics and a frozen affine: a fixed per-channel affine."""
+    return not bn.training and getattr(bn, "running_var", None) is not None and _frozen(getattr(bn, "weight", None), getattr(bn, "bias", None))
+
+
+def bn_affine(bn: Any) -> tuple[Tensor, Tensor]:
+    """(scale, shift) with bn(x) = x · scale + shift per channel, for a frozen BatchNorm."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0)
+    return scale, shift
+
+
+def lean_applies(conv: nn.Module) -> bool:
+    """Whether ``conv``'s forward takes its lean function now (so a following BN may be folded in)."""
+    if not torch.is_grad_enabled():
+        return False
+    if isinstance(conv, nn.Conv1d | nn.Conv2d):
+        return type(conv) in (LeanConv1d, LeanConv2d) and not conv.weight.requires_grad
+    return bool(getattr(conv, "lean", False)) and getattr(conv, "lean_ready", lambda: False)()
+
+
+def folded_bn(conv: nn.Module) -> nn.Module | None:
+    """The BatchNorm right after ``conv`` that its lean forward applies too, or None."""
+    bn = conv.__dict__.get("_lean_bn")
+    return bn if bn is not None and bn_is_frozen(bn) and lean_applies(conv) else None
+
+
+def fold(bn: nn.Module | None, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(w·scale, b·scale + shift, scale) for a folded BN; (w, b, None) without one."""
+    if bn is None:
+        return w, b, None
+    scale, shift = bn_affine(bn)
+    view = (-1,) + (1,) * (w.dim() - 1)
+    return w * scale.reshape(view), shift + (b * scale if b is not None else 0), scale
+
+
 class _LeanConv:
     weight: Tensor
     bias: Tensor | None
@@ -46,8 +85,9 @@ class _LeanConv:
     def forward(self, x: Tensor) -> Tensor:
         if self.weight.requires_grad or not torch.is_grad_enabled():
             return super().forward(x)  # type: ignore[misc]
+        w, b, _ = fold(folded_bn(self), self.weight, self.bias)  # type: ignore[arg-type]
         x, conf = conv_inputs(self, x)  # type: ignore[arg-type]
-        return lean_ops.FrozenConv.apply(x, self.weight, self.bias, conf)
+        return lean_ops.FrozenConv.apply(x, w, b, conf)
 
 
 class LeanConv1d(_LeanConv, nn.Conv1d):
@@ -75,13 +115,12 @@ class _LeanBatchNorm:
     eps: float
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
-        if self.training or self.running_mean is None or self.running_var is None or not _frozen(weight, bias):
+        conv = self.__dict__.get("_lean_conv")
+        if conv is not None and folded_bn(conv) is self:
+            return x  # the conv before it already applied this BN
+        if not bn_is_frozen(self):  # type: ignore[arg-type]
             return super().forward(x)  # type: ignore[misc]
-        scale = torch.rsqrt(self.running_var + self.eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = -self.running_mean * scale + (bias if bias is not None else 0)
+        scale, shift = bn_affine(self)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
 
@@ -189,6 +228,9 @@ def lean_training(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]
         if hasattr(m, "lean"):
             setattr(m, "lean", True)  # noqa: B010
             flagged.append(m)
+    pairs = _conv_bn_pairs(model)
+    for conv, bn in pairs:  # plain attributes, not submodules: state_dict and modules() stay the same
+        conv.__dict__["_lean_bn"], bn.__dict__["_lean_conv"] = bn, conv
     try:
         yield model
     finally:
@@ -196,3 +238,18 @@ def lean_training(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]
             m.__class__ = cls
         for m in flagged:
             setattr(m, "lean", False)  # noqa: B010
+        for conv, bn in pairs:
+            conv.__dict__.pop("_lean_bn", None)
+            bn.__dict__.pop("_lean_conv", None)
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(conv, BN) where the BN directly follows the conv inside an nn.Sequential (its only reader)."""
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for a, b in itertools.pairwise(seq.children()):
+            if isinstance(b, nn.BatchNorm1d | nn.BatchNorm2d) and (isinstance(a, nn.Conv1d | nn.Conv2d) or hasattr(a, "lean_ready")):
+                pairs.append((a, b))
+    return pairs

@@ -199,7 +199,7 @@ class WindowMax(torch.autograd.Function):
         else:
             grad = flat.reshape(b, c, outs[0], outs[1], k[0], k[1]).permute(0, 1, 2, 4, 3, 5).reshape(b, c, outs[0] * k[0], outs[1] * k[1])
         pad = [p for n, used in reversed(list(zip(shape[2:], grad.shape[2:], strict=True))) for p in (0, n - used)]
-        return F.pad(grad, pad), None
+        return (F.pad(grad, pad) if any(pad) else grad), None
 
 
 def _windows(x: Tensor, k: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:

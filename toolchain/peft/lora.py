@@ -56,6 +56,10 @@ class LoRAConv(nn.Module):
         b = self.lora_B.reshape(g, -1, r)
         return self.scaling * torch.bmm(b, a).reshape(self.base.weight.shape)
 
+    def lean_ready(self) -> bool:
+        """LoRA (not DoRA: its weight norm needs the full update) has a lean function."""
+        return self.lean and self.magnitude is None and not self.merged
+
     def dora_weight(self) -> Tensor:
         assert self.magnitude is not None
         v = self.base.weight + self.delta_weight()
@@ -65,12 +69,14 @@ class LoRAConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
-        if self.lean and self.magnitude is None and torch.is_grad_enabled():
-            from toolchain.peft.lean import conv_inputs
+        if self.lean_ready() and torch.is_grad_enabled():
+            from toolchain.peft.lean import conv_inputs, fold, folded_bn
             from toolchain.peft.lean_ops import LoRAConv as LeanFn
 
+            w, b, scale = fold(folded_bn(self), self.base.weight, self.base.bias)  # a frozen BN after it, folded in
+            up = self.lora_B if scale is None else self.lora_B * scale[:, None]
             xp, conf = conv_inputs(self.base, x)
-            return LeanFn.apply(xp, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, conf)
+            return LeanFn.apply(xp, w, b, self.lora_A, up, self.scaling, conf)
         if self.magnitude is not None:
             return self.base._conv_forward(x, self.dora_weight(), self.base.bias)
         h = self.base._conv_forward(x, self.lora_A, None)

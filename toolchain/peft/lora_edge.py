@@ -93,23 +93,32 @@ class LoRAEdgeConv(nn.Module):
         return _CONV_FN[self.suffix.dim() - 2](h, up, groups=g)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.lean and not self.merged and torch.is_grad_enabled():
+        if self.lean_ready() and torch.is_grad_enabled():
             return self._lean_forward(x)
         y = self.base(x)
         if self.merged:
             return y
         return y + self.scaling * self._aux(x)
 
+    def lean_ready(self) -> bool:
+        return self.lean and not self.merged
+
     def _lean_forward(self, x: Tensor) -> Tensor:
-        """One conv with W + s·ΔW, keeping the r1-channel projection or x, whichever is smaller."""
-        from toolchain.peft.lean import conv_inputs
+        """One conv with W + s·ΔW, keeping the r1-channel projection or x, whichever is smaller.
+
+        A frozen BatchNorm right after it (``lean_training`` pairs them) is folded in exactly:
+        scale·(W + s·ΔG1 ×₁ S) = scale·W + s·(scale·ΔG1) ×₁ S, shift added to the bias.
+        """
+        from toolchain.peft.lean import conv_inputs, fold, folded_bn
         from toolchain.peft.lean_ops import LoRAEdgeConv as LeanFn
 
+        w, b, scale = fold(folded_bn(self), self.base.weight, self.base.bias)
+        dg1 = self.delta_g1 if scale is None else self.delta_g1 * scale[:, None]
         xp, conf = conv_inputs(self.base, x)
         spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(xp.shape[2:], conf[1], conf[2], self.suffix.shape[2:], conf[0], strict=True)]
         h_numel = self.base.groups * self.ranks[1] * math.prod(spatial)
         keep_x = math.prod(xp.shape[1:]) < h_numel
-        return LeanFn.apply(xp, self.base.weight, self.base.bias, self.suffix, self.delta_g1, self.scaling, conf, keep_x)
+        return LeanFn.apply(xp, w, b, self.suffix, dg1, self.scaling, conf, keep_x)
 
     @torch.no_grad()
     def merge(self) -> None:
