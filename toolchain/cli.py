@@ -169,14 +169,28 @@ def cmd_refit(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from toolchain.demo import run_demo
 
-    return run_demo(a.out, quick=a.quick, force=a.force)
+    return run_demo(a.out, quick=a.quick, force=a.force, images=a.images)
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from toolchain.compare import CompareJob, run_compare
 
     methods = tuple(m for m in a.methods.split(",") if m)
-    job = CompareJob(out=a.out, methods=methods, backbone=a.backbone, data=a.data, ranks=a.ranks, steps=a.steps, eval_every=a.eval_every, seed=a.seed, layers=a.layers, progress=not a.no_progress)
+    excl = tuple(c for c in a.exclude_classes.split(",") if c)
+    job = CompareJob(
+        out=a.out,
+        methods=methods,
+        backbone=a.backbone,
+        data=a.data,
+        ranks=a.ranks,
+        steps=a.steps,
+        eval_every=a.eval_every,
+        seed=a.seed,
+        layers=a.layers,
+        progress=not a.no_progress,
+        exclude_classes=excl,
+        pretrain_epochs=a.pretrain_epochs,
+    )
     rows = run_compare(job)
     print(open(f"{a.out}/results.md").read())
     print(f"{len(rows)} runs; results.md, results.csv, f1_vs_step.png, memory.png, params_vs_f1.png in {a.out}")
@@ -256,6 +270,7 @@ def _add_graph_commands(sub: Any) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded default")
     p.add_argument("--out", default="demo_out", help="(default demo_out)")
     p.add_argument("--quick", action="store_true", help="fewer training steps (for tests)")
+    p.add_argument("--images", action="store_true", help="the image pipeline: scikit-learn's digits, clean -> corrupted, ResNet-18-style net")
     p.add_argument("--force", action="store_true", help="reuse a non-empty output folder")
     p.set_defaults(func=cmd_demo)
 
@@ -269,6 +284,8 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--eval-every", type=int, default=25, help="steps between F1 evaluations (default 25)")
     p.add_argument("--layers", "--targets", dest="layers", default="all", help="conv selection for lora-edge/lora/dora: all, pointwise or a regex (default all; --targets is the old name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-classes", default="", help="unseen classes: pretrain without these (names or indices), adapt to all")
+    p.add_argument("--pretrain-epochs", type=int, default=8, help="(default 8)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 

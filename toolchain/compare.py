@@ -31,7 +31,7 @@ from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_trai
 from toolchain.peft.lean import lean_training
 from toolchain.profile import activation_bytes, profile_step
 from toolchain.train import TrainConfig, count_params, evaluate, train
-from toolchain.workflows import PretrainJob, make_optimizer, pretrain
+from toolchain.workflows import PretrainJob, expand_head, make_optimizer, pretrain
 
 TARGET_FRACTION = 0.95
 
@@ -49,6 +49,7 @@ class CompareJob:
     seed: int = 0
     layers: str = "all"
     pretrain_epochs: int = 8
+    exclude_classes: tuple[str, ...] = ()  # unseen classes: pretrain without these, adapt to all
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -60,7 +61,7 @@ def grid(job: CompareJob) -> list[tuple[str, int]]:
 
 def base_inputs(job: CompareJob) -> dict[str, Any]:
     """Everything the pretrained base depends on."""
-    return {"backbone": job.backbone, "data": job.data, "pretrain_epochs": job.pretrain_epochs, "seed": job.seed, "version": __version__}
+    return {"backbone": job.backbone, "data": job.data, "pretrain_epochs": job.pretrain_epochs, "seed": job.seed, "exclude_classes": list(job.exclude_classes), "version": __version__}
 
 
 def run_inputs(job: CompareJob, method: str, rank: int) -> dict[str, Any]:
@@ -88,9 +89,13 @@ def run_compare(job: CompareJob) -> list[dict[str, Any]]:
     (out / "adapters").mkdir(exist_ok=True)
     ckpt = out / f"base_{job.backbone}_{cache_key(base_inputs(job))}.pt"
     if not ckpt.is_file():
-        pretrain(PretrainJob(out=str(ckpt), model=job.backbone, data=job.data, train=TrainConfig(lr=2e-3, epochs=job.pretrain_epochs, seed=job.seed, progress=False)))
+        pretrain_cfg = TrainConfig(lr=2e-3, epochs=job.pretrain_epochs, seed=job.seed, progress=False)
+        pretrain(PretrainJob(out=str(ckpt), model=job.backbone, data=job.data, train=pretrain_cfg, exclude_classes=job.exclude_classes))
     base, payload = load_checkpoint(ckpt)
     ds = load_data(job.data)
+    grows = list(payload["classes"]) != list(ds.classes)
+    if grows:  # unseen classes: a head for all of them (known rows kept), trained by every method
+        expand_head(base, list(payload["classes"]), list(ds.classes))
     _, target = split_subjects(ds, (payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds))
     adapt, test = time_split(target)
     from tqdm.auto import tqdm
@@ -101,7 +106,7 @@ def run_compare(job: CompareJob) -> list[dict[str, Any]]:
         if cache.is_file():
             rows.append(json.loads(cache.read_text()))
             continue
-        row = run_one(base, adapt, test, method, rank, job, out)
+        row = run_one(base, adapt, test, method, rank, job, out, grows)
         write_bytes_atomic(cache, json.dumps(row, indent=1).encode())
         rows.append(row)
     add_time_to_target(rows)
@@ -109,11 +114,13 @@ def run_compare(job: CompareJob) -> list[dict[str, Any]]:
     return rows
 
 
-def run_one(base: torch.nn.Module, adapt: Any, test: Any, method: str, rank: int, job: CompareJob, out: Path) -> dict[str, Any]:
+def run_one(base: torch.nn.Module, adapt: Any, test: Any, method: str, rank: int, job: CompareJob, out: Path, train_head: bool = False) -> dict[str, Any]:
     torch.manual_seed(job.seed)
     model = copy.deepcopy(base)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cfg = AdaptConfig(method=method, rank=max(rank, 1), layers=job.layers)
+    spec = get_method(method)
+    extra = ("head",) if train_head and spec.base_frozen and "head" not in spec.implied_groups else ()
+    cfg = AdaptConfig(method=method, rank=max(rank, 1), layers=job.layers, train=extra)
     inject(model, cfg)
     trainable, total = count_params(model)
     lr = get_method(method).lr

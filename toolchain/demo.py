@@ -9,9 +9,20 @@ from typing import Any
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import write_bytes_atomic
 
+DEMOS = {
+    # name: (backbone, data, pretrain epochs, finetune epochs, batch)
+    "watch": ("cnn1d", "watch", 8, 15, 32),
+    "digits": ("resnet18", "digits", 6, 6, 32),
+}
 
-def run_demo(out: str, *, quick: bool = False, force: bool = False) -> int:
-    """pretrain -> finetune (LoRA-Edge) -> export base/unfused/fused -> verify -> bench -> build."""
+
+def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool = False) -> int:
+    """pretrain -> finetune (LoRA-Edge) -> export base/unfused/fused -> verify -> bench -> build.
+
+    The embedded default: IMU windows (seglearn's watch set, cnn1d); ``images``: scikit-learn's
+    digits under corruptions (ResNet-18-style net), adapting from clean scans to corrupted ones.
+    """
+    backbone, data, pre_epochs, ft_epochs, batch = DEMOS["digits" if images else "watch"]
     from toolchain.bench import bench
     from toolchain.export import export
     from toolchain.peft.inject import AdaptConfig
@@ -27,16 +38,17 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False) -> int:
         raise ToolchainError("the demo folder is not empty", seen=str(d), remedy="pass --force to overwrite its files, or choose another --out")
     d.mkdir(parents=True, exist_ok=True)
     p = {k: str(d / v) for k, v in dict(ckpt="base.pt", adapter="adapter.safetensors", base="base.onnx", unfused="unfused.onnx", fused="fused.onnx").items()}
-    print("1/6 pretrain cnn1d on the watch dataset's source subjects")
-    pre = pretrain(PretrainJob(out=p["ckpt"], train=TrainConfig(lr=2e-3, epochs=2 if quick else 8, progress=not quick), force=True))
-    print("2/6 finetune with LoRA-Edge (rank 4) on the target subjects")
-    ft = finetune(FinetuneJob(checkpoint=p["ckpt"], out=p["adapter"], adapt=AdaptConfig(rank=4), train=TrainConfig(lr=5e-3, batch_size=32, epochs=2 if quick else 15, progress=not quick), force=True))
+    print(f"1/6 pretrain {backbone} on the {data} dataset's source {'domain' if images else 'subjects'}")
+    pre = pretrain(PretrainJob(out=p["ckpt"], model=backbone, data=data, train=TrainConfig(lr=2e-3, epochs=(1 if images else 2) if quick else pre_epochs, progress=not quick), force=True))
+    print(f"2/6 finetune with LoRA-Edge (rank 4) on the target {'domains' if images else 'subjects'}")
+    train_cfg = TrainConfig(lr=5e-3, batch_size=batch, epochs=2 if quick else ft_epochs, steps=10 if quick and images else 0, progress=not quick)
+    ft = finetune(FinetuneJob(checkpoint=p["ckpt"], out=p["adapter"], adapt=AdaptConfig(rank=4), train=train_cfg, force=True))
     print("3/6 export base, unfused and fused ONNX")
     export(p["ckpt"], p["base"], force=True)
     export(p["ckpt"], p["unfused"], adapter=p["adapter"], force=True)
     export(p["ckpt"], p["fused"], adapter=p["adapter"], fuse=True, force=True)
     print("4/6 verify fused against unfused with Polygraphy")
-    ver = verify(p["fused"], p["unfused"], str(d / "verify"), opts=VerifyOptions(real=8 if quick else 16, force=True))
+    ver = verify(p["fused"], p["unfused"], str(d / "verify"), opts=VerifyOptions(data=data, real=8 if quick else 16, force=True))
     print("5/6 bench base, fused and unfused with ONNX Runtime")
     lat = bench([p["base"], p["fused"], p["unfused"]], warmup=10, runs=50 if quick else 300)
     missing = tensorrt_status()

@@ -33,6 +33,7 @@ class VerifyOptions:
     engine_rtol: float | dict[str, float] | None = None
     seed: int = 0
     force: bool = False
+    inputs: np.ndarray | None = None  # real inputs (N, ...) to feed instead of windows from ``data``
 
     def check(self) -> None:
         if type(self.real) is not int or self.real < 0:
@@ -50,15 +51,20 @@ def make_feeds(name: str, shape: list[int | None], opts: VerifyOptions) -> list[
     """Real windows from ``opts.data`` (spread over the dataset) and seeded random inputs."""
     batch = shape[0] or 1
     feeds: list[dict[str, np.ndarray]] = []
-    if opts.data and opts.real:
+    real = opts.inputs
+    if real is None and opts.data and opts.real:
         from toolchain.data.sources import load_data
 
-        ds = load_data(opts.data)
-        if list(ds.X.shape[1:]) != list(shape[1:]):
-            raise ToolchainError("the data's window shape does not fit the model input", seen=(ds.X.shape[1:], shape[1:]))
-        idx = np.linspace(0, len(ds) - 1, opts.real * batch).astype(int)
-        feeds += [{name: ds.X[idx[i * batch : (i + 1) * batch]]} for i in range(opts.real)]
-        scale = float(ds.X.std())
+        real = load_data(opts.data).X
+    if real is not None and opts.real:
+        real = np.asarray(real, dtype=np.float32)
+        if list(real.shape[1:]) != list(shape[1:]):
+            raise ToolchainError(
+                "the data's window or image shape does not fit the model input", seen=(list(real.shape[1:]), shape[1:]), remedy="verify with data of the model's input shape, or --data none"
+            )
+        idx = np.linspace(0, len(real) - 1, opts.real * batch).astype(int)
+        feeds += [{name: np.ascontiguousarray(real[idx[i * batch : (i + 1) * batch]])} for i in range(opts.real)]
+        scale = float(real.std())
     else:
         scale = 1.0
     rng = np.random.default_rng(opts.seed)
@@ -177,7 +183,7 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
         "model": str(model),
         "engine": engine,
         "iterations": len(feeds),
-        "real_batches": opts.real if opts.data else 0,
+        "real_batches": sum(1 for f in feeds[: len(feeds) - opts.random]),
         "random_inputs": opts.random,
         "comparisons": comparisons,
         "passed": all(c["passed"] for c in comparisons.values()),

@@ -122,7 +122,9 @@ def test_lean_training_reaches_the_reference_weights():
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(("name", "layers", "bound"), [("cnn1d", "all", 0.4), ("resnet1d", "all", 0.4), ("mobilenet1d", "pointwise", 0.5), ("resnet18", "all", 0.55), ("mobilenetv2", "pointwise", 0.5)])
+@pytest.mark.parametrize(
+    ("name", "layers", "bound"), [("cnn1d", "all", 0.4), ("resnet1d", "all", 0.4), ("mobilenet1d", "pointwise", 0.5), ("resnet18", "all", 0.55), ("mobilenetv2", "pointwise", 0.5)]
+)
 def test_lean_lora_edge_keeps_a_fraction_of_full_finetuning_activations(name, layers, bound):
     torch.manual_seed(0)
     x = torch.randn(32, 6, 128) if SPATIAL_DIMS[name] == 1 else torch.randn(8, 3, 32, 32)

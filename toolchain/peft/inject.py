@@ -176,6 +176,11 @@ def unfreeze_extras(model: nn.Module, groups: tuple[str, ...]) -> None:
             raise ToolchainError("unknown --train group", seen=group, remedy="use head and/or bn")
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted submodule path ``name``."""
+    _replace(model, name, new)
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -16,6 +16,7 @@ accounting in ``toolchain.profile``) sees it. Shapes: x (B, C_in, *spatial), W (
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -182,8 +183,13 @@ class WindowMax(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, k: tuple[int, ...]) -> Tensor:
         windows, out_shape = _windows(x, k)
-        values, idx = windows.max(dim=-1)
-        ctx.save_for_backward(idx.to(torch.uint8))
+        values = windows[..., 0]
+        idx = torch.zeros(values.shape, dtype=torch.uint8)
+        for j in range(1, windows.shape[-1]):  # strict > keeps the first maximum; no int64 indices
+            better = windows[..., j] > values
+            values = torch.where(better, windows[..., j], values)
+            idx.masked_fill_(better, j)
+        ctx.save_for_backward(idx)
         ctx.shape, ctx.k = x.shape, k
         return values.reshape(out_shape)
 
@@ -192,8 +198,8 @@ class WindowMax(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         k, shape = ctx.k, ctx.shape
         b, c, outs = shape[0], shape[1], [n // kk for n, kk in zip(shape[2:], k, strict=True)]
-        flat = g.new_zeros(*idx.shape, int(torch.tensor(k).prod()))
-        flat.scatter_(-1, idx.long().unsqueeze(-1), g.reshape(*idx.shape, 1))
+        positions = torch.arange(math.prod(k), dtype=torch.uint8)
+        flat = torch.where(idx.unsqueeze(-1) == positions, g.reshape(*idx.shape, 1), 0.0)
         if len(k) == 1:
             grad = flat.reshape(b, c, outs[0] * k[0])
         else:

@@ -1,0 +1,173 @@
+"""The Python API: adapt your own nn.Module inside your own training loop, then deploy the update.
+
+    import torch
+    import toolchain.api as tc
+
+    adaptation = tc.adapt(model, method="lora-edge", rank=4)       # wraps convs; only ΔG1 trains
+    opt = adaptation.optimizer()                                     # Adam at the method's default lr
+    with adaptation.training():                                      # train mode, frozen BN, lean path
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    adaptation.save("adapter.safetensors")
+    tc.export_onnx(adaptation.base_model(), example, "base.onnx")  # the model before adaptation
+    tc.export_onnx(model, example, "unfused.onnx")                 # the adapted model, aux path as nodes
+    tc.fuse("base.onnx", "adapter.safetensors", "fused.onnx")      # torch-free, exact
+    report = tc.verify("fused.onnx", "unfused.onnx", "verify_out", inputs=example_batch_array)
+
+Everything here mirrors a CLI command: ``adapt`` and ``Adaptation.save`` are ``finetune``'s inside,
+``export_onnx`` is ``export``, ``fuse`` is ``fuse``, ``verify`` is ``verify``. Torch is imported
+when a function that needs it is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from toolchain.core.adapter_file import Adapter, load_adapter
+from toolchain.core.errors import ToolchainError
+from toolchain.core.methods import METHODS, get_method
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["METHODS", "Adaptation", "Adapter", "ToolchainError", "adapt", "export_onnx", "fuse", "load_adapter", "verify"]
+
+
+@dataclass
+class Adaptation:
+    """An adapted model: which method, what it wrapped, and the base weights it started from."""
+
+    model: nn.Module
+    method: str
+    rank: int
+    scaling: float
+    layers: str
+    train_groups: tuple[str, ...]
+    update_bn_stats: bool
+    wrapped: list[str]
+    base_state: dict[str, torch.Tensor] = field(repr=False)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters (what an optimizer should get)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+        """Adam over the trainable parameters at the method's default learning rate (GaLore's for galore)."""
+        from toolchain.workflows import make_optimizer
+
+        return make_optimizer(self.model, self._config(), lr if lr is not None else get_method(self.method).lr)
+
+    @contextlib.contextmanager
+    def training(self, lean: bool = True) -> Iterator[nn.Module]:
+        """Train mode with BatchNorm statistics frozen (unless update_bn_stats), on the lean path
+        where the method allows it; eval mode again afterwards."""
+        from toolchain.peft.inject import set_train_mode
+        from toolchain.peft.lean import lean_training
+
+        set_train_mode(self.model, self.update_bn_stats)
+        try:
+            with lean_training(self.model, lean and get_method(self.method).base_frozen):
+                yield self.model
+        finally:
+            self.model.eval()
+
+    def adapter(self, info: dict[str, Any] | None = None) -> Adapter:
+        """Every tensor that differs from the base, with the base weights' hashes."""
+        from toolchain.peft.inject import extract_adapter
+
+        return extract_adapter(self.model, self.base_state, self._config(), dict(info or {}))
+
+    def save(self, path: str | os.PathLike[str], *, force: bool = False, info: dict[str, Any] | None = None) -> Path:
+        """Write the adapter file (atomically; an existing file only with ``force``)."""
+        from toolchain.core.adapter_file import save_adapter
+        from toolchain.core.fileio import check_output
+
+        out = check_output(path, force=force)
+        save_adapter(self.adapter(info), out)
+        return out
+
+    def base_model(self) -> nn.Module:
+        """A copy of the model as it was before ``adapt``: wrappers removed, base weights restored."""
+        from toolchain.peft.inject import adapter_layers, replace_module
+
+        base = copy.deepcopy(self.model)
+        for name, layer in adapter_layers(base).items():
+            inner = layer.block if layer.method == "adapter" else layer.base
+            replace_module(base, name, inner)  # type: ignore[arg-type]
+        base.load_state_dict(self.base_state, strict=True)
+        return base.eval()
+
+    def _config(self) -> Any:
+        from toolchain.peft.inject import AdaptConfig
+
+        return AdaptConfig(method=self.method, rank=self.rank, scaling=self.scaling, layers=self.layers, train=self.train_groups, update_bn_stats=self.update_bn_stats)
+
+
+def adapt(model: nn.Module, method: str = "lora-edge", rank: int = 4, *, layers: str = "all", scaling: float = 1.0, train: Sequence[str] = (), update_bn_stats: bool = False) -> Adaptation:
+    """Put ``method`` into ``model`` in place and freeze the rest (``toolchain finetune``'s step).
+
+    layers: "all" convs, "pointwise" (1x1) convs or a regex on module names. scaling: ΔW scale
+    (lora/dora: alpha / r). train: extra groups to train ("head", "bn").
+    """
+    from toolchain.peft.inject import AdaptConfig, inject
+
+    spec = get_method(method)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = AdaptConfig(method=spec.name, rank=rank, scaling=scaling, layers=layers, train=tuple(train), update_bn_stats=update_bn_stats)
+    wrapped = inject(model, cfg)
+    return Adaptation(model, spec.name, rank, scaling, layers, tuple(train), update_bn_stats, wrapped, base_state)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str], *, fold_bn: bool = False, dynamic_batch: bool = False, force: bool = False) -> Path:
+    """``toolchain export`` for any module: opset 18, input named ``x``, output ``logits``; the shape of
+    ``example`` (batch included) fixes the input shape."""
+    from toolchain.core.fileio import check_output
+    from toolchain.export import ExportOptions, to_onnx
+    from toolchain.graphs.onnx_io import check_onnx, save_onnx
+
+    out = check_output(path, force=force)
+    proto = to_onnx(model, tuple(example.shape[1:]), ExportOptions(dynamic_batch=dynamic_batch, fold_bn=fold_bn, batch=int(example.shape[0])))
+    check_onnx(proto, str(out))
+    save_onnx(proto, out, force=force)
+    return out
+
+
+def fuse(base: str | os.PathLike[str], adapter: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False) -> dict[str, str]:
+    """``toolchain fuse``: a toolchain adapter file or a PEFT adapter folder into base.onnx's Conv weights."""
+    from toolchain.graphs.fuse import fuse_files
+
+    return fuse_files(base, adapter, out, force=force)
+
+
+def verify(
+    model: str | os.PathLike[str],
+    reference: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    inputs: np.ndarray | None = None,
+    data: str | None = None,
+    real: int = 16,
+    random: int = 8,
+    atol: float | None = None,
+    rtol: float | None = None,
+    engine: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """``toolchain verify``: Polygraphy's Comparator on ``inputs`` (N, ...) split into batches of the
+    model's batch size, or real windows from ``data``, plus ``random`` random inputs."""
+    from toolchain.verify import VerifyOptions
+    from toolchain.verify import verify as run
+
+    opts = VerifyOptions(data=data, real=real if (data or inputs is not None) else 0, random=random, atol=atol, rtol=rtol, force=force, inputs=inputs)
+    return run(str(model), str(reference), str(out_dir), engine=engine, opts=opts)
