@@ -31,7 +31,7 @@ LAYERS = {"cnn1d": "all", "resnet1d": "all", "mobilenet1d": "pointwise"}
 def _done(path: Path) -> set[tuple]:
     if not path.is_file():
         return set()
-    return {(r["backbone"], r["seed"], r["user"], r["method"], r["rank"]) for r in map(json.loads, path.read_text().splitlines())}
+    return {(r["backbone"], r["seed"], r["user"], r["method"], r["rank"], r.get("path", "lean")) for r in map(json.loads, path.read_text().splitlines())}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -51,18 +51,18 @@ def run(args: argparse.Namespace) -> None:
                 print(f"{backbone} seed {seed}: pretrained in {time.perf_counter() - t0:.0f} s", flush=True)
             for user in HAPT_TEST_USERS:
                 for method, rank in [(m, r) for m in args.methods for r in (args.ranks if m in ("lora-edge", "lora", "dora") else [0])]:
-                    if (backbone, seed, user, method, rank) in done:
+                    if (backbone, seed, user, method, rank, args.path) in done:
                         continue
-                    row = _adapt(ckpt, work, data, backbone, method, rank, seed, user, args.epochs)
+                    row = _adapt(ckpt, work, data, backbone, method, rank, seed, user, args.epochs, args.path == "lean")
                     with out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(json.dumps(row), flush=True)
 
 
-def _adapt(ckpt: Path, work: Path, data: str, backbone: str, method: str, rank: int, seed: int, user: int, epochs: int) -> dict:
+def _adapt(ckpt: Path, work: Path, data: str, backbone: str, method: str, rank: int, seed: int, user: int, epochs: int, lean: bool) -> dict:
     adapter = work / f"{backbone}_s{seed}_u{user}_{method}_r{rank}.safetensors"
     adapt = AdaptConfig(method=method, rank=max(rank, 1), layers=LAYERS[backbone])
-    job = FinetuneJob(checkpoint=str(ckpt), out=str(adapter), adapt=adapt, data=data, subjects=(user,), force=True)
+    job = FinetuneJob(checkpoint=str(ckpt), out=str(adapter), adapt=adapt, data=data, subjects=(user,), force=True, lean=lean)
     job.train = TrainConfig(lr=get_method(method).lr, batch_size=32, epochs=epochs, seed=seed, progress=False)
     m = finetune(job)
     return {
@@ -76,6 +76,7 @@ def _adapt(ckpt: Path, work: Path, data: str, backbone: str, method: str, rank: 
         "trainable": m["trainable_params"],
         "total": m["total_params"],
         "seconds": m["train_seconds"],
+        "path": m["training_path"],
     }
 
 
@@ -85,6 +86,8 @@ def summary(path: Path) -> str:
     rows += [{**r, "method": "source-only", "rank": 0, "f1": r["f1_source_only"], "trainable": 0} for r in rows if r["method"] == "full"]
     order = ["source-only", *METHODS]
     keys = sorted({(r["backbone"], r["method"], r["rank"]) for r in rows}, key=lambda k: (k[0], order.index(k[1]), k[2]))
+    rows = [{**r, "method": r["method"] + (" (reference path)" if r.get("path") == "reference" and r["method"] != "full" else "")} for r in rows]
+    keys = sorted({(r["backbone"], r["method"], r["rank"]) for r in rows}, key=lambda k: (k[0], order.index(k[1].split(" ")[0]), k[1], k[2]))
     for b, m, rk in keys:
         sel = [r for r in rows if (r["backbone"], r["method"], r["rank"]) == (b, m, rk)]
         f1 = np.array([r["f1"] for r in sel])
@@ -103,6 +106,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--methods", nargs="+", default=["lora-edge", "full"], choices=METHODS)
+    ap.add_argument("--path", default="lean", choices=["lean", "reference"], help="training path of frozen-base methods (default lean)")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--pretrain-epochs", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)

@@ -33,10 +33,14 @@ def conv(x: Tensor, w: Tensor, b: Tensor | None, conf: Conf) -> Tensor:
 
 
 def conv_grad_input(shape: torch.Size, w: Tensor, g: Tensor, conf: Conf) -> Tensor:
-    """grad_x of conv(x, w) for grad_y = g, from x's shape alone."""
+    """grad_x of conv(x, w) for grad_y = g, from x's shape alone: the transposed conv, with the output
+    padding that restores x's size. (aten's convolution_backward with an expanded placeholder input
+    materialises an input-sized buffer; this does not.)"""
     stride, padding, dilation, groups = conf
-    placeholder = g.new_empty(1).expand(shape)
-    return torch.ops.aten.convolution_backward(g, placeholder, w, None, stride, padding, dilation, False, [0] * len(stride), groups, (True, False, False))[0]
+    k = w.shape[2:]
+    extra = [n - ((o - 1) * s - 2 * p + d * (kk - 1) + 1) for n, o, s, p, d, kk in zip(shape[2:], g.shape[2:], stride, padding, dilation, k, strict=True)]
+    fn = F.conv_transpose1d if len(k) == 1 else F.conv_transpose2d
+    return fn(g, w, None, stride, padding, tuple(extra), groups, dilation)
 
 
 def conv_grad_weight(x: Tensor, w: Tensor, g: Tensor, conf: Conf) -> Tensor:
