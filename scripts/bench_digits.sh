@@ -8,7 +8,7 @@ METHODS=lora-edge,lora,dora,galore,adapter,bitfit,head,full
 for bb in resnet18:all mobilenetv2:pointwise; do
   name=${bb%%:*}; layers=${bb##*:}
   python3 -m toolchain.cli compare --backbone "$name" --layers "$layers" --data digits --methods $METHODS --ranks 4 \
-    --steps 200 --eval-every 25 --pretrain-epochs 6 --out "runs/digits/shift_$name" --no-progress
+    --steps 120 --eval-every 20 --pretrain-epochs 6 --out "runs/digits/shift_$name" --no-progress
   python3 -m toolchain.cli compare --backbone "$name" --layers "$layers" --data digits --methods $METHODS --ranks 4 \
-    --steps 200 --eval-every 25 --pretrain-epochs 6 --exclude-classes 8,9 --out "runs/digits/unseen_$name" --no-progress
+    --steps 120 --eval-every 20 --pretrain-epochs 6 --exclude-classes 8,9 --out "runs/digits/unseen_$name" --no-progress
 done

@@ -103,16 +103,44 @@ def test_merge_equals_unmerged_forward(method):
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
 
 
+class Tiny2d(nn.Module):
+    """2-D geometries: a non-square kernel with stride, a grouped conv, a depthwise conv, a pointwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 8, (3, 5), stride=(2, 1), padding=(1, 2)), nn.BatchNorm2d(8), nn.ReLU6()),
+            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(8), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU()),
+            nn.Conv2d(8, 12, 1),
+        )
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def _tiny2d(seed: int = 0) -> Tiny2d:
+    torch.manual_seed(seed)
+    m = Tiny2d().eval()
+    with torch.no_grad():
+        for bn in [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]:
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2)
+    return m
+
+
+@pytest.mark.parametrize("dims", [1, 2])
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "adapter"])
-def test_fused_onnx_matches_unfused(method):
-    base = _tiny()
+def test_fused_onnx_matches_unfused(method, dims):
+    base = _tiny() if dims == 1 else _tiny2d()
     state = {k: v.clone() for k, v in base.state_dict().items()}
     model = copy.deepcopy(base)
     cfg = AdaptConfig(method=method, rank=2)
     inject(model, cfg)
     _perturb(model)
     adapter = extract_adapter(model, state, cfg, {})
-    x = torch.randn(1, 6, 32)
+    x = torch.randn(1, 6, 32) if dims == 1 else torch.randn(1, 3, 14, 11)
     unfused, fused = export_proto(model.eval(), x), fuse_model(export_proto(base, x), adapter, PROV)
     want = model(x).detach().numpy()
     np.testing.assert_allclose(run(unfused, x), want, rtol=1e-4, atol=1e-5)
