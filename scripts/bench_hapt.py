@@ -86,7 +86,7 @@ def summary(path: Path) -> str:
     rows += [{**r, "method": "source-only", "rank": 0, "f1": r["f1_source_only"], "trainable": 0} for r in rows if r["method"] == "full"]
     order = ["source-only", *METHODS]
     keys = sorted({(r["backbone"], r["method"], r["rank"]) for r in rows}, key=lambda k: (k[0], order.index(k[1]), k[2]))
-    rows = [{**r, "method": r["method"] + (" (reference path)" if r.get("path") == "reference" and r["method"] != "full" else "")} for r in rows]
+    rows = [{**r, "method": r["method"] + (" (reference path)" if r.get("path") == "reference" and r["method"] not in ("full", "source-only") else "")} for r in rows]
     keys = sorted({(r["backbone"], r["method"], r["rank"]) for r in rows}, key=lambda k: (k[0], order.index(k[1].split(" ")[0]), k[1], k[2]))
     for b, m, rk in keys:
         sel = [r for r in rows if (r["backbone"], r["method"], r["rank"]) == (b, m, rk)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -31,9 +30,10 @@ from toolchain.core.methods import METHODS, get_method
 from toolchain.data.sources import load_data
 from toolchain.memory import MIB
 from toolchain.models.registry import build_model
+from toolchain.peft.galore import optimizer_state_bytes
 from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
 from toolchain.peft.lean import lean_training
-from toolchain.profile import profile_step
+from toolchain.profile import activation_bytes
 from toolchain.workflows import make_optimizer
 
 BACKBONES = {"cnn1d": "all", "resnet1d": "all", "mobilenet1d": "pointwise"}
@@ -58,21 +58,35 @@ def accounting(batch: int) -> list[dict]:
         for method in METHODS:
             for path in _paths(method):
                 model = _model(backbone, method, layers)
+                opt = make_optimizer(model, AdaptConfig(method=method, rank=4), get_method(method).lr)
                 with lean_training(model, path == "lean"):
-                    p = profile_step(model, make_optimizer(model, AdaptConfig(method=method, rank=4), get_method(method).lr), x, y, lambda m: set_train_mode(m, False))
-                total = p.param_bytes + p.grad_bytes + p.optimizer_bytes + p.activation_bytes
-                rows.append({"backbone": backbone, "method": method, "path": path, "total_mib": total / MIB, "activation_mib": p.activation_bytes / MIB, "flops": p.total_flops})
+                    set_train_mode(model, False)
+                    acts = activation_bytes(model, x)
+                    torch.nn.functional.cross_entropy(model(x), y).backward()
+                    opt.step()
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                total = sum(p.numel() * 4 for p in model.parameters()) + sum(p.numel() * 4 for p in trainable) + optimizer_state_bytes(opt) + acts
+                rows.append({"backbone": backbone, "method": method, "path": path, "total_mib": total / MIB, "activation_mib": acts / MIB})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+# Linux carries a process's peak-RSS mark into a forked child, so a child of this (large) process
+# would report at least this process's size. A small launcher spawns the command and reads wait4's
+# rusage for it: its own size (about 13 MiB) is the floor instead.
+LAUNCHER = (
+    "import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ); _, st, ru = os.wait4(pid, 0); "
+    "print(ru.ru_maxrss, os.waitstatus_to_exitcode(st))"
+)
+
+
 def _peak_rss(argv: list[str]) -> float:
     """Peak RSS (MiB) of a fresh process running ``argv``."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
-    return usage.ru_maxrss / 1024.0
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], capture_output=True, text=True, check=True)
+    kib, rc = proc.stdout.split()[-2:]
+    if rc != "0":
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr[-500:]}")
+    return int(kib) / 1024.0
 
 
 def peak_rss(batch: int, steps: int) -> list[dict]:

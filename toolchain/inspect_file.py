@@ -11,6 +11,8 @@ from toolchain.core.fileio import sha256_file
 
 def describe(path: str) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        return _peft(p)
     if not p.is_file():
         raise ToolchainError("file does not exist", seen=str(p))
     head = p.read_bytes()[:16]
@@ -39,6 +41,24 @@ def _adapter(p: Path) -> dict[str, Any]:
         "extras": [e.param for e in a.extras],
         "trained_values": int(sum(t.size for k, t in a.tensors.items() if ".core" not in k)),
         "fusable": get_method(a.method).fusable,
+    }
+
+
+def _peft(p: Path) -> dict[str, Any]:
+    from toolchain.graphs.peft import load_peft
+
+    a = load_peft(p)
+    c = a.config
+    return {
+        "kind": "peft-adapter",
+        "folder": str(p),
+        "sha256": a.sha256,
+        "method": "dora" if c.get("use_dora") else "lora",
+        "r": c.get("r"),
+        "lora_alpha": c.get("lora_alpha"),
+        "use_rslora": bool(c.get("use_rslora")),
+        "modules": {m: {k: list(v.shape) for k, v in parts.items()} for m, parts in sorted(a.modules.items())},
+        "fusable_into": "the ONNX export of the model it was trained on (matched by module name and shape)",
     }
 
 

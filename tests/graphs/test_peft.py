@@ -69,6 +69,10 @@ def _peft_pair(case: str, tmp_path):
 def test_peft_adapter_fuses_like_peft_merges(case, tmp_path, capsys):
     folder, _ = _peft_pair(case, tmp_path)
     assert main(["fuse", str(tmp_path / "base.onnx"), str(folder), "-o", str(tmp_path / "fused.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(folder)]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["kind"] == "peft-adapter" and sorted(described["modules"]) == sorted(CASES[case][2])
     meta = {p.key: p.value for p in onnx.load(tmp_path / "fused.onnx").metadata_props}
     assert meta["toolchain.adapter_format"] == "peft" and len(json.loads(meta["toolchain.fused_weights"])) == len(CASES[case][2])
     capsys.readouterr()
