@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 from toolchain.core import methods
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import write_bytes_atomic
+from toolchain.core.fileio import read_regular_file, write_bytes_atomic
 
 FORMAT = "toolchain-adapter"
 FORMAT_VERSION = 1
@@ -239,22 +238,6 @@ def _validate_layer(layer: LayerRecord, adapter: Adapter) -> None:
     expected = layer.expected_shapes()
     if got != expected:
         raise ToolchainError(f"layer {layer.name}: {layer.method} tensor shapes do not fit its geometry and ranks", seen=(got, expected), remedy=_CORRUPT)
-
-
-def read_regular_file(path: Path, limit: int, *, what: str, remedy: str) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes; FIFOs, devices and folders are refused unread."""
-    try:
-        st = path.stat()
-    except OSError as err:
-        raise ToolchainError(f"the {what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy=remedy) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ToolchainError(f"the {what} is not a regular file", seen=str(path), remedy=remedy)
-    if st.st_size > limit:
-        raise ToolchainError(f"the {what} is larger than {limit >> 20} MiB", seen=st.st_size, remedy=remedy)
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise ToolchainError(f"the {what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy="check its permissions") from None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

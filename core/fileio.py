@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -27,6 +28,22 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_regular_file(path: Path, limit: int, *, what: str, remedy: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; FIFOs, devices and folders are refused unread."""
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise ToolchainError(f"the {what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy=remedy) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ToolchainError(f"the {what} is not a regular file", seen=str(path), remedy=remedy)
+    if st.st_size > limit:
+        raise ToolchainError(f"the {what} is larger than {limit >> 20} MiB", seen=st.st_size, remedy=remedy)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ToolchainError(f"the {what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy="check its permissions") from None
 
 
 def check_output(out: PathLike, inputs: Sequence[PathLike | None] = (), *, force: bool = False, related: Iterable[PathLike] = ()) -> Path:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import onnx
 
-from toolchain.core.adapter_file import read_regular_file
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import atomic_path
+from toolchain.core.fileio import atomic_path, read_regular_file
 
 TWO_GB = 2**31 - 1
 MAX_ONNX_BYTES = TWO_GB

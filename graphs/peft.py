@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from toolchain.core.adapter_file import Adapter, ConvGeometry, LayerRecord, read_regular_file, read_safetensors, validate_adapter
+from toolchain.core.adapter_file import Adapter, ConvGeometry, LayerRecord, read_safetensors, validate_adapter
 from toolchain.core.errors import ToolchainError
+from toolchain.core.fileio import read_regular_file
 from toolchain.graphs.weights import Weight, conv_weights, index_weights
 
 CONFIG = "adapter_config.json"
@@ -152,7 +153,6 @@ def peft_to_adapter(peft: PeftAdapter, model: onnx.ModelProto) -> Adapter:
                 f"PEFT module {module}: lora_A / lora_B shapes do not fit the Conv weight", seen=(a.shape, b.shape, geom.weight_shape), remedy="fuse into the model the adapter was trained on"
             )
         alpha = _pattern(c.get("alpha_pattern") or {}, module, c["lora_alpha"])
-        _pattern(c.get("rank_pattern") or {}, module, c["r"])  # the rank is read from the tensors
         scaling = float(alpha) / (math.sqrt(r) if c.get("use_rslora") else r)
         name = module
         tensors[f"{name}.lora_A"] = a.astype(np.float32)

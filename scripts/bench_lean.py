@@ -30,10 +30,9 @@ from toolchain.core.methods import METHODS, get_method
 from toolchain.data.sources import load_data
 from toolchain.memory import MIB
 from toolchain.models.registry import build_model
-from toolchain.peft.galore import optimizer_state_bytes
 from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
 from toolchain.peft.lean import lean_training
-from toolchain.profile import activation_bytes
+from toolchain.profile import step_memory
 from toolchain.workflows import make_optimizer
 
 BACKBONES = {"cnn1d": "all", "resnet1d": "all", "mobilenet1d": "pointwise"}
@@ -60,13 +59,8 @@ def accounting(batch: int) -> list[dict]:
                 model = _model(backbone, method, layers)
                 opt = make_optimizer(model, AdaptConfig(method=method, rank=4), get_method(method).lr)
                 with lean_training(model, path == "lean"):
-                    set_train_mode(model, False)
-                    acts = activation_bytes(model, x)
-                    torch.nn.functional.cross_entropy(model(x), y).backward()
-                    opt.step()
-                trainable = [p for p in model.parameters() if p.requires_grad]
-                total = sum(p.numel() * 4 for p in model.parameters()) + sum(p.numel() * 4 for p in trainable) + optimizer_state_bytes(opt) + acts
-                rows.append({"backbone": backbone, "method": method, "path": path, "total_mib": total / MIB, "activation_mib": acts / MIB})
+                    mem = step_memory(model, opt, x, y, lambda m: set_train_mode(m, False))
+                rows.append({"backbone": backbone, "method": method, "path": path, "total_mib": mem.total_bytes / MIB, "activation_mib": mem.activation_bytes / MIB})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 

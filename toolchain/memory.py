@@ -19,7 +19,7 @@ from torch import nn
 from toolchain.core.errors import ToolchainError
 from toolchain.data.windows import WindowDataset
 from toolchain.peft.lean import lean_training
-from toolchain.profile import profile_step
+from toolchain.profile import step_memory
 
 MIB = 1 << 20
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": MIB, "mb": MIB, "g": 1 << 30, "gb": 1 << 30, "kib": 1 << 10, "mib": MIB, "gib": 1 << 30}
@@ -54,7 +54,7 @@ def account(model: nn.Module, make_opt: OptFactory, data: WindowDataset, set_mod
         idx = np.arange(batch) % max(len(data), 1)
         x, y = torch.from_numpy(data.X[idx]), torch.from_numpy(data.y[idx])
         with lean_training(probe, lean):
-            prof = profile_step(probe, make_opt(probe), x, y, set_mode)
+            prof = step_memory(probe, make_opt(probe), x, y, set_mode)
         sizes.append(prof)
     per = max(0, sizes[1].activation_bytes - sizes[0].activation_bytes)
     fixed = sizes[0].param_bytes + sizes[0].grad_bytes + sizes[0].optimizer_bytes

@@ -95,6 +95,34 @@ def activation_bytes(model: nn.Module, x: Tensor) -> int:
     return sum(seen.values())
 
 
+@dataclass
+class StepMemory:
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+def step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, set_mode: Any = None) -> StepMemory:
+    """Memory by category of one real training step on (x, y), without counting FLOPs (cheap enough
+    for every finetune). The model and optimizer are updated."""
+    (set_mode or nn.Module.train)(model)
+    acts = activation_bytes(model, x)
+    opt.zero_grad(set_to_none=True)
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    opt.step()
+    return StepMemory(
+        param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        grad_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+        optimizer_bytes=optimizer_state_bytes(opt),
+        activation_bytes=acts,
+    )
+
+
 def profile_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, set_mode: Any = None) -> StepProfile:
     """Run one real training step on (x, y) and account its cost. The model and optimizer are updated."""
     (set_mode or nn.Module.train)(model)

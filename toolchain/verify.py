@@ -154,8 +154,9 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
     name, shape = input_info(reference)
-    if input_info(model) != (name, shape):
-        raise ToolchainError("the model and the reference have different inputs", seen=(input_info(model), (name, shape)))
+    model_input = input_info(model)
+    if model_input != (name, shape):
+        raise ToolchainError("the model and the reference have different inputs", seen=(model_input, (name, shape)))
     pairs = {"model": (1, _tolerance(opts.atol, FP32_TOL), _tolerance(opts.rtol, FP32_TOL), "fp32")}
     runners = [
         OnnxrtRunner(SessionFromOnnx(str(reference), providers=["CPUExecutionProvider"]), name="reference"),

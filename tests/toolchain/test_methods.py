@@ -37,11 +37,12 @@ class Tiny(nn.Module):
         return self.head(self.features(x).mean(2))
 
 
-def _tiny(seed: int = 0) -> Tiny:
+def _tiny(seed: int = 0, cls: type[nn.Module] = Tiny) -> nn.Module:
+    """``cls`` with seeded weights and non-trivial BatchNorm statistics, in eval mode."""
     torch.manual_seed(seed)
-    m = Tiny().eval()
+    m = cls().eval()
     with torch.no_grad():
-        for bn in [x for x in m.modules() if isinstance(x, nn.BatchNorm1d)]:
+        for bn in [x for x in m.modules() if isinstance(x, nn.BatchNorm1d | nn.BatchNorm2d)]:
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2)
     return m
@@ -120,20 +121,10 @@ class Tiny2d(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def _tiny2d(seed: int = 0) -> Tiny2d:
-    torch.manual_seed(seed)
-    m = Tiny2d().eval()
-    with torch.no_grad():
-        for bn in [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]:
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2)
-    return m
-
-
 @pytest.mark.parametrize("dims", [1, 2])
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "adapter"])
 def test_fused_onnx_matches_unfused(method, dims):
-    base = _tiny() if dims == 1 else _tiny2d()
+    base = _tiny(cls=Tiny if dims == 1 else Tiny2d)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     model = copy.deepcopy(base)
     cfg = AdaptConfig(method=method, rank=2)

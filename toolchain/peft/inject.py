@@ -144,11 +144,11 @@ def inject(model: nn.Module, config: AdaptConfig) -> list[str]:
     if spec.wraps_convs:
         names = select_layers(model, config.layers)
         for name in names:
-            _replace(model, name, _wrap_conv(spec.layer_kind, model.get_submodule(name), config))
+            replace_module(model, name, _wrap_conv(spec.layer_kind, model.get_submodule(name), config))
     elif spec.layer_kind == "bottleneck":
         blocks = "all" if config.layers in TARGET_CHOICES else config.layers  # "pointwise" selects convs, not blocks
         for name, (channels, dims) in select_blocks(model, blocks).items():
-            _replace(model, name, BottleneckAdapter(model.get_submodule(name), channels, dims, max(1, channels // config.reduction)))
+            replace_module(model, name, BottleneckAdapter(model.get_submodule(name), channels, dims, max(1, channels // config.reduction)))
             names.append(name)
     unfreeze_extras(model, tuple(sorted(set(config.train) | set(spec.implied_groups))))
     return names
@@ -178,10 +178,6 @@ def unfreeze_extras(model: nn.Module, groups: tuple[str, ...]) -> None:
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at the dotted submodule path ``name``."""
-    _replace(model, name, new)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -261,7 +257,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> None:
         if kind == "bottleneck":
             layer: nn.Module = BottleneckAdapter(target, rec.geometry.out_channels, len(rec.geometry.kernel_size), rec.ranks[0])
             layer.load(values)  # type: ignore[operator]
-            _replace(model, rec.name, layer)
+            replace_module(model, rec.name, layer)
             continue
         got = weight_sha256(target.weight.detach().cpu().numpy()) if isinstance(target, nn.Conv1d | nn.Conv2d) else None
         if got != rec.base_sha256:
@@ -276,7 +272,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> None:
         else:
             layer = LoRAConv(target, rec.ranks[0], rec.scaling * rec.ranks[0], dora=kind == "dora")  # type: ignore[arg-type]
             layer.load(values)
-        _replace(model, rec.name, layer)
+        replace_module(model, rec.name, layer)
     to_adapted = {v: k for k, v in base_names(model).items()}
     for extra in adapter.extras:
         _set_extra(model, extra, adapter.extra_tensor(extra), to_adapted.get(extra.param, extra.param))
@@ -302,4 +298,4 @@ def _resize_linear(model: nn.Module, pname: str, shape: tuple[int, ...]) -> None
     mod = model.get_submodule(mod_name)
     if not isinstance(mod, nn.Linear):
         raise ToolchainError("adapter tensor shape does not fit the model", seen=(pname, shape))
-    _replace(model, mod_name, nn.Linear(mod.in_features, shape[0], bias=mod.bias is not None))
+    replace_module(model, mod_name, nn.Linear(mod.in_features, shape[0], bias=mod.bias is not None))
