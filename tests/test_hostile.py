@@ -263,6 +263,12 @@ def test_hostile(case, tmp_path, capsys):
     assert len(captured.err.strip().splitlines()) == 1, captured.err
 
 
+def test_verify_that_fails_before_running_leaves_no_out_dir(tmp_path, capsys):
+    assert main(_verify(tmp_path, "--data", "digits:9")) == 2
+    assert "digits severity must be 1..5" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
+
+
 def _run(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
 

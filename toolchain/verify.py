@@ -112,16 +112,20 @@ OUTPUT_FILES = ("verify.json", "inputs.json", "outputs.json")
 
 
 def _out_dir(out_dir: str, inputs: list[str | None], force: bool) -> Path:
+    """Check --out-dir before any work; it is created only once there are results to write."""
     d = Path(out_dir)
     if d.exists() and not d.is_dir():
         raise ToolchainError("--out-dir names a file, not a folder", seen=str(d), remedy="choose a folder path")
     for name in OUTPUT_FILES:
         check_output(d / name, inputs, force=force) if d.is_dir() else None
+    return d
+
+
+def _create(d: Path) -> None:
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ToolchainError("cannot create --out-dir", seen=f"{d}: {err.strerror or err}", remedy="choose a folder you can write to") from None
-    return d
 
 
 def _engine_tolerance(engine: str, opts: VerifyOptions) -> tuple[float | dict[str, float], float | dict[str, float], str]:
@@ -170,6 +174,7 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
         pairs["engine"] = (2, e_atol, e_rtol, precision)
     feeds = make_feeds(name, shape, opts)
     results = Comparator.run(runners, data_loader=feeds)
+    _create(outdir)
     with atomic_path(outdir / "inputs.json") as tmp:
         save_json(feeds, str(tmp))
     with atomic_path(outdir / "outputs.json") as tmp:
