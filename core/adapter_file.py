@@ -133,9 +133,7 @@ class Adapter:
 
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> None:
-    """Write ``adapter`` atomically as safetensors with JSON metadata."""
-    from safetensors.numpy import save
-
+    """Write ``adapter`` atomically as safetensors with JSON metadata; the same adapter gives the same bytes."""
     validate_adapter(adapter)
     from toolchain import __version__
 
@@ -150,7 +148,24 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> None:
     }
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in adapter.tensors.items()}
     meta["content_sha256"] = content_digest(tensors, meta)
-    write_bytes_atomic(path, save(tensors, metadata=meta))
+    write_bytes_atomic(path, serialize_safetensors(tensors, meta))
+
+
+def serialize_safetensors(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
+    """The safetensors layout with keys in sorted order: 8-byte little-endian header length, the JSON
+    header padded with spaces to a multiple of 8, then the float32 tensors back to back. (The
+    safetensors library writes its metadata map in a per-process random order, so the same adapter
+    written twice differed in its bytes.)"""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        blob = np.ascontiguousarray(tensors[name], dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)
 
 
 def content_digest(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> str:

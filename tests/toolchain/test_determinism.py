@@ -49,3 +49,14 @@ def test_lora_edge_forward_applies_the_scaling():
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
     unscaled = F.conv1d(x, conv.weight + torch.from_numpy(ref_delta / 0.37), conv.bias, padding=2)
     assert not torch.allclose(layer(x), unscaled, atol=1e-3), "the scaling must reach the forward"
+
+
+def test_finetune_twice_writes_byte_identical_adapters(tmp_path):
+    assert main(["pretrain", "--steps", "5", "--out", str(tmp_path / "base.pt"), "--no-progress"]) == 0
+    for name in ("a", "b"):
+        assert main(["finetune", "--checkpoint", str(tmp_path / "base.pt"), "--steps", "3", "--out", str(tmp_path / f"{name}.safetensors"), "--no-progress"]) == 0
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    from safetensors.numpy import load_file
+
+    ours = load_adapter(tmp_path / "a.safetensors").tensors
+    assert {k: v.shape for k, v in load_file(tmp_path / "a.safetensors").items()} == {k: v.shape for k, v in ours.items()}, "the safetensors library reads it too"
