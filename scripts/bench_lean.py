@@ -68,10 +68,7 @@ def accounting(batch: int) -> list[dict]:
 # Linux carries a process's peak-RSS mark into a forked child, so a child of this (large) process
 # would report at least this process's size. A small launcher spawns the command and reads wait4's
 # rusage for it: its own size (about 13 MiB) is the floor instead.
-LAUNCHER = (
-    "import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ); _, st, ru = os.wait4(pid, 0); "
-    "print(ru.ru_maxrss, os.waitstatus_to_exitcode(st))"
-)
+LAUNCHER = "import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ); _, st, ru = os.wait4(pid, 0); print(ru.ru_maxrss, os.waitstatus_to_exitcode(st))"
 
 
 def _peak_rss(argv: list[str]) -> float:

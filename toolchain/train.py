@@ -36,8 +36,9 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     steps: int
-    seconds: float
+    seconds: float  # training only: evaluation during training is not counted
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, macro-F1 on eval set)
+    history_seconds: list[float] = field(default_factory=list)  # training seconds at each history point
 
 
 def seed_everything(seed: int) -> None:
@@ -111,8 +112,9 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = nn.CrossEntropyLoss()
     history: list[tuple[int, float]] = []
+    history_seconds: list[float] = []  # training seconds (evaluation excluded) at each history point
     bar = _progress(total, cfg.progress)
-    start, step = time.perf_counter(), 0
+    start, step, eval_seconds = time.perf_counter(), 0, 0.0
     while step < total:
         for idx in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
             if step >= total:
@@ -126,10 +128,13 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                t_eval = time.perf_counter()
+                history_seconds.append(t_eval - start - eval_seconds)
                 history.append((step, evaluate(model, eval_data, device)[0]))
+                eval_seconds += time.perf_counter() - t_eval
     bar.close()
     check_finite_params(model)
-    return TrainResult(steps=step, seconds=time.perf_counter() - start, history=history)
+    return TrainResult(steps=step, seconds=time.perf_counter() - start - eval_seconds, history=history, history_seconds=history_seconds)
 
 
 def _progress(total: int, enabled: bool):  # type: ignore[no-untyped-def]

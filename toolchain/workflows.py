@@ -69,7 +69,7 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
     check_output(job.out, force=job.force)
     seed_everything(job.train.seed)  # the seed fixes the initial weights too, not only the batches
     ds = load_data(job.data)
-    subjects = job.subjects or default_target_subjects(ds)
+    subjects = job.subjects if job.subjects is not None else default_target_subjects(ds)  # () holds out nobody
     if job.exclude_classes:
         ds = drop_classes(ds, job.exclude_classes)
     source, target = split_subjects(ds, subjects)
@@ -80,7 +80,7 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
     result = train(model, source, job.train)
     dev = resolve_device(job.train.device)
     f1_src, acc_src = evaluate(model, source, dev)
-    f1_tgt, acc_tgt = evaluate(model, target, dev)
+    f1_tgt, acc_tgt = evaluate(model, target, dev) if len(target) else (None, None)
     metrics = {
         "model": job.model,
         "data": job.data,

@@ -13,6 +13,8 @@ from toolchain.core.errors import ToolchainError
 from toolchain.data.windows import STEP, WINDOW, WindowDataset, concat, sliding_windows
 
 HAPT_BASIC = ("WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING", "STANDING", "LAYING")
+HAPT_BASIC_IDS = (1, 2, 3, 4, 5, 6)
+HAPT_ALL = tuple(range(1, 13))  # with the six postural transitions (7-12)
 HAPT_TEST_USERS = (2, 4, 9, 10, 12, 13, 18, 20, 24)
 WATCH_SHA256 = "eb122f23cdf06ef6bd6c6c5312958ec5cf9d038e2e6d457b8081662c75a42537"
 WATCH_TARGETS = (8, 9, 10)
@@ -158,15 +160,17 @@ def load_npz(path: str | Path) -> WindowDataset:
 
 
 def load_data(spec: str) -> WindowDataset:
-    """``watch`` (embedded default), ``hapt:FOLDER`` or a HAPT folder, or ``file.npz``.
+    """``watch`` (embedded default), ``hapt:FOLDER`` or a HAPT folder (6 basic activities),
+    ``hapt12:FOLDER`` (all 12, the postural transitions too), ``digits[:SEVERITY]``,
+    ``imagefolder:ROOT[:SIZE]`` or ``file.npz``.
 
     Parsed datasets are cached for the process (keyed on the spec and the files' modification
     times), so a benchmark that runs ``finetune`` hundreds of times parses the raw files once.
     """
     if spec == "watch":
         return _cached(spec, watch_path())
-    if spec.startswith("hapt:"):
-        return _cached(spec, Path(spec[5:]) / "RawData" / "labels.txt")
+    if spec.startswith(("hapt:", "hapt12:")):
+        return _cached(spec, Path(spec.partition(":")[2]) / "RawData" / "labels.txt")
     if spec == "digits" or spec.startswith("digits:"):
         from toolchain.data.images import load_digits_shift
 
@@ -187,7 +191,7 @@ def load_data(spec: str) -> WindowDataset:
         return load_npz(spec)
     if Path(spec).is_dir():
         return load_hapt(spec)
-    raise ToolchainError("unknown data spec", seen=spec, remedy="use watch, digits[:SEVERITY], hapt:FOLDER, imagefolder:ROOT[:SIZE], a HAPT folder or a .npz file")
+    raise ToolchainError("unknown data spec", seen=spec, remedy="use watch, digits[:SEVERITY], hapt:FOLDER, hapt12:FOLDER, imagefolder:ROOT[:SIZE], a HAPT folder or a .npz file")
 
 
 _CACHE: dict[tuple[str, float], WindowDataset] = {}
@@ -199,7 +203,8 @@ def _cached(spec: str, stamp_file: Path) -> WindowDataset:
     except OSError:
         key = (spec, -1.0)
     if key not in _CACHE:
-        ds = load_watch() if spec == "watch" else load_hapt(spec[5:])
+        kind, _, folder = spec.partition(":")
+        ds = load_watch() if spec == "watch" else load_hapt(folder, HAPT_ALL if kind == "hapt12" else HAPT_BASIC_IDS)
         _CACHE.clear()
         _CACHE[key] = ds
     ds = _CACHE[key]
