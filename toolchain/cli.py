@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from toolchain import __version__
@@ -186,15 +187,36 @@ def cmd_compare(a: argparse.Namespace) -> int:
         steps=a.steps,
         eval_every=a.eval_every,
         seed=a.seed,
+        seeds=a.seeds,
         layers=a.layers,
         progress=not a.no_progress,
         exclude_classes=excl,
         pretrain_epochs=a.pretrain_epochs,
+        ray=a.ray,
+        workers=a.workers,
     )
     rows = run_compare(job)
+    failed = json.loads((Path(a.out) / "failed.json").read_text())
+    for f in failed:
+        print(f"run failed: {f['inputs']['method']} rank {f['inputs']['rank']} seed {f['inputs']['seed']}: {f['error']}", file=sys.stderr)
+    if not rows:
+        return 1
     print(open(f"{a.out}/results.md").read())
-    print(f"{len(rows)} runs; results.md, results.csv, f1_vs_step.png, memory.png, params_vs_f1.png in {a.out}")
-    return 0
+    print(f"{len(rows)} runs ({len(failed)} failed); results.md, results.csv, f1_vs_step.png, memory.png, params_vs_f1.png in {a.out}")
+    return 1 if failed else 0
+
+
+def cmd_fleet(a: argparse.Namespace) -> int:
+    from toolchain.fleet import FleetJob, run_fleet
+    from toolchain.grid.runner import GridOptions
+
+    opts = GridOptions(ray=a.ray, workers=a.workers, progress=not a.no_progress)
+    job = FleetJob(manifest=a.manifest, checkpoint=a.checkpoint, out=a.out, method=a.method, rank=a.rank, layers=a.layers, epochs=a.epochs, seed=a.seed, force=a.force, opts=opts)
+    rows, res = run_fleet(job)
+    print(open(f"{a.out}/summary.md").read())
+    ok = sum(r["status"] == "ok" and r["verify_passed"] for r in rows)
+    print(f"{ok} of {len(rows)} users adapted, fused and verified ({res.cached} from the cache); summary.md and summary.csv in {a.out}")
+    return 0 if ok == len(rows) else 1
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -284,10 +306,28 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--eval-every", type=int, default=25, help="steps between F1 evaluations (default 25)")
     p.add_argument("--layers", "--targets", dest="layers", default="all", help="conv selection for lora-edge/lora/dora: all, pointwise or a regex (default all; --targets is the old name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="how many seeds from --seed on (default 1)")
+    p.add_argument("--ray", default=None, help="run the grid on Ray: auto (start one on this machine) or a cluster address; default: serially here")
+    p.add_argument("--workers", type=int, default=None, help="CPUs of a local Ray (--ray auto); default all")
     p.add_argument("--exclude-classes", default="", help="unseen classes: pretrain without these (names or indices), adapt to all")
     p.add_argument("--pretrain-epochs", type=int, default=8, help="(default 8)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("fleet", help="one adapter per user from a manifest: finetune, fuse into ONNX and verify each; one summary table")
+    p.add_argument("manifest", help='JSON: {"data": "watch", "users": [{"name": "wearer-08", "subjects": [8]}, ...]}')
+    p.add_argument("--checkpoint", required=True, help="the pretrained base (from pretrain)")
+    p.add_argument("--out", default="fleet_out", help="OUT/NAME/ per user, OUT/summary.md (default fleet_out)")
+    p.add_argument("--method", default="lora-edge", choices=METHODS)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--layers", default="all")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray", default=None, help="auto (a local Ray) or a cluster address; default: one user after another here")
+    p.add_argument("--workers", type=int, default=None, help="CPUs of a local Ray (default all)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder that is not a fleet folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_fleet)
 
     p = sub.add_parser("diff", help="what differs between two ONNX models (initializers with max |Δ|, nodes, I/O, metadata)")
     p.add_argument("a")

@@ -13,7 +13,7 @@ import csv
 import hashlib
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +22,18 @@ import torch
 
 from toolchain import __version__
 from toolchain.core.adapter_file import save_adapter
+from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import write_bytes_atomic
 from toolchain.core.methods import get_method
 from toolchain.data.sources import default_target_subjects, load_data
 from toolchain.data.windows import split_subjects, time_split
+from toolchain.grid.runner import GridOptions, Task, run_grid
+from toolchain.grid.tasks import adapt_once
 from toolchain.models.registry import load_checkpoint
-from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_train_mode
+from toolchain.peft.inject import extract_adapter, inject, set_train_mode
 from toolchain.peft.lean import lean_training
 from toolchain.profile import activation_bytes, profile_step
-from toolchain.train import TrainConfig, count_params, evaluate, train
+from toolchain.train import TrainConfig, seed_everything
 from toolchain.workflows import PretrainJob, expand_head, make_optimizer, pretrain
 
 TARGET_FRACTION = 0.95
@@ -47,10 +50,13 @@ class CompareJob:
     eval_every: int = 25
     batch_size: int = 32
     seed: int = 0
+    seeds: int = 1  # seeds seed, seed+1, ...: one base and one run of each method per seed
     layers: str = "all"
     pretrain_epochs: int = 8
     exclude_classes: tuple[str, ...] = ()  # unseen classes: pretrain without these, adapt to all
     progress: bool = True
+    ray: str | None = None  # None: serially here; "auto": a local Ray; or a Ray cluster address
+    workers: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,82 +89,67 @@ def cache_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_compare(job: CompareJob) -> list[dict[str, Any]]:
-    out = Path(job.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "adapters").mkdir(exist_ok=True)
+def ensure_base(job: CompareJob, out: Path) -> Path:
+    """The pretrained base of ``job`` (its seed), trained here once and reused."""
     ckpt = out / f"base_{job.backbone}_{cache_key(base_inputs(job))}.pt"
     if not ckpt.is_file():
         pretrain_cfg = TrainConfig(lr=2e-3, epochs=job.pretrain_epochs, seed=job.seed, progress=False)
         pretrain(PretrainJob(out=str(ckpt), model=job.backbone, data=job.data, train=pretrain_cfg, exclude_classes=job.exclude_classes))
-    base, payload = load_checkpoint(ckpt)
-    ds = load_data(job.data)
-    grows = list(payload["classes"]) != list(ds.classes)
-    if grows:  # unseen classes: a head for all of them (known rows kept), trained by every method
-        expand_head(base, list(payload["classes"]), list(ds.classes))
-    _, target = split_subjects(ds, (payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds))
-    adapt, test = time_split(target)
-    from tqdm.auto import tqdm
+    return ckpt
 
-    rows = []
-    for method, rank in tqdm(grid(job), desc=f"compare {job.backbone}", disable=not job.progress):
-        cache = out / "runs" / f"{job.backbone}_{method}_r{rank}_s{job.seed}_{cache_key(run_inputs(job, method, rank))}.json"
-        if cache.is_file():
-            rows.append(json.loads(cache.read_text()))
-            continue
-        row = run_one(base, adapt, test, method, rank, job, out, grows)
-        write_bytes_atomic(cache, json.dumps(row, indent=1).encode())
-        rows.append(row)
-    add_time_to_target(rows)
-    write_reports(rows, out)
+
+def run_compare(job: CompareJob) -> list[dict[str, Any]]:
+    """Every (seed, method, rank) run through the grid runner (Ray or serial); reports in ``job.out``."""
+    if job.seeds < 1:
+        raise ToolchainError("--seeds must be at least 1", seen=job.seeds)
+    out = Path(job.out)
+    (out / "adapters").mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for seed in range(job.seed, job.seed + job.seeds):
+        sjob = replace(job, seed=seed)
+        ckpt = ensure_base(sjob, out)
+        for method, rank in grid(sjob):
+            adapter = out / "adapters" / f"{job.backbone}_{method}_r{rank}_s{seed}.safetensors"
+            tasks.append(Task("toolchain.compare:compare_task", run_inputs(sjob, method, rank), {"checkpoint": str(ckpt), "adapter": str(adapter)}, (str(adapter),)))
+    res = run_grid(tasks, out / "runs", GridOptions(ray=job.ray, workers=job.workers, progress=job.progress), f"compare {job.backbone}")
+    write_bytes_atomic(out / "failed.json", json.dumps(res.failed, indent=1).encode())
+    rows = res.ok
+    for seed in {r["seed"] for r in rows}:
+        add_time_to_target([r for r in rows if r["seed"] == seed])
+    if rows:
+        write_reports(rows, out)
     return rows
 
 
-def run_one(base: torch.nn.Module, adapt: Any, test: Any, method: str, rank: int, job: CompareJob, out: Path, train_head: bool = False) -> dict[str, Any]:
-    torch.manual_seed(job.seed)
-    model = copy.deepcopy(base)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    spec = get_method(method)
-    extra = ("head",) if train_head and spec.base_frozen and "head" not in spec.implied_groups else ()
-    cfg = AdaptConfig(method=method, rank=max(rank, 1), layers=job.layers, train=extra)
-    inject(model, cfg)
-    trainable, total = count_params(model)
-    lr = get_method(method).lr
-    x, y = torch.from_numpy(adapt.X[: job.batch_size]), torch.from_numpy(adapt.y[: job.batch_size])
+def compare_task(inputs: dict[str, Any]) -> dict[str, Any]:
+    """One (method, rank, seed) run of a compare grid, from its base checkpoint (a grid task)."""
+    base, payload = load_checkpoint(inputs["checkpoint"])
+    ds = load_data(inputs["data"])
+    grows = list(payload["classes"]) != list(ds.classes)
+    if grows:  # unseen classes: a head for all of them (known rows kept), trained by every method
+        seed_everything(inputs["seed"])
+        expand_head(base, list(payload["classes"]), list(ds.classes))
+    _, target = split_subjects(ds, (payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds))
+    adapt, test = time_split(target)
+    return run_one(base, adapt, test, inputs, Path(inputs["adapter"]), grows)
+
+
+def run_one(base: torch.nn.Module, adapt: Any, test: Any, inputs: dict[str, Any], adapter_path: Path, train_head: bool = False) -> dict[str, Any]:
+    """Train one method on ``adapt`` (the lean path where it applies), profile a step on both paths, save the adapter."""
+    method, rank, batch = inputs["method"], inputs["rank"], inputs["batch_size"]
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    done = adapt_once(base, adapt, test, method, rank, seed=inputs["seed"], steps=inputs["steps"], eval_every=inputs["eval_every"], batch_size=batch, layers=inputs["layers"], train_head=train_head)
+    x, y = torch.from_numpy(adapt.X[:batch]), torch.from_numpy(adapt.y[:batch])
     lean = get_method(method).base_frozen  # the path finetune trains on
-    probes = {path: copy.deepcopy(model) for path in ("lean", "reference")}  # profiled steps must not move the trained model
+    probes = {path: copy.deepcopy(base) for path in ("lean", "reference")}  # profiled on fresh copies: the trained model stays as trained
+    for probe in probes.values():
+        inject(probe, done.config)
     with lean_training(probes["lean"], lean):
-        prof = profile_step(probes["lean"], make_optimizer(probes["lean"], cfg, lr), x, y, lambda m: set_train_mode(m, False))
+        prof = profile_step(probes["lean"], make_optimizer(probes["lean"], done.config, get_method(method).lr), x, y, lambda m: set_train_mode(m, False))
     set_train_mode(probes["reference"], False)
     reference_activations = activation_bytes(probes["reference"], x)
-    f1_0 = evaluate(model, test, torch.device("cpu"))[0]
-    tc = TrainConfig(lr=lr, batch_size=job.batch_size, steps=job.steps, seed=job.seed, eval_every=job.eval_every, progress=False)
-    with lean_training(model, lean):
-        res = train(model, adapt, tc, set_mode=lambda m: set_train_mode(m, False), eval_data=test, optimizer=make_optimizer(model, cfg, lr))
-    f1, acc = evaluate(model, test, torch.device("cpu"))
-    path = out / "adapters" / f"{job.backbone}_{method}_r{rank}.safetensors"
-    save_adapter(extract_adapter(model, state, cfg, {"compare": True}), path)
-    return {
-        "backbone": job.backbone,
-        "method": method,
-        "rank": rank,
-        "seed": job.seed,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_fraction": trainable / total,
-        "adapter_bytes": path.stat().st_size,
-        "f1_start": f1_0,
-        "f1_final": f1,
-        "accuracy_final": acc,
-        "history": [[0, f1_0], *res.history],
-        "steps": res.steps,
-        "train_seconds": res.seconds,
-        "seconds_per_step": res.seconds / max(res.steps, 1),
-        "fusable": get_method(method).fusable,
-        "training_path": "lean" if lean else "reference",
-        "activation_bytes_reference": reference_activations,
-        **prof.as_dict(),
-    }
+    save_adapter(extract_adapter(done.model, state, done.config, {"compare": True}), adapter_path)
+    return {"backbone": inputs["backbone"], **done.row, "adapter_bytes": adapter_path.stat().st_size, "activation_bytes_reference": reference_activations, **prof.as_dict()}
 
 
 def add_time_to_target(rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,190 @@
+"""`toolchain fleet`: one adapter per user or device, each fused into ONNX and verified.
+
+The manifest is JSON: defaults at the top, one entry per user::
+
+    {"data": "watch",
+     "users": [{"name": "wearer-08", "subjects": [8]},
+               {"name": "wearer-09", "subjects": [9]},
+               {"name": "bob", "data": "recordings/bob.npz"}]}
+
+Each user is one run on the grid runner (Ray or serial, cached by every input including the
+checkpoint's SHA-256): finetune on the user's adaptation windows, export the base and the unfused
+adapted model, fuse the adapter into the base ONNX, and verify fused against unfused with
+Polygraphy. OUT/NAME/ holds adapter.safetensors (+ metrics), base.onnx, unfused.onnx, fused.onnx
+and verify/; OUT/summary.md and OUT/summary.csv hold one line per user. A user whose run fails is
+reported there (and its folder removed); the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolchain.core.errors import ToolchainError
+from toolchain.core.fileio import read_regular_file, write_bytes_atomic
+from toolchain.core.methods import get_method
+from toolchain.grid.runner import GridOptions, GridResult, Task, run_grid
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+USER_KEYS = {"name", "data", "subjects"}
+MARKER = "fleet.json"
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+@dataclass
+class FleetJob:
+    manifest: str
+    checkpoint: str
+    out: str
+    method: str = "lora-edge"
+    rank: int = 4
+    layers: str = "all"
+    epochs: int = 15
+    seed: int = 0
+    verify_real: int = 8
+    verify_random: int = 4
+    force: bool = False
+    opts: GridOptions = field(default_factory=GridOptions)
+
+
+def read_manifest(path: str) -> list[dict[str, Any]]:
+    """The users of a manifest, each with name, data and subjects (None: the data's target subjects)."""
+    try:
+        doc = json.loads(read_regular_file(Path(path), MAX_MANIFEST_BYTES, what="fleet manifest", remedy="pass a JSON manifest file"))
+    except ValueError as err:
+        raise ToolchainError("the fleet manifest is not valid JSON", seen=f"{path}: {err}", remedy='write {"data": ..., "users": [{"name": ..., "subjects": [...]}]}') from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("users"), list) or not doc["users"]:
+        raise ToolchainError("the fleet manifest needs a non-empty list 'users'", seen=type(doc).__name__, remedy='{"users": [{"name": "wearer-08", "subjects": [8]}]}')
+    default = doc.get("data")
+    users, seen = [], set()
+    for i, u in enumerate(doc["users"]):
+        if not isinstance(u, dict) or set(u) - USER_KEYS or "name" not in u:
+            raise ToolchainError(f"manifest user {i} must be an object with name and optionally data, subjects", seen=u, remedy=f"use only the keys {sorted(USER_KEYS)}")
+        name = u["name"]
+        if not isinstance(name, str) or not NAME.match(name) or name in seen:
+            raise ToolchainError(f"manifest user {i}: names must be unique, 1-64 of A-Z a-z 0-9 . _ - (they become folder names)", seen=name)
+        seen.add(name)
+        data = u.get("data", default)
+        if not isinstance(data, str) or not data:
+            raise ToolchainError(f"manifest user {name!r} has no data (and the manifest no default 'data')", seen=data, remedy="add 'data' to the user or the manifest")
+        subjects = u.get("subjects")
+        if subjects is not None and (not isinstance(subjects, list) or not subjects or not all(type(s) is int for s in subjects)):
+            raise ToolchainError(f"manifest user {name!r}: subjects must be a non-empty list of integers", seen=subjects)
+        users.append({"name": name, "data": data, "subjects": subjects})
+    return users
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_out(job: FleetJob) -> Path:
+    out = Path(job.out)
+    if out.exists() and not out.is_dir():
+        raise ToolchainError("the fleet output must be a folder", seen=str(out), remedy="choose a new folder name")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not job.force:
+        raise ToolchainError("the fleet output folder is not empty and is not a fleet folder, so it is left alone", seen=str(out), remedy="choose a new folder, or pass --force")
+    return out
+
+
+def run_fleet(job: FleetJob) -> tuple[list[dict[str, Any]], GridResult]:
+    """Adapt, fuse and verify every user of the manifest; write OUT/summary.{md,csv}."""
+    users = read_manifest(job.manifest)
+    get_method(job.method)
+    if not Path(job.checkpoint).is_file():
+        raise ToolchainError("checkpoint does not exist", seen=job.checkpoint)
+    out = _check_out(job)
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / MARKER, json.dumps({"manifest": str(job.manifest), "checkpoint": str(job.checkpoint), "users": users}, indent=1).encode())
+    digest = _sha256(job.checkpoint)
+    settings = {"method": job.method, "rank": job.rank, "layers": job.layers, "epochs": job.epochs, "seed": job.seed, "verify_real": job.verify_real, "verify_random": job.verify_random}
+    tasks = [
+        Task(
+            "toolchain.fleet:fleet_task",
+            {**u, **settings, "checkpoint_sha256": digest},
+            {"checkpoint": str(job.checkpoint), "dir": str(out / u["name"])},
+            (str(out / u["name"] / "verify" / "verify.json"),),
+        )
+        for u in users
+    ]
+    res = run_grid(tasks, out / "cache", job.opts, "fleet")
+    rows: list[dict[str, Any]] = [r for r in res.results if r is not None]
+    for f in res.failed:
+        shutil.rmtree(out / f["inputs"]["name"], ignore_errors=True)  # no half-made user folder stays behind
+        rows.append({"name": f["inputs"]["name"], "status": "failed", "error": f["error"]})
+    order = {u["name"]: i for i, u in enumerate(users)}
+    rows.sort(key=lambda r: order[r["name"]])
+    write_summary(rows, out)
+    return rows, res
+
+
+def fleet_task(inputs: dict[str, Any]) -> dict[str, Any]:
+    """One user: finetune, export base and unfused, fuse, verify (a grid task)."""
+    from toolchain.export import export
+    from toolchain.graphs.fuse import fuse_files
+    from toolchain.peft.inject import AdaptConfig
+    from toolchain.train import TrainConfig
+    from toolchain.verify import VerifyOptions, verify
+    from toolchain.workflows import FinetuneJob, finetune
+
+    d = Path(inputs["dir"])
+    shutil.rmtree(d, ignore_errors=True)  # a folder left by a killed run of this same user
+    d.mkdir(parents=True)
+    try:
+        ck, ad = inputs["checkpoint"], str(d / "adapter.safetensors")
+        spec = get_method(inputs["method"])
+        job = FinetuneJob(checkpoint=ck, out=ad, adapt=AdaptConfig(method=inputs["method"], rank=inputs["rank"], layers=inputs["layers"]), data=inputs["data"])
+        job.subjects = tuple(inputs["subjects"]) if inputs["subjects"] else None
+        job.train = TrainConfig(lr=spec.lr, batch_size=32, epochs=inputs["epochs"], seed=inputs["seed"], progress=False)
+        m = finetune(job)
+        export(ck, str(d / "base.onnx"))
+        export(ck, str(d / "unfused.onnx"), adapter=ad)
+        fuse_files(d / "base.onnx", ad, d / "fused.onnx")
+        report = verify(str(d / "fused.onnx"), str(d / "unfused.onnx"), str(d / "verify"), opts=VerifyOptions(data=inputs["data"], real=inputs["verify_real"], random=inputs["verify_random"]))
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+    errs = report["comparisons"]["model"]["outputs"]
+    return {
+        "name": inputs["name"],
+        "status": "ok",
+        "subjects": m["target_subjects"],
+        "f1_before": m["f1_before"],
+        "f1_after": m["f1_after"],
+        "trainable_fraction": m["trainable_fraction"],
+        "adapter_bytes": m["adapter_bytes"],
+        "train_seconds": m["train_seconds"],
+        "verify_passed": report["passed"],
+        "max_abs_error": max(v["max_abs"] for v in errs.values()),
+        "fused": str(d / "fused.onnx"),
+    }
+
+
+COLUMNS = ["name", "status", "subjects", "f1_before", "f1_after", "trainable_fraction", "adapter_bytes", "train_seconds", "verify_passed", "max_abs_error", "fused", "error"]
+
+
+def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_bytes_atomic(out / "summary.csv", buf.getvalue().encode())
+    lines = ["| user | status | F1 before | F1 after | trained % | adapter KiB | parity (fused vs unfused) | error |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] == "ok":
+            parity = f"{'passed' if r['verify_passed'] else 'FAILED'}, max abs {r['max_abs_error']:.1e}"
+            lines.append(f"| {r['name']} | ok | {r['f1_before']:.3f} | {r['f1_after']:.3f} | {100 * r['trainable_fraction']:.2f} | {r['adapter_bytes'] / 1024:.1f} | {parity} | |")
+        else:
+            lines.append(f"| {r['name']} | failed | | | | | | {r['error'][:200].replace('|', '/')} |")
+    write_bytes_atomic(out / "summary.md", ("\n".join(lines) + "\n").encode())
