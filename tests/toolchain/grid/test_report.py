@@ -17,7 +17,7 @@ def row(method, curve, user=1, seed=0, rank=0, frac=0.01, shift="s", backbone="b
         "trainable_fraction": frac,
         "f1_start": curve[0],
         "f1_final": curve[-1],
-        "history": [[s, f] for s, f in zip(steps, curve)],
+        "history": [[s, f] for s, f in zip(steps, curve, strict=True)],
         "history_seconds": [0.5 * s for s in steps],
     }
 
