@@ -43,9 +43,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shard", default="0/1", help="I/N: run this process's share of the runs (those whose key is I modulo N)")
     ap.add_argument("--pretrain-only", action="store_true", help="run (this shard of) the bases and stop")
     ap.add_argument("--collect", action="store_true", help="run nothing: gather the cached runs into OUT/rows.jsonl")
-    ap.add_argument("--report", metavar="DIR", help="write tables, claims and plots from the cached runs to DIR and stop")
+    ap.add_argument("--report", metavar="DIR", help="write tables, claims and plots from OUT/rows.jsonl (or --rows) to DIR and stop")
+    ap.add_argument("--rows", nargs="+", default=None, help="with --report: rows.jsonl files of several grids; a run in more than one is taken from the first")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
+
+
+def merge_rows(paths: list[str], job: ShiftBench) -> list[dict]:
+    """The rows of ``paths`` within the job's selection, each run once (first file wins)."""
+    seen, rows = set(), []
+    for path in paths:
+        for r in map(json.loads, Path(path).read_text().splitlines()):
+            key = (r["shift"], r["backbone"], r["seed"], r["user"], r["method"], r["rank"])
+            wanted = r["shift"] in job.shifts and r["backbone"] in job.backbones and r["method"] in job.methods and r["seed"] in job.seeds
+            if wanted and key not in seen:
+                seen.add(key)
+                rows.append(r)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.report:
             from toolchain.grid.report import write_report
 
-            rows = [json.loads(line) for line in (Path(a.out) / "rows.jsonl").read_text().splitlines()]
-            write_report(rows, Path(a.report))
+            write_report(merge_rows(a.rows or [str(Path(a.out) / "rows.jsonl")], job), Path(a.report))
             return 0
         rows, grid = run_bench(job)
     except ToolchainError as err:

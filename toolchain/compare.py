@@ -98,10 +98,8 @@ def ensure_base(job: CompareJob, out: Path) -> Path:
     return ckpt
 
 
-def run_compare(job: CompareJob) -> list[dict[str, Any]]:
-    """Every (seed, method, rank) run through the grid runner (Ray or serial); reports in ``job.out``."""
-    if job.seeds < 1:
-        raise ToolchainError("--seeds must be at least 1", seen=job.seeds)
+def compare_tasks(job: CompareJob) -> list[Task]:
+    """One grid task per (seed, method, rank); each seed's base is pretrained here first."""
     out = Path(job.out)
     (out / "adapters").mkdir(parents=True, exist_ok=True)
     tasks = []
@@ -111,6 +109,15 @@ def run_compare(job: CompareJob) -> list[dict[str, Any]]:
         for method, rank in grid(sjob):
             adapter = out / "adapters" / f"{job.backbone}_{method}_r{rank}_s{seed}.safetensors"
             tasks.append(Task("toolchain.compare:compare_task", run_inputs(sjob, method, rank), {"checkpoint": str(ckpt), "adapter": str(adapter)}, (str(adapter),)))
+    return tasks
+
+
+def run_compare(job: CompareJob) -> list[dict[str, Any]]:
+    """Every (seed, method, rank) run through the grid runner (Ray or serial); reports in ``job.out``."""
+    if job.seeds < 1:
+        raise ToolchainError("--seeds must be at least 1", seen=job.seeds)
+    out = Path(job.out)
+    tasks = compare_tasks(job)
     res = run_grid(tasks, out / "runs", GridOptions(ray=job.ray, workers=job.workers, progress=job.progress), f"compare {job.backbone}")
     write_bytes_atomic(out / "failed.json", json.dumps(res.failed, indent=1).encode())
     rows = res.ok
