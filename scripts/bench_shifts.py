@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
     ap.add_argument("--users", type=int, nargs="*", default=[], help="default: every target user of each shift")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=10)
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pretrain-only", action="store_true", help="run (this shard of) the bases and stop")
     ap.add_argument("--collect", action="store_true", help="run nothing: gather the cached runs into OUT/rows.jsonl")
     ap.add_argument("--report", metavar="DIR", help="write tables, claims and plots from OUT/rows.jsonl (or --rows) to DIR and stop")
-    ap.add_argument("--rows", nargs="+", default=None, help="with --report: rows.jsonl files of several grids; a run in more than one is taken from the first")
+    ap.add_argument("--rows", nargs="+", default=None, help="with --report: rows.jsonl files of several grids; a run in more than one is taken from the first, and the plots use the first file alone")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             backbones=tuple(a.backbones),
             methods=tuple(a.methods),
             ranks=tuple(a.ranks),
-            seeds=tuple(range(a.seeds)),
+            seeds=tuple(range(a.first_seed, a.first_seed + a.seeds)),
             users=tuple(a.users),
             steps=a.steps,
             eval_every=a.eval_every,
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.report:
             from toolchain.grid.report import write_report
 
-            write_report(merge_rows(a.rows or [str(Path(a.out) / "rows.jsonl")], job), Path(a.report))
+            files = a.rows or [str(Path(a.out) / "rows.jsonl")]
+            write_report(merge_rows(files, job), Path(a.report), merge_rows(files[:1], job))  # plots: the first file's machine only
             return 0
         rows, grid = run_bench(job)
     except ToolchainError as err:

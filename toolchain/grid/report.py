@@ -115,6 +115,23 @@ def summary_table(lines: list[Row]) -> str:
     return head + "\n".join(body) + "\n"
 
 
+PIVOT_COLUMNS = ("lora-edge r2", "lora-edge r4", "lora-edge r8", "lora r4", "dora r4", "galore r4", "adapter", "bitfit", "head", "full")
+
+
+def pivot(lines: list[Row], key: str, fmt: str = ".3f", source: bool = False) -> str:
+    """One line per (shift, backbone), one column per method (rank 4 for the low-rank ones)."""
+    cells = {(x["shift"], x["backbone"], f"{x['method']} r{x['rank']}" if x["rank"] else x["method"]): x for x in lines}
+    groups = sorted({(x["shift"], x["backbone"]) for x in lines})
+    cols = [c for c in PIVOT_COLUMNS if any((g[0], g[1], c) in cells for g in groups)]
+    head = ["shift", "backbone", *(["source-only"] if source else []), *cols]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        vals = [_f(cells[(g[0], g[1], c)][key], fmt) if (g[0], g[1], c) in cells else "" for c in cols]
+        src = [_f(cells[(g[0], g[1], "full")]["f1_source"], fmt)] if source and (g[0], g[1], "full") in cells else ([""] if source else [])
+        out.append("| " + " | ".join([g[0], g[1], *src, *vals]) + " |")
+    return "\n".join(out) + "\n"
+
+
 def coverage_table(rows: list[Row]) -> str:
     cells: dict[tuple[Any, ...], set[tuple[Any, ...]]] = defaultdict(set)
     configs: dict[tuple[Any, ...], set[str]] = defaultdict(set)
@@ -185,11 +202,17 @@ def _save(fig: Any, path: Path) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def write_report(rows: list[Row], out: Path) -> None:
-    """OUT/summary.md (coverage, per-method table, claims) and OUT/f1_<shift>.png."""
+def write_report(rows: list[Row], out: Path, plot_rows: list[Row] | None = None) -> None:
+    """OUT/summary.md (coverage, per-method table, claims) and OUT/f1_<shift>.png (from
+    ``plot_rows`` if given: curves against seconds are only comparable from one machine)."""
     out.mkdir(parents=True, exist_ok=True)
     lines = summarise(rows)
-    text = "## Coverage\n\n" + coverage_table(rows) + "\n## Methods\n\n" + summary_table(lines) + "\n## LoRA-Edge claims\n\n" + claims(lines)
+    text = "## Coverage\n\n" + coverage_table(rows)
+    text += "\n## Final macro-F1 (mean over users and seeds)\n\n" + pivot(lines, "f1", source=True)
+    text += "\n## Speed-up to 95% of full fine-tuning's final F1, in steps (geometric mean over pairs)\n\n" + pivot(lines, "speedup_steps_95", ".2f")
+    text += "\n## Speed-up to 95%, in training seconds\n\n" + pivot(lines, "speedup_seconds_95", ".2f")
+    text += "\n## Methods\n\n" + summary_table(lines) + "\n## LoRA-Edge claims\n\n" + claims(lines)
     write_bytes_atomic(out / "summary.md", text.encode())
-    for shift in sorted({r["shift"] for r in rows}):
-        plot_curves(rows, shift, out / f"f1_{shift}.png")
+    plot_rows = rows if plot_rows is None else plot_rows
+    for shift in sorted({r["shift"] for r in plot_rows}):
+        plot_curves(plot_rows, shift, out / f"f1_{shift}.png")

@@ -53,3 +53,12 @@ def test_a_run_without_its_full_fine_tuning_pair_is_left_out_and_coverage_says_s
     assert "| s | b | 0 | 2 | 2 | 3 | no (1 missing) |" in coverage_table(rows)
     write_report(rows, tmp_path / "r")
     assert (tmp_path / "r" / "f1_s.png").stat().st_size > 0 and "LoRA-Edge claims" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_pivot_puts_each_method_in_its_column():
+    from toolchain.grid.report import pivot
+
+    rows = [row("full", [0.2, 0.8], frac=1.0), row("lora-edge", [0.2, 0.7], rank=4), row("head", [0.2, 0.6])]
+    table = pivot(summarise(rows), "f1", source=True).splitlines()
+    assert table[0] == "| shift | backbone | source-only | lora-edge r4 | head | full |"
+    assert table[2] == "| s | b | 0.200 | 0.700 | 0.600 | 0.800 |"
