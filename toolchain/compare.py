@@ -9,9 +9,7 @@ cached as JSON in OUT/runs, so an interrupted grid resumes where it stopped.
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +31,7 @@ from toolchain.models.registry import load_checkpoint
 from toolchain.peft.inject import extract_adapter, inject, set_train_mode
 from toolchain.peft.lean import lean_training
 from toolchain.profile import activation_bytes, profile_step
+from toolchain.reports import save_figure, write_csv
 from toolchain.train import TrainConfig, seed_everything
 from toolchain.workflows import PretrainJob, expand_head, make_optimizer, pretrain
 
@@ -199,11 +198,7 @@ COLUMNS = [
 
 
 def write_reports(rows: list[dict[str, Any]], out: Path) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_bytes_atomic(out / "results.csv", buf.getvalue().encode())
+    write_csv(out / "results.csv", rows, COLUMNS)
     write_bytes_atomic(out / "results.md", markdown(rows).encode())
     plot(rows, out)
 
@@ -245,7 +240,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         ax.axhline(rows[0]["target_f1"], color="k", ls="--", lw=0.8, label="95% of full FT")
     ax.set(xlabel="step", ylabel="macro-F1 (test windows)", title=f"{rows[0]['backbone']}: F1 during adaptation")
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, out / "f1_vs_step.png")
+    save_figure(fig, out / "f1_vs_step.png")
 
     fig, ax = plt.subplots(figsize=(9, 5))
     labels = [_label(r) for r in rows]
@@ -263,21 +258,11 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set(ylabel="MiB", title="training memory by category (one step): lean vs reference vs full")
     ax.set_xticks(pos, labels, rotation=60)
     ax.legend(fontsize=7)
-    _save(fig, out / "memory.png")
+    save_figure(fig, out / "memory.png")
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in rows:
         ax.scatter(r["trainable_params"], r["f1_final"])
         ax.annotate(_label(r), (r["trainable_params"], r["f1_final"]), fontsize=7)
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="final macro-F1", title="parameters vs F1")
-    _save(fig, out / "params_vs_f1.png")
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, out / "params_vs_f1.png")

@@ -17,9 +17,7 @@ reported there (and its folder removed); the others go on.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 import shutil
@@ -31,6 +29,7 @@ from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import read_regular_file, write_bytes_atomic
 from toolchain.core.methods import get_method
 from toolchain.grid.runner import GridOptions, GridResult, Task, run_grid
+from toolchain.reports import write_csv
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 USER_KEYS = {"name", "data", "subjects"}
@@ -175,11 +174,7 @@ COLUMNS = ["name", "status", "subjects", "f1_before", "f1_after", "trainable_fra
 
 
 def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    write_bytes_atomic(out / "summary.csv", buf.getvalue().encode())
+    write_csv(out / "summary.csv", rows, COLUMNS)
     lines = ["| user | status | F1 before | F1 after | trained % | adapter KiB | parity (fused vs unfused) | error |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] == "ok":

@@ -9,7 +9,6 @@ method's, as a geometric mean over the pairs in which both reached the target.
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from toolchain.core.fileio import write_bytes_atomic
 from toolchain.core.methods import METHODS
+from toolchain.reports import save_figure
 
 FRACTIONS = (0.90, 0.95, 0.99)
 PAPER_MAX_TRAINED = 1.49  # % of parameters
@@ -189,17 +189,7 @@ def plot_curves(rows: list[Row], shift: str, path: Path) -> None:
         axes[0, j].set(title=f"{shift}: {b}", xlabel="step", ylabel="macro-F1 (test windows)")
         axes[1, j].set(xlabel="training seconds (1 thread)", ylabel="macro-F1")
     axes[0, 0].legend(fontsize=7)
-    _save(fig, path)
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path, dpi=90)
 
 
 def write_report(rows: list[Row], out: Path, plot_rows: list[Row] | None = None) -> None:
