@@ -25,7 +25,7 @@ from toolchain.core.fileio import write_bytes_atomic
 from toolchain.core.methods import get_method
 from toolchain.data.sources import default_target_subjects, load_data
 from toolchain.data.windows import split_subjects, time_split
-from toolchain.grid.runner import GridOptions, Task, run_grid
+from toolchain.grid.runner import GridOptions, Task, check_backend, run_grid
 from toolchain.grid.tasks import adapt_once
 from toolchain.models.registry import load_checkpoint
 from toolchain.peft.inject import extract_adapter, inject, set_train_mode
@@ -115,9 +115,11 @@ def run_compare(job: CompareJob) -> list[dict[str, Any]]:
     """Every (seed, method, rank) run through the grid runner (Ray or serial); reports in ``job.out``."""
     if job.seeds < 1:
         raise ToolchainError("--seeds must be at least 1", seen=job.seeds)
+    opts = GridOptions(ray=job.ray, workers=job.workers, progress=job.progress)
+    check_backend(opts)
     out = Path(job.out)
     tasks = compare_tasks(job)
-    res = run_grid(tasks, out / "runs", GridOptions(ray=job.ray, workers=job.workers, progress=job.progress), f"compare {job.backbone}")
+    res = run_grid(tasks, out / "runs", opts, f"compare {job.backbone}")
     write_bytes_atomic(out / "failed.json", json.dumps(res.failed, indent=1).encode())
     rows = res.ok
     for seed in {r["seed"] for r in rows}:

@@ -28,7 +28,7 @@ from typing import Any
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import read_regular_file, write_bytes_atomic
 from toolchain.core.methods import get_method
-from toolchain.grid.runner import GridOptions, GridResult, Task, run_grid
+from toolchain.grid.runner import GridOptions, GridResult, Task, check_backend, run_grid
 from toolchain.reports import write_csv
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -103,6 +103,7 @@ def run_fleet(job: FleetJob) -> tuple[list[dict[str, Any]], GridResult]:
     get_method(job.method)
     if not Path(job.checkpoint).is_file():
         raise ToolchainError("checkpoint does not exist", seen=job.checkpoint)
+    check_backend(job.opts)
     out = _check_out(job)
     out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out / MARKER, json.dumps({"manifest": str(job.manifest), "checkpoint": str(job.checkpoint), "users": users}, indent=1).encode())

@@ -16,7 +16,7 @@ from typing import Any
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import write_bytes_atomic
 from toolchain.core.methods import METHODS, get_method
-from toolchain.grid.runner import GridOptions, GridResult, Task, cache_key, run_grid
+from toolchain.grid.runner import GridOptions, GridResult, Task, cache_key, check_backend, run_grid
 from toolchain.grid.shifts import get_shift
 from toolchain.grid.tasks import LAYERS
 
@@ -99,6 +99,7 @@ def check_job(job: ShiftBench) -> None:
 def run_bench(job: ShiftBench) -> tuple[list[dict[str, Any]], GridResult]:
     """Run (or resume) the grid; write rows.jsonl and failed.json; return the rows and the adaptation grid's result."""
     check_job(job)
+    check_backend(GridOptions(ray=None if job.collect else job.ray))
     out = Path(job.out)
     (out / "bases").mkdir(parents=True, exist_ok=True)
     bases = {(s, b, seed): base_task(job, s, b, seed) for s in job.shifts for b in job.backbones for seed in job.seeds}

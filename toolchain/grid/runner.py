@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -79,9 +80,12 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def execute(task: Task, threads: int = 1) -> dict[str, Any]:
     """Run one task here: ``{"status": "ok", "result": ...}`` or ``{"status": "failed", "error": ...}``."""
-    import torch
+    try:
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
+    except ImportError:  # a torch-free task
+        pass
     start = time.perf_counter()
     try:
         module, _, name = task.fn.partition(":")
@@ -110,6 +114,7 @@ def run_grid(tasks: list[Task], cache: str | Path, opts: GridOptions = GridOptio
     """Run every task not already in ``cache`` (none with ``run_missing=False``: collect only);
     return all results in task order."""
     ray, threads, shard = opts.ray, opts.threads, opts.shard
+    check_backend(opts)
     if threads < 1 or (opts.workers is not None and opts.workers < 1):
         raise ToolchainError("--threads and --workers must be at least 1", seen=(threads, opts.workers))
     cache = Path(cache)
@@ -161,10 +166,14 @@ def _run_serial(tasks: list[Task], todo: list[int], threads: int) -> Iterator[tu
 def _run_ray(tasks: list[Task], todo: list[int], threads: int, address: str, workers: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
     ray = _import_ray()
     if not ray.is_initialized():
-        if address == "auto":  # a fresh local Ray on this machine
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        try:
+            if address == "auto":  # a fresh local Ray on this machine
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            else:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except Exception as err:  # Ray raises ConnectionError, ValueError, RuntimeError, ... for an unreachable cluster
+            seen = f"--ray {address}: {type(err).__name__}: {str(err)[:200]}"
+            raise ToolchainError("could not start or join Ray", seen=seen, remedy="--ray auto starts one here; for a cluster, pass the address `ray start --head` printed") from None
     remote = ray.remote(num_cpus=1, max_retries=0)(execute)
     pending = {remote.remote(tasks[i], threads): i for i in todo}
     while pending:
@@ -176,6 +185,22 @@ def _run_ray(tasks: list[Task], todo: list[int], threads: int, address: str, wor
             except Exception as err:  # a worker that died (OOM, killed) fails its run only
                 rec = {"status": "failed", "error": f"ray: {type(err).__name__}: {str(err)[:300]}"}
             yield i, rec
+
+
+def check_backend(opts: GridOptions) -> None:
+    """Before any output exists: Ray is importable and a cluster address answers (5 s)."""
+    if opts.ray is None:
+        return
+    _import_ray()
+    if opts.ray == "auto":
+        return
+    host, _, port = opts.ray.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ToolchainError("--ray takes auto or a cluster address HOST:PORT", seen=opts.ray, remedy="e.g. --ray 10.0.0.5:6379 (what `ray start --head` printed)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise ToolchainError("no Ray cluster answers at --ray", seen=f"{opts.ray}: {err}", remedy="start it with `ray start --head` there, or use --ray auto for one on this machine") from None
 
 
 def _import_ray() -> Any:

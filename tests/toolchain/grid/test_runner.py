@@ -100,3 +100,11 @@ def test_ray_grid_equals_the_serial_grid(tmp_path):
     on_ray = run_compare(CompareJob(out=str(tmp_path / "ray"), seeds=2, ray="auto", workers=2, **SMALL))
     assert len(serial) == 6 and _comparable(on_ray) == _comparable(serial)
     assert {r["seed"] for r in serial} == {0, 1}
+
+
+@pytest.mark.parametrize(("address", "message"), [("nonsense", "HOST:PORT"), ("ray://:6379", "HOST:PORT"), ("127.0.0.1:1", "no Ray cluster answers")])
+def test_a_ray_address_that_cannot_work_is_refused_before_any_output(tmp_path, address, message):
+    pytest.importorskip("ray", reason="Ray (the grid extra) is not installed")
+    with pytest.raises(ToolchainError, match=message):
+        run_compare(CompareJob(out=str(tmp_path / "out"), ray=address, **SMALL))
+    assert not (tmp_path / "out").exists()
