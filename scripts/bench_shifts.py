@@ -45,20 +45,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pretrain-only", action="store_true", help="run (this shard of) the bases and stop")
     ap.add_argument("--collect", action="store_true", help="run nothing: gather the cached runs into OUT/rows.jsonl")
     ap.add_argument("--report", metavar="DIR", help="write tables, claims and plots from OUT/rows.jsonl (or --rows) to DIR and stop")
-    ap.add_argument("--rows", nargs="+", default=None, help="with --report: rows.jsonl files of several grids; a run in more than one is taken from the first, and the plots use the first file alone")
+    ap.add_argument("--rows", nargs="+", default=None, help="with --report: rows.jsonl files; each (shift, backbone, seed) comes whole from the first file having it; plots: the first file")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
 
 def merge_rows(paths: list[str], job: ShiftBench) -> list[dict]:
-    """The rows of ``paths`` within the job's selection, each run once (first file wins)."""
-    seen, rows = set(), []
+    """The rows of ``paths`` within the job's selection. Each (shift, backbone, seed) comes whole from
+    the first file that has it: its runs share one base, and pairs must not mix bases."""
+    owner: dict[tuple, str] = {}
+    rows = []
     for path in paths:
         for r in map(json.loads, Path(path).read_text().splitlines()):
-            key = (r["shift"], r["backbone"], r["seed"], r["user"], r["method"], r["rank"])
+            group = (r["shift"], r["backbone"], r["seed"])
             wanted = r["shift"] in job.shifts and r["backbone"] in job.backbones and r["method"] in job.methods and r["seed"] in job.seeds
-            if wanted and key not in seen:
-                seen.add(key)
+            if wanted and owner.setdefault(group, path) == path:
                 rows.append(r)
     return rows
 
