@@ -80,12 +80,14 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def execute(task: Task, threads: int = 1) -> dict[str, Any]:
     """Run one task here: ``{"status": "ok", "result": ...}`` or ``{"status": "failed", "error": ...}``."""
+    torch: Any
     try:
         import torch
-
-        torch.set_num_threads(threads)
     except ImportError:  # a torch-free task
-        pass
+        torch = None
+    before = torch.get_num_threads() if torch else 0
+    if torch:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     try:
         module, _, name = task.fn.partition(":")
@@ -94,6 +96,9 @@ def execute(task: Task, threads: int = 1) -> dict[str, Any]:
         return {"status": "ok", "result": result, "seconds": time.perf_counter() - start}
     except Exception as err:  # a failed run is reported, never fatal to the grid
         return {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8), "seconds": time.perf_counter() - start}
+    finally:
+        if torch:
+            torch.set_num_threads(before)  # in-process (serial) runs leave the caller's setting as it was
 
 
 @dataclass(frozen=True)

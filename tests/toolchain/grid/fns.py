@@ -12,3 +12,9 @@ def square(inputs: dict[str, Any]) -> dict[str, Any]:
     if inputs["x"] < 0:
         raise ValueError(f"negative input {inputs['x']}")
     return {"x": inputs["x"], "y": inputs["x"] ** 2}
+
+
+def threads(inputs: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    return {"threads": torch.get_num_threads()}

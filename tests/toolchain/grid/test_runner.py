@@ -108,3 +108,15 @@ def test_a_ray_address_that_cannot_work_is_refused_before_any_output(tmp_path, a
     with pytest.raises(ToolchainError, match=message):
         run_compare(CompareJob(out=str(tmp_path / "out"), ray=address, **SMALL))
     assert not (tmp_path / "out").exists()
+
+
+def test_serial_runs_use_one_thread_and_give_the_callers_setting_back(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = run_grid([Task("tests.toolchain.grid.fns:threads", {})], tmp_path, QUIET).ok
+        assert seen == [{"threads": 1}] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
