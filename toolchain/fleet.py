@@ -102,7 +102,7 @@ def run_fleet(job: FleetJob) -> tuple[list[dict[str, Any]], GridResult]:
     users = read_manifest(job.manifest)
     get_method(job.method)
     if not Path(job.checkpoint).is_file():
-        raise ToolchainError("checkpoint does not exist", seen=job.checkpoint)
+        raise ToolchainError("the checkpoint is not a file", seen=job.checkpoint, remedy="pass the .pt that pretrain wrote")
     check_backend(job.opts)
     out = _check_out(job)
     out.mkdir(parents=True, exist_ok=True)

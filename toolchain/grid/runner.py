@@ -120,8 +120,6 @@ def run_grid(tasks: list[Task], cache: str | Path, opts: GridOptions = GridOptio
     return all results in task order."""
     ray, threads, shard = opts.ray, opts.threads, opts.shard
     check_backend(opts)
-    if threads < 1 or (opts.workers is not None and opts.workers < 1):
-        raise ToolchainError("--threads and --workers must be at least 1", seen=(threads, opts.workers))
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -193,7 +191,12 @@ def _run_ray(tasks: list[Task], todo: list[int], threads: int, address: str, wor
 
 
 def check_backend(opts: GridOptions) -> None:
-    """Before any output exists: Ray is importable and a cluster address answers (5 s)."""
+    """Before any output exists: the options are sane, Ray is importable and a cluster address
+    answers (5 s)."""
+    if opts.threads < 1 or (opts.workers is not None and opts.workers < 1):
+        raise ToolchainError("--threads and --workers must be at least 1", seen=(opts.threads, opts.workers))
+    if not 0 <= opts.shard[0] < opts.shard[1]:
+        raise ToolchainError("--shard takes I/N with 0 <= I < N", seen=opts.shard)
     if opts.ray is None:
         return
     _import_ray()
