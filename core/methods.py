@@ -128,6 +128,12 @@ def delta_lora(tensors: Sequence[np.ndarray], groups: int, scaling: float) -> np
     return lora_delta(tensors[0], tensors[1], groups, scaling)
 
 
+def method_ranks(methods: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, int]]:
+    """(method, rank) for every method: each of ``ranks`` where --rank means something, else 0."""
+    specs = [get_method(m) for m in methods]
+    return [(s.name, r) for s in specs for r in (ranks if s.takes_rank else (0,))]
+
+
 DeltaFn = Callable[[Sequence[np.ndarray], int, float], np.ndarray]
 _DELTAS: dict[str, DeltaFn] = {"tt": delta_lora_edge, "lora": delta_lora}
 

@@ -9,7 +9,6 @@ cached as JSON in OUT/runs, so an interrupted grid resumes where it stopped.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,10 +21,10 @@ from toolchain import __version__
 from toolchain.core.adapter_file import save_adapter
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import write_bytes_atomic
-from toolchain.core.methods import get_method
+from toolchain.core.methods import get_method, method_ranks
 from toolchain.data.sources import default_target_subjects, load_data
 from toolchain.data.windows import split_subjects, time_split
-from toolchain.grid.runner import GridOptions, Task, check_backend, run_grid
+from toolchain.grid.runner import GridOptions, Task, cache_key, check_backend, run_grid
 from toolchain.grid.tasks import adapt_once
 from toolchain.models.registry import load_checkpoint
 from toolchain.peft.inject import extract_adapter, inject, set_train_mode
@@ -60,8 +59,7 @@ class CompareJob:
 
 
 def grid(job: CompareJob) -> list[tuple[str, int]]:
-    specs = [get_method(m) for m in job.methods]
-    return [(s.name, r) for s in specs for r in (job.ranks if s.takes_rank else (0,))]
+    return method_ranks(job.methods, job.ranks)
 
 
 def base_inputs(job: CompareJob) -> dict[str, Any]:
@@ -81,11 +79,6 @@ def run_inputs(job: CompareJob, method: str, rank: int) -> dict[str, Any]:
         "layers": job.layers,
         "extra": job.extra,
     }
-
-
-def cache_key(inputs: dict[str, Any]) -> str:
-    """A short digest of the inputs: a changed input never reuses a cached result."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def ensure_base(job: CompareJob, out: Path) -> Path:

@@ -17,7 +17,6 @@ reported there (and its folder removed); the others go on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import read_regular_file, write_bytes_atomic
+from toolchain.core.fileio import read_regular_file, sha256_file, write_bytes_atomic
 from toolchain.core.methods import get_method
 from toolchain.grid.runner import GridOptions, GridResult, Task, check_backend, run_grid
 from toolchain.reports import write_csv
@@ -80,14 +79,6 @@ def read_manifest(path: str) -> list[dict[str, Any]]:
     return users
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_out(job: FleetJob) -> Path:
     out = Path(job.out)
     if out.exists() and not out.is_dir():
@@ -107,7 +98,7 @@ def run_fleet(job: FleetJob) -> tuple[list[dict[str, Any]], GridResult]:
     out = _check_out(job)
     out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out / MARKER, json.dumps({"manifest": str(job.manifest), "checkpoint": str(job.checkpoint), "users": users}, indent=1).encode())
-    digest = _sha256(job.checkpoint)
+    digest = sha256_file(job.checkpoint)
     settings = {"method": job.method, "rank": job.rank, "layers": job.layers, "epochs": job.epochs, "seed": job.seed, "verify_real": job.verify_real, "verify_random": job.verify_random}
     tasks = [
         Task(

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from itertools import product
 from pathlib import Path
 from typing import Any
 
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import write_bytes_atomic
-from toolchain.core.methods import METHODS, get_method
+from toolchain.core.methods import METHODS, get_method, method_ranks
 from toolchain.grid.runner import GridOptions, GridResult, Task, cache_key, check_backend, run_grid
 from toolchain.grid.shifts import get_shift
 from toolchain.grid.tasks import LAYERS
@@ -56,32 +57,28 @@ def base_task(job: ShiftBench, shift: str, backbone: str, seed: int) -> Task:
 
 
 def adapt_tasks(job: ShiftBench, bases: dict[tuple[str, str, int], Task]) -> list[Task]:
+    """Seeds outermost: a grid stopped early has whole seeds, not a few runs of each."""
     tasks = []
-    for seed in job.seeds:  # seeds outermost: a grid stopped early has whole seeds, not a few runs of each
-        for shift in job.shifts:
-            users = job.users or get_shift(shift).users
-            for backbone in job.backbones:
-                base = bases[(shift, backbone, seed)]
-                for user in users:
-                    for method in job.methods:
-                        for rank in job.ranks if get_method(method).takes_rank else (0,):
-                            inputs = {
-                                "shift": shift,
-                                "hapt": job.hapt,
-                                "backbone": backbone,
-                                "base_key": base.key,
-                                "method": method,
-                                "rank": rank,
-                                "seed": seed,
-                                "user": user,
-                                "steps": job.steps,
-                                "eval_every": job.eval_every,
-                                "batch_size": job.batch_size,
-                                "layers": LAYERS.get(backbone, "all"),
-                                "lean": job.lean,
-                                **job.extra,
-                            }
-                            tasks.append(Task("toolchain.grid.tasks:adapt_task", inputs, {"base": base.context["path"]}))
+    for seed, shift, backbone in product(job.seeds, job.shifts, job.backbones):
+        base = bases[(shift, backbone, seed)]
+        for user, (method, rank) in product(job.users or get_shift(shift).users, method_ranks(job.methods, job.ranks)):
+            inputs = {
+                "shift": shift,
+                "hapt": job.hapt,
+                "backbone": backbone,
+                "base_key": base.key,
+                "method": method,
+                "rank": rank,
+                "seed": seed,
+                "user": user,
+                "steps": job.steps,
+                "eval_every": job.eval_every,
+                "batch_size": job.batch_size,
+                "layers": LAYERS.get(backbone, "all"),
+                "lean": job.lean,
+                **job.extra,
+            }
+            tasks.append(Task("toolchain.grid.tasks:adapt_task", inputs, {"base": base.context["path"]}))
     return tasks
 
 
