@@ -128,9 +128,18 @@ def delta_lora(tensors: Sequence[np.ndarray], groups: int, scaling: float) -> np
     return lora_delta(tensors[0], tensors[1], groups, scaling)
 
 
+def check_rank(method: str, rank: int) -> None:
+    """Refuse, before any work, a rank that no layer could use (only where --rank means something)."""
+    if get_method(method).takes_rank and (isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1):
+        raise ToolchainError("--rank must be an integer >= 1", seen=rank, remedy="use --rank 1 or more (2, 4, 8 are usual)")
+
+
 def method_ranks(methods: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, int]]:
     """(method, rank) for every method: each of ``ranks`` where --rank means something, else 0."""
     specs = [get_method(m) for m in methods]
+    for s in specs:
+        for r in ranks:
+            check_rank(s.name, r)
     return [(s.name, r) for s in specs for r in (ranks if s.takes_rank else (0,))]
 
 

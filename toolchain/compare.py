@@ -110,6 +110,7 @@ def run_compare(job: CompareJob) -> list[dict[str, Any]]:
         raise ToolchainError("--seeds must be at least 1", seen=job.seeds)
     opts = GridOptions(ray=job.ray, workers=job.workers, progress=job.progress)
     check_backend(opts)
+    grid(job)  # refuses an unknown method or a rank below 1 before any base is pretrained
     out = Path(job.out)
     tasks = compare_tasks(job)
     res = run_grid(tasks, out / "runs", opts, f"compare {job.backbone}")

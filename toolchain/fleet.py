@@ -26,7 +26,7 @@ from typing import Any
 
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import read_regular_file, sha256_file, write_bytes_atomic
-from toolchain.core.methods import get_method
+from toolchain.core.methods import check_rank, get_method
 from toolchain.grid.runner import GridOptions, GridResult, Task, check_backend, run_grid
 from toolchain.reports import write_csv
 
@@ -91,7 +91,7 @@ def _check_out(job: FleetJob) -> Path:
 def run_fleet(job: FleetJob) -> tuple[list[dict[str, Any]], GridResult]:
     """Adapt, fuse and verify every user of the manifest; write OUT/summary.{md,csv}."""
     users = read_manifest(job.manifest)
-    get_method(job.method)
+    check_rank(job.method, job.rank)
     if not Path(job.checkpoint).is_file():
         raise ToolchainError("the checkpoint is not a file", seen=job.checkpoint, remedy="pass the .pt that pretrain wrote")
     check_backend(job.opts)

@@ -16,10 +16,9 @@ import torch
 from toolchain.core.adapter_file import save_adapter
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import check_output, write_bytes_atomic
-from toolchain.core.methods import get_method
+from toolchain.core.methods import check_rank, get_method
 from toolchain.data.sources import default_target_subjects, load_data
 from toolchain.data.windows import WindowDataset, fit_standardization, split_subjects, time_split
-from toolchain.kernels import tt_ranks
 from toolchain.memory import MIB, account, batch_for_budget
 from toolchain.models.registry import build_model, load_checkpoint, save_checkpoint
 from toolchain.peft.galore import GaLoreAdam
@@ -127,8 +126,7 @@ def expand_head(model: torch.nn.Module, old: list[str], new: list[str]) -> None:
 
 def finetune(job: FinetuneJob) -> dict[str, Any]:
     """Adapt a checkpoint to the target subjects; write the adapter and its metrics JSON."""
-    if get_method(job.adapt.method).takes_rank:
-        tt_ranks((1, 1), job.adapt.rank)  # validates the rank before any work
+    check_rank(job.adapt.method, job.adapt.rank)
     out, mpath = check_output(job.out, [job.checkpoint], force=job.force), metrics_path(job.out)
     check_output(mpath, [job.checkpoint], force=job.force)
     seed_everything(job.train.seed)  # LoRA's random A and a grown head's rows are drawn below

@@ -66,3 +66,12 @@ def test_bad_manifests_are_refused(tmp_path, doc, message):
     p.write_text(doc)
     with pytest.raises(ToolchainError, match=message.replace("(", r"\(")):
         read_manifest(str(p))
+
+
+@pytest.mark.parametrize("argv", [["fleet", "M", "--checkpoint", "CK", "--rank", "0"], ["fleet", "M", "--checkpoint", "CK", "--rank", "-3"], ["compare", "--ranks", "0"]])
+def test_a_rank_no_layer_can_use_is_refused_before_any_output(tmp_path, base, argv, capsys):
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"data": "watch", "users": [{"name": "a", "subjects": [8]}]}))
+    argv = [{"M": str(manifest), "CK": str(base)}.get(a, a) for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "--rank must be an integer >= 1" in capsys.readouterr().err and not (tmp_path / "out").exists()
