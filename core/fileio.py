@@ -11,8 +11,8 @@ import contextlib
 import errno
 import hashlib
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -88,26 +88,40 @@ def atomic_path(target: PathLike, *, force: bool = True) -> Iterator[Path]:
     left as it was.
     """
     target = Path(target)
+    tmp_path = _partial_name(target)  # named before it exists: a signal at any point below finds it to remove
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".partial", dir=target.parent)
-    except OSError as err:
-        raise ToolchainError("cannot create the output", seen=f"{target}: {err.strerror or err}", remedy="check that its folder exists and is writable") from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+        _create_partial(target, tmp_path)
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        os.chmod(tmp_path, 0o666 & ~_umask())  # created 0600; give the file the mode open() would
         _publish(tmp_path, target, force)
     except OSError as err:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise ToolchainError("cannot write the output", seen=f"{target}: {err.strerror or err}", remedy="check free space and permissions") from None
+    except _NotCreated:
+        raise  # nothing of ours to remove (on a name clash the file is someone else's)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+class _NotCreated(ToolchainError):
+    """The temporary output could not be created."""
+
+
+def _partial_name(target: Path) -> Path:
+    return target.parent / f".{target.name[:100]}.{secrets.token_hex(6)}.partial"
+
+
+def _create_partial(target: Path, path: Path) -> None:
+    """Create ``path`` exclusively, 0600 (its name is 48 random bits: a clash is refused, not retried)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as err:
+        raise _NotCreated("cannot create the output", seen=f"{target}: {err.strerror or err}", remedy="check that its folder exists and is writable") from None
 
 
 def _publish(tmp: Path, target: Path, force: bool) -> None:
