@@ -89,7 +89,8 @@ def check_onnx(model: onnx.ModelProto | bytes, where: str, *, full: bool = False
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every initializer reduced to name, type and dims (no data copied)."""
+    """The model with every initializer reduced to name, type and dims (no data copied), but for
+    small integer ones (axes, shapes), whose values shape inference needs."""
     sk = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
         setattr(sk, field, getattr(model, field))
@@ -100,8 +101,22 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     for field in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(g, field).extend(getattr(src, field))
     for t in src.initializer:
-        g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        if _shape_like(t):  # reduce axes, reshape targets: inference reads their values
+            g.initializer.append(t)
+        else:
+            g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
     return sk
+
+
+SKELETON_KEEP = 64  # elements: integer initializers up to this size keep their values in the skeleton
+
+
+def _shape_like(t: onnx.TensorProto) -> bool:
+    count = 1
+    for d in t.dims:
+        count *= d
+    ints = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    return t.data_type in ints and count <= SKELETON_KEEP and t.data_location != onnx.TensorProto.EXTERNAL
 
 
 def check_output_model(model: onnx.ModelProto, data: bytes, where: str) -> None:

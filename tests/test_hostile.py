@@ -292,7 +292,8 @@ def test_malformed_engine_sidecar_is_reported_not_raised(tmp_path, capsys):
     (tmp_path / "e.plan").write_bytes(b"not an engine")
     (tmp_path / "e.plan.json").write_text("{broken")
     assert main(["inspect", str(tmp_path / "e.plan")]) == 0
-    assert json.loads(capsys.readouterr().out)["build_info"] is None
+    info = json.loads(capsys.readouterr().out)
+    assert info["record"] is None and "not a toolchain engine record" in info["record_error"] and info["tensorrt_version"] is None
 
 
 def test_fp16_engine_without_sidecar_needs_explicit_tolerances(tmp_path):
@@ -302,6 +303,12 @@ def test_fp16_engine_without_sidecar_needs_explicit_tolerances(tmp_path):
     (tmp_path / "e.plan").write_bytes(b"engine")
     with pytest.raises(ToolchainError, match="precision is unknown"):
         _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions())
-    (tmp_path / "e.plan.json").write_text(json.dumps({"options": {"fp16": True}}))
+    from toolchain.trt.record import EngineRecord, write_record
+
+    record = EngineRecord("build", "m.onnx", "0" * 64, "0" * 64, "fp16", "none", (), "10.3.0", "0" * 64)
+    write_record(tmp_path / "e.plan", record)
     assert _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions())[:2] == (1e-2, 1e-2)
     assert _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions(engine_atol=0.5, engine_rtol=0.5))[:2] == (0.5, 0.5)
+    (tmp_path / "e.plan.json").write_text(json.dumps({"options": {"fp16": True}}))  # a sidecar from before the record
+    with pytest.raises(ToolchainError, match="not a toolchain engine record"):
+        _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions())

@@ -152,18 +152,33 @@ def cmd_diff(a: argparse.Namespace) -> int:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from toolchain.trt_engine import BuildOptions, build_engine
+    if a.check:
+        from toolchain.trt.check import check_model, format_check
 
-    info = build_engine(a.model, a.output, BuildOptions(fp16=a.fp16, refit=a.refit, timing_cache=a.timing_cache, dynamic_batch=a.dynamic_batch), force=a.force)
-    print(f"built TensorRT {info['tensorrt_version']} engine -> {a.output}")
+        report = check_model(a.model)
+        print("\n".join(format_check(report)))
+        return 0 if report.buildable else 1
+    if not a.output:
+        raise ToolchainError("build needs -o ENGINE.plan (or --check to only check the model)", seen="no -o", remedy="pass -o model.plan")
+    if a.workspace_mb < 16 or a.workspace_mb > 1 << 20:
+        raise ToolchainError("--workspace-mb must be between 16 and 1048576", seen=a.workspace_mb, remedy="pass e.g. --workspace-mb 1024")
+    from toolchain.trt.engine import BuildOptions, build_engine
+
+    opts = BuildOptions(fp16=a.fp16, refit=a.refit, timing_cache=a.timing_cache, dynamic_batch=a.dynamic_batch, workspace_mb=a.workspace_mb, check=not a.no_check)
+    record, note = build_engine(a.model, a.output, opts, force=a.force)
+    if note:
+        print(note)
+    checked = f"; engine vs ONNX max abs {record.engine_check['max_abs']:.3g} (tolerance {record.engine_check['tolerance']})" if record.engine_check else "; not checked against the ONNX model"
+    print(f"built TensorRT {record.tensorrt_version} {record.precision} engine (refit: {record.refit_mode}) -> {a.output}{checked}")
     return 0
 
 
 def cmd_refit(a: argparse.Namespace) -> int:
-    from toolchain.trt_engine import refit_engine
+    from toolchain.trt.engine import refit_engine
 
-    info = refit_engine(a.engine, a.model, a.output, force=a.force)
-    print(f"refit {info['weights_set']} weights from {a.model} -> {a.output}")
+    record = refit_engine(a.engine, a.model, a.output, force=a.force, check=not a.no_check)
+    checked = f"; engine vs ONNX max abs {record.engine_check['max_abs']:.3g}" if record.engine_check else ""
+    print(f"refit {record.refit_mode} refittable weights of {a.engine} from {a.model} -> {a.output} ({record.precision}){checked}")
     return 0
 
 
@@ -272,20 +287,26 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("build", help="build a TensorRT 10.x engine (needs TensorRT and a GPU)")
+    p = sub.add_parser("build", help="build a TensorRT 10.x engine (needs TensorRT and a GPU), or --check a model without a GPU")
     p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", default=None, help="the engine to write (ENGINE.plan; its record goes to ENGINE.plan.json)")
+    p.add_argument(
+        "--check", action="store_true", help="only parse with TensorRT's ONNX parser (TensorRT-RTX where TensorRT is absent): unsupported nodes, refittable weights; exit 1 if it would not build"
+    )
     p.add_argument("--fp16", action="store_true")
-    p.add_argument("--refit", action="store_true", help="refittable engine (only the fused weights, where TensorRT allows)")
+    p.add_argument("--refit", action="store_true", help="refittable engine: the fused weights individually, or the whole engine where BatchNorm parameters changed")
     p.add_argument("--timing-cache", default=None)
-    p.add_argument("--dynamic-batch", type=_dyn, default=None, metavar="MIN,OPT,MAX")
+    p.add_argument("--dynamic-batch", type=_dyn, default=None, metavar="MIN,OPT,MAX", help="needs a model exported with --dynamic-batch")
+    p.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace (default 1024; lower on an 8 GB Orin Nano if the build runs out of memory)")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the engine with the ONNX model before writing it")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("refit", help="update a refittable engine from a newly fused model")
+    p = sub.add_parser("refit", help="update a refittable engine from a model fused on the same base")
     p.add_argument("engine")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--no-check", action="store_true", help="skip comparing the refit engine with the ONNX model before writing it")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_refit)
 
@@ -412,6 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(name, f"{err.strerror or err}: {err.filename or ''}; check the path, its permissions and free space", 2)
     except KeyboardInterrupt:
         return _fail(name, "interrupted; no partial output was left", 130)
+    except Exception as err:
+        if type(err).__name__ != "PolygraphyException":
+            raise
+        return _fail(name, f"Polygraphy failed: {' '.join(str(err).split())[:300]}", 2)
     except Terminated:
         return _fail(name, "terminated; no partial output was left", 143)
     finally:

@@ -27,7 +27,7 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
     from toolchain.export import export
     from toolchain.peft.inject import AdaptConfig
     from toolchain.train import TrainConfig
-    from toolchain.trt_engine import tensorrt_status
+    from toolchain.trt.runtime import tensorrt_status
     from toolchain.verify import VerifyOptions, verify
     from toolchain.workflows import FinetuneJob, PretrainJob, finetune, pretrain
 
@@ -54,10 +54,13 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
     missing = tensorrt_status()
     print(f"6/6 TensorRT build: {'skipped, ' + missing if missing else 'building'}")
     build: dict[str, Any] = {"skipped": missing}
-    if not missing:
-        from toolchain.trt_engine import BuildOptions, build_engine
+    if not missing:  # the build checks the engine against fused.onnx before writing it
+        from dataclasses import asdict
 
-        build = build_engine(p["fused"], str(d / "fused.plan"), BuildOptions(fp16=True), force=True)
+        from toolchain.trt.engine import BuildOptions, build_engine
+
+        record, _ = build_engine(p["fused"], str(d / "fused.plan"), BuildOptions(fp16=True, refit=True), force=True)
+        build = asdict(record)
     report = {"pretrain": pre, "finetune": ft, "verify": ver, "bench": lat, "build": build}
     write_bytes_atomic(d / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     print(summary(report))
@@ -76,7 +79,12 @@ def summary(report: dict[str, Any]) -> str:
         ("latency median base", f"{lat[0]['median_ms']:.4f} ms"),
         ("latency fused / base", f"{lat[1]['ratio_to_first']:.3f}"),
         ("latency unfused / base", f"{lat[2]['ratio_to_first']:.3f}"),
-        ("TensorRT engine", report["build"].get("skipped") or "built"),
+        ("TensorRT engine", report["build"].get("skipped") or _engine_line(report["build"])),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", f"{'step'.ljust(width)} | result", f"{'-' * width}-|-{'-' * 40}"] + [f"{k.ljust(width)} | {v}" for k, v in rows])
+
+
+def _engine_line(build: dict[str, Any]) -> str:
+    check = build.get("engine_check") or {}
+    return f"built ({build['precision']}, TensorRT {build['tensorrt_version']}), engine vs fused max abs {check.get('max_abs', float('nan')):.2e} (PASSED, atol {check.get('tolerance')})"

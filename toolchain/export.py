@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from toolchain.core.errors import ToolchainError
+from toolchain.graphs.fold import fold_constants
 from toolchain.kernels import weight_sha256
 
 OPSET = 18
@@ -29,8 +30,10 @@ class ExportOptions:
 
 
 def to_onnx(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions) -> onnx.ModelProto:
-    """Export with torch.export (dynamo). ``fold_bn`` runs onnxscript's optimizer, which folds
-    BatchNorm into Conv weights *under the same names*; the per-channel scales are recorded."""
+    """Export with torch.export (dynamo), then fold build-time constants into initializers (so that
+    TensorRT's parser accepts the model; conv weights keep their names). ``fold_bn`` runs
+    onnxscript's optimizer, which folds BatchNorm into Conv weights *under the same names*; the
+    per-channel scales are recorded."""
     model = model.eval().cpu()
     batch = max(opts.batch, 2) if opts.dynamic_batch else opts.batch
     x = torch.randn(batch, *input_shape)
@@ -41,7 +44,7 @@ def to_onnx(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions)
         )
     if program is None:
         raise ToolchainError("torch.onnx.export returned nothing", seen=type(model).__name__)
-    proto = program.model_proto
+    proto = fold_constants(program.model_proto)  # TensorRT needs reduce axes, shapes and the like as initializers
     _strip_stack_traces(proto)
     if opts.fold_bn:
         scales = fold_scales(model, proto)

@@ -15,7 +15,8 @@ def describe(path: str) -> dict[str, Any]:
         return _peft(p)
     if not p.is_file():
         raise ToolchainError("file does not exist", seen=str(p))
-    head = p.read_bytes()[:16]
+    with open(p, "rb") as f:
+        head = f.read(16)
     if p.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
         return _adapter(p)
     if p.suffix in (".plan", ".engine"):
@@ -90,15 +91,23 @@ def _onnx(p: Path) -> dict[str, Any]:
 
 
 def _engine(p: Path) -> dict[str, Any]:
-    from toolchain.trt_engine import read_sidecar, sidecar_path
+    from dataclasses import asdict
+
+    from toolchain.trt.record import read_plan_version, read_record, sidecar_path
 
     side = sidecar_path(p)
+    try:
+        record, problem = read_record(p), None
+    except ToolchainError as err:  # describe the engine anyway, and say what is wrong with its record
+        record, problem = None, str(err)
     return {
         "kind": "tensorrt-engine",
         "file": str(p),
         "sha256": sha256_file(p),
         "bytes": p.stat().st_size,
-        "build_info": read_sidecar(p),
-        "build_info_file": str(side) if side.is_file() else None,
-        "note": "layer and binding details need TensorRT and a GPU; the build info comes from the sidecar JSON",
+        "tensorrt_version": read_plan_version(p),
+        "record": asdict(record) if record is not None else None,
+        "record_file": str(side) if side.is_file() else None,
+        "record_error": problem,
+        "note": "the TensorRT version is read from the plan's header (bytes 24-26); a plan loads only in that TensorRT release",
     }

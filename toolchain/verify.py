@@ -130,12 +130,19 @@ def _create(d: Path) -> None:
 
 def _engine_tolerance(engine: str, opts: VerifyOptions) -> tuple[float | dict[str, float], float | dict[str, float], str]:
     """(atol, rtol, precision) for engine vs reference: fp16 engines get FP16_TOL unless given."""
-    from toolchain.trt_engine import engine_precision
+    from toolchain.trt.record import read_record
 
-    precision = engine_precision(engine)
+    given = opts.engine_atol is not None and opts.engine_rtol is not None
+    try:
+        record = read_record(engine)
+    except ToolchainError:
+        if not given:
+            raise
+        record = None
+    precision = record.precision if record is not None else None
     if precision is None and (opts.engine_atol is None or opts.engine_rtol is None):
         raise ToolchainError(
-            "the engine's precision is unknown (its build sidecar ENGINE.json is missing or unreadable), so no default tolerance is safe",
+            "the engine's precision is unknown (it has no sidecar ENGINE.plan.json from `toolchain build`), so no default tolerance is safe",
             seen=engine,
             remedy="pass --engine-atol and --engine-rtol (1e-2 for fp16 engines), or rebuild it with `toolchain build`",
         )
@@ -167,7 +174,7 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
         OnnxrtRunner(SessionFromOnnx(str(model), providers=["CPUExecutionProvider"]), name="model"),
     ]
     if engine:
-        from toolchain.trt_engine import engine_runner
+        from toolchain.trt.engine import engine_runner
 
         e_atol, e_rtol, precision = _engine_tolerance(engine, opts)
         runners.append(engine_runner(engine))

@@ -9,7 +9,7 @@ import pytest
 
 from toolchain.bench import bench
 from toolchain.cli import main
-from toolchain.trt_engine import tensorrt_status
+from toolchain.trt.runtime import tensorrt_status
 
 Q = ["--no-progress"]
 
