@@ -34,7 +34,12 @@ W = np.random.default_rng(0).standard_normal((3, 2, 1)).astype(np.float32)
 CASES = {
     # name: (nodes, initializers, output shape, ops left after folding)
     "reduce axes from Reshape(Constant, Constant)": (
-        [_const("a", np.array([2], np.int64)), _const("s", np.array([1], np.int64)), helper.make_node("Reshape", ["a", "s"], ["axes"]), helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=1)],
+        [
+            _const("a", np.array([2], np.int64)),
+            _const("s", np.array([1], np.int64)),
+            helper.make_node("Reshape", ["a", "s"], ["axes"]),
+            helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=1),
+        ],
         {},
         [1, 2, 1],
         ["ReduceMean"],
