@@ -1,7 +1,7 @@
 """toolchain: LoRA-Edge (tensor-train LoRA) adaptation of edge CNNs, fused into ONNX and TensorRT.
 
 Importing this package imports neither torch nor onnxruntime: the graph stage runs on a Jetson
-with numpy, onnx and onnx-graphsurgeon only. The Python API (``toolchain.api``) loads torch when
+with numpy, onnx and safetensors only. The Python API (``toolchain.api``) loads torch when
 its training functions are called.
 """
 

@@ -129,15 +129,28 @@ def adapt(model: nn.Module, method: str = "lora-edge", rank: int = 4, *, layers:
     return Adaptation(model, spec.name, rank, scaling, layers, tuple(train), update_bn_stats, wrapped, base_state)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str], *, fold_bn: bool = False, dynamic_batch: bool = False, force: bool = False) -> Path:
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike[str],
+    *,
+    fold_bn: bool = False,
+    dynamic_batch: bool = False,
+    force: bool = False,
+    exporter: str = "auto",
+    check_inputs: np.ndarray | None = None,
+) -> Path:
     """``toolchain export`` for any module: opset 18, input named ``x``, output ``logits``; the shape of
-    ``example`` (batch included) fixes the input shape."""
+    ``example`` (batch included) fixes the input shape. The written model is checked against
+    ``model`` in ONNX Runtime on ``check_inputs`` (N, ...) and random inputs, and refused when it
+    differs beyond float32 tolerance; the check is in its ``toolchain.export_check`` metadata."""
     from toolchain.core.fileio import check_output
     from toolchain.export import ExportOptions, to_onnx
     from toolchain.graphs.onnx_io import check_onnx, save_onnx
 
     out = check_output(path, force=force)
-    proto = to_onnx(model, tuple(example.shape[1:]), ExportOptions(dynamic_batch=dynamic_batch, fold_bn=fold_bn, batch=int(example.shape[0])))
+    opts = ExportOptions(dynamic_batch=dynamic_batch, fold_bn=fold_bn, batch=int(example.shape[0]), exporter=exporter)
+    proto = to_onnx(model, tuple(example.shape[1:]), opts, real=check_inputs).proto
     check_onnx(proto, str(out))
     save_onnx(proto, out, force=force)
     return out

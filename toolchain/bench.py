@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -9,6 +10,9 @@ import numpy as np
 
 from toolchain.core.errors import ToolchainError
 
+MAX_RUNS = 100_000
+MAX_THREADS = 256
+MAX_ATTEMPTS = 10
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -31,9 +35,9 @@ def bench(models: list[str], *, warmup: int = 20, runs: int = 200, provider: str
     """
     from toolchain.graphs.onnx_io import input_info
 
-    for name, value, low in (("--runs", runs, 1), ("--warmup", warmup, 0), ("--threads", threads, 1)):
-        if type(value) is not int or value < low:
-            raise ToolchainError(f"{name} must be an integer >= {low}", seen=value, remedy=f"pass {name} {max(low, 1)} or more")
+    for name, value, low, high in (("--runs", runs, 1, MAX_RUNS), ("--warmup", warmup, 0, MAX_RUNS), ("--threads", threads, 1, MAX_THREADS)):
+        if type(value) is not int or not low <= value <= high:
+            raise ToolchainError(f"{name} must be an integer from {low} to {high}", seen=value, remedy=f"pass {name} {max(low, 1)} or more, at most {high}")
     if provider not in PROVIDERS:
         raise ToolchainError("unknown provider", seen=provider, remedy=f"use one of {list(PROVIDERS)}")
     infos = [input_info(m) for m in models]
@@ -61,3 +65,27 @@ def bench(models: list[str], *, warmup: int = 20, runs: int = 200, provider: str
     for s in stats:
         s["ratio_to_first"] = s["median_ms"] / stats[0]["median_ms"]
     return {"provider": provider, "threads": threads, "warmup": warmup, "runs": runs, "input_shape": [d or 1 for d in shape], "results": stats}
+
+
+def gate(models: list[str], max_ratio: float, attempts: int, **kwargs: Any) -> dict[str, Any]:
+    """Latency gate for CI: every model's median over the first model's must be <= ``max_ratio``.
+
+    Each attempt measures all models interleaved (machine noise hits them alike); an attempt over
+    the bound is measured again, up to ``attempts`` times, and the gate passes on the first attempt
+    within it. Returns the last attempt's results with ``gate``: bound, attempts used, passed, and
+    the ratios of every attempt.
+    """
+    if not (isinstance(max_ratio, int | float) and math.isfinite(max_ratio) and max_ratio > 0):
+        raise ToolchainError("--max-ratio must be a finite number > 0", seen=max_ratio, remedy="pass e.g. --max-ratio 1.05")
+    if type(attempts) is not int or not 1 <= attempts <= MAX_ATTEMPTS:
+        raise ToolchainError(f"--attempts must be an integer from 1 to {MAX_ATTEMPTS}", seen=attempts, remedy="pass --attempts 3")
+    if len(models) < 2:
+        raise ToolchainError("--max-ratio needs models to compare with the first", seen=models, remedy="pass --vs FUSED.onnx")
+    history: list[list[float]] = []
+    for _ in range(attempts):
+        res = bench(models, **kwargs)
+        history.append([r["ratio_to_first"] for r in res["results"][1:]])
+        if max(history[-1]) <= max_ratio:
+            break
+    res["gate"] = {"max_ratio": max_ratio, "attempts": len(history), "ratios": history, "passed": max(history[-1]) <= max_ratio}
+    return res

@@ -91,9 +91,11 @@ def _dyn(text: str) -> tuple[int, int, int]:
 def cmd_export(a: argparse.Namespace) -> int:
     from toolchain.export import ExportOptions, export
 
-    opts = ExportOptions(dynamic_batch=a.dynamic_batch, fold_bn=a.fold_bn)
-    meta = export(a.checkpoint, a.output, adapter=a.adapter, fuse=a.fuse, opts=opts, force=a.force, model=a.model, input_shape=a.input_shape)
-    print(f"exported {meta.get('toolchain.kind')} model -> {a.output}")
+    opts = ExportOptions(dynamic_batch=a.dynamic_batch, fold_bn=a.fold_bn, exporter=a.exporter)
+    report = export(a.checkpoint, a.output, adapter=a.adapter, fuse=a.fuse, opts=opts, force=a.force, model=a.model, input_shape=a.input_shape, check_data=a.check_data)
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"exported {report['metadata'].get('toolchain.kind')} model -> {a.output}; {report['check'].line()}")
     return 0
 
 
@@ -126,17 +128,23 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from toolchain.bench import bench
+    from toolchain.bench import bench, gate
     from toolchain.core.fileio import check_output, write_bytes_atomic
 
     if a.json:
         check_output(a.json, [a.model, *a.vs], force=a.force)
-    res = bench([a.model, *a.vs], warmup=a.warmup, runs=a.runs, provider=a.provider, threads=a.threads)
+    kwargs = dict(warmup=a.warmup, runs=a.runs, provider=a.provider, threads=a.threads)
+    res = gate([a.model, *a.vs], a.max_ratio, a.attempts, **kwargs) if a.max_ratio is not None else bench([a.model, *a.vs], **kwargs)
     for r in res["results"]:
         print(f"{r['model']}: median {r['median_ms']:.4f} ms, p90 {r['p90_ms']:.4f}, p99 {r['p99_ms']:.4f}, ratio {r['ratio_to_first']:.3f}")
     if a.json:
         write_bytes_atomic(a.json, (json.dumps(res, indent=2) + "\n").encode(), force=a.force)
-    return 0
+    if "gate" not in res:
+        return 0
+    g = res["gate"]
+    worst = max(g["ratios"][-1])
+    print(f"latency gate {'PASSED' if g['passed'] else 'FAILED'}: worst ratio {worst:.3f} {'<=' if g['passed'] else '>'} {g['max_ratio']} (attempt {g['attempts']} of at most {a.attempts})")
+    return 0 if g["passed"] else 1
 
 
 def cmd_diff(a: argparse.Namespace) -> int:
@@ -251,6 +259,8 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch axis (default: fixed batch 1)")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into Conv weights (records per-channel scales for fusion)")
     p.add_argument("--input-shape", type=_ints, default=None, help="C,T or C,H,W: needed for a plain state_dict; else overrides the checkpoint's (shape-agnostic models only)")
+    p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"], help="auto: dynamo, then TorchScript if dynamo fails or mismatches PyTorch (default auto)")
+    p.add_argument("--check-data", default=None, help="data spec whose windows or images join the random inputs of the ONNX-vs-PyTorch check (default: random only)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -284,6 +294,8 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--max-ratio", type=float, default=None, help="latency gate: exit 1 when a --vs model's median over the first model's exceeds this (e.g. 1.05)")
+    p.add_argument("--attempts", type=int, default=3, help="with --max-ratio: measure again when over the bound, up to this many times (default 3)")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_bench)
 

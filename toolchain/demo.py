@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,12 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
     train_cfg = TrainConfig(lr=5e-3, batch_size=batch, epochs=2 if quick else ft_epochs, steps=10 if quick and images else 0, progress=not quick)
     ft = finetune(FinetuneJob(checkpoint=p["ckpt"], out=p["adapter"], adapt=AdaptConfig(rank=4), train=train_cfg, force=True))
     print("3/6 export base, unfused and fused ONNX")
-    export(p["ckpt"], p["base"], force=True)
-    export(p["ckpt"], p["unfused"], adapter=p["adapter"], force=True)
-    export(p["ckpt"], p["fused"], adapter=p["adapter"], fuse=True, force=True)
+    exports = {
+        "base": export(p["ckpt"], p["base"], force=True, check_data=data),
+        "unfused": export(p["ckpt"], p["unfused"], adapter=p["adapter"], force=True, check_data=data),
+        "fused": export(p["ckpt"], p["fused"], adapter=p["adapter"], fuse=True, force=True, check_data=data),
+    }
+    export_checks = {k: {**asdict(v["check"]), "notes": v["notes"]} for k, v in exports.items()}
     print("4/6 verify fused against unfused with Polygraphy")
     ver = verify(p["fused"], p["unfused"], str(d / "verify"), opts=VerifyOptions(data=data, real=8 if quick else 16, force=True))
     print("5/6 bench base, fused and unfused with ONNX Runtime")
@@ -55,13 +59,11 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
     print(f"6/6 TensorRT build: {'skipped, ' + missing if missing else 'building'}")
     build: dict[str, Any] = {"skipped": missing}
     if not missing:  # the build checks the engine against fused.onnx before writing it
-        from dataclasses import asdict
-
         from toolchain.trt.engine import BuildOptions, build_engine
 
         record, _ = build_engine(p["fused"], str(d / "fused.plan"), BuildOptions(fp16=True, refit=True), force=True)
         build = asdict(record)
-    report = {"pretrain": pre, "finetune": ft, "verify": ver, "bench": lat, "build": build}
+    report = {"pretrain": pre, "finetune": ft, "export_checks": export_checks, "verify": ver, "bench": lat, "build": build}
     write_bytes_atomic(d / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     print(summary(report))
     return 0 if ver["passed"] else 1
@@ -75,6 +77,7 @@ def summary(report: dict[str, Any]) -> str:
         ("macro-F1 before -> after", f"{ft['f1_before']:.3f} -> {ft['f1_after']:.3f}"),
         ("accuracy before -> after", f"{ft['accuracy_before']:.3f} -> {ft['accuracy_after']:.3f}"),
         ("trainable parameters", f"{ft['trainable_params']} / {ft['total_params']} ({100 * ft['trainable_fraction']:.2f}%)"),
+        ("ONNX vs PyTorch (export)", _export_line(report["export_checks"])),
         ("parity fused vs unfused", f"max abs err {worst:.2e} ({'PASSED' if comp['passed'] else 'FAILED'}, atol {comp['atol']})"),
         ("latency median base", f"{lat[0]['median_ms']:.4f} ms"),
         ("latency fused / base", f"{lat[1]['ratio_to_first']:.3f}"),
@@ -88,3 +91,9 @@ def summary(report: dict[str, Any]) -> str:
 def _engine_line(build: dict[str, Any]) -> str:
     check = build.get("engine_check") or {}
     return f"built ({build['precision']}, TensorRT {build['tensorrt_version']}), engine vs fused max abs {check.get('max_abs', float('nan')):.2e} (PASSED, atol {check.get('tolerance')})"
+
+
+def _export_line(checks: dict[str, Any]) -> str:
+    worst = max(max(c["max_abs"].values()) for c in checks.values())
+    exporters = sorted({c["exporter"] for c in checks.values()})
+    return f"max abs err {worst:.2e} over base, unfused, fused ({'/'.join(exporters)} exporter)"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,10 +19,15 @@ import torch
 from torch import nn
 
 from toolchain.core.errors import ToolchainError
+from toolchain.export_check import RANDOM_INPUTS, ExportCheck, against_torch, check_inputs
+from toolchain.export_check import record as record_check
 from toolchain.graphs.fold import fold_constants
 from toolchain.kernels import weight_sha256
 
 OPSET = 18
+
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
 @dataclass
@@ -27,30 +35,104 @@ class ExportOptions:
     dynamic_batch: bool = False
     fold_bn: bool = False
     batch: int = 1
+    exporter: str = "auto"  # auto: dynamo, then the TorchScript-based exporter if dynamo fails or mismatches
 
 
-def to_onnx(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions) -> onnx.ModelProto:
-    """Export with torch.export (dynamo), then fold build-time constants into initializers (so that
-    TensorRT's parser accepts the model; conv weights keep their names). ``fold_bn`` runs
-    onnxscript's optimizer, which folds BatchNorm into Conv weights *under the same names*; the
-    per-channel scales are recorded."""
+@dataclass
+class Exported:
+    """A checked export: the model, ONNX Runtime vs PyTorch, and what happened on the way."""
+
+    proto: onnx.ModelProto
+    check: ExportCheck
+    notes: list[str]
+
+
+def to_onnx(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions, *, real: np.ndarray | None = None) -> Exported:
+    """Export, fold build-time constants into initializers (so that TensorRT's parser accepts the
+    model; conv weights keep their names), and check the result against ``model`` in ONNX Runtime.
+
+    ``exporter`` dynamo uses torch.export; torchscript the TorchScript-based exporter (names and
+    BatchNorm kept: no constant folding in torch); auto tries dynamo, then TorchScript, and says so.
+    A model no exporter writes right is refused, naming the output, its error and the remedy.
+    ``fold_bn`` (dynamo only) runs onnxscript's optimizer, which folds BatchNorm into Conv weights
+    *under the same names*; the per-channel scales are recorded.
+    """
+    if opts.exporter not in EXPORTERS:
+        raise ToolchainError("--exporter must be auto, dynamo or torchscript", seen=opts.exporter, remedy="pass --exporter auto")
+    if opts.fold_bn and opts.exporter == "torchscript":
+        raise ToolchainError("--fold-bn needs the dynamo exporter (it keeps weight names while folding)", seen="--exporter torchscript", remedy="drop --fold-bn or use --exporter dynamo")
     model = model.eval().cpu()
-    batch = max(opts.batch, 2) if opts.dynamic_batch else opts.batch
+    batch = _batch(opts)
+    feeds = check_inputs(batch, input_shape, real)
+    order = ["dynamo"] if opts.fold_bn or opts.exporter == "dynamo" else ["torchscript"] if opts.exporter == "torchscript" else ["dynamo", "torchscript"]
+    failures: list[str] = []
+    for name in order:
+        try:
+            proto = fold_constants(_EXPORT[name](model, input_shape, opts, batch))
+            check = against_torch(model, proto, feeds, name, len(feeds) - RANDOM_INPUTS)
+        except ToolchainError:
+            raise
+        except Exception as err:  # the exporter's own failure, or a model ONNX Runtime cannot run
+            failures.append(f"{name} exporter failed ({type(err).__name__}: {_plain(str(err))[:70]})")
+            continue
+        if check.passed:
+            _strip_stack_traces(proto)
+            if opts.fold_bn:
+                scales = fold_scales(model, proto)
+                if scales:
+                    proto.metadata_props.add(key="toolchain.weight_scales", value=json.dumps(scales, sort_keys=True))
+            record_check(proto, check)
+            return Exported(proto, check, [f"{f}; used the {name} exporter instead" for f in failures])
+        output, error, bound = check.worst
+        failures.append(f"{name} exporter: output {output} differs from PyTorch by {error:.3g} (bound {bound:.3g})")
+    raise ToolchainError(
+        "no exporter wrote an ONNX model that matches the PyTorch module",
+        seen="; ".join(reversed(failures)),
+        remedy="nothing was written; replace the op the exporter translates wrongly, or report the module",
+    )
+
+
+def _plain(text: str) -> str:
+    """One line without terminal colour codes."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+
+
+def _batch(opts: ExportOptions) -> int:
+    return max(opts.batch, 2) if opts.dynamic_batch else opts.batch
+
+
+def _kwargs(**wanted: Any) -> dict[str, Any]:
+    """The keyword arguments this torch's ``torch.onnx.export`` accepts (2.5 lacks optimize and external_data)."""
+    accepted = inspect.signature(torch.onnx.export).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def _dynamo(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions, batch: int) -> onnx.ModelProto:
     x = torch.randn(batch, *input_shape)
     dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if opts.dynamic_batch else None
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        raise ToolchainError("this torch has no dynamo ONNX exporter", seen=torch.__version__, remedy="use --exporter torchscript, or torch 2.5 or newer")
+    kwargs = _kwargs(dynamo=True, optimize=opts.fold_bn, opset_version=OPSET, dynamic_shapes=dyn, input_names=["x"], output_names=["logits"], verbose=False, external_data=False)
+    if opts.fold_bn and "optimize" not in kwargs:
+        raise ToolchainError("--fold-bn needs torch.onnx.export's optimize option (torch 2.6 or newer)", seen=torch.__version__, remedy="export without --fold-bn")
     with _quiet():
-        program = torch.onnx.export(
-            model, (x,), dynamo=True, optimize=opts.fold_bn, opset_version=OPSET, dynamic_shapes=dyn, input_names=["x"], output_names=["logits"], verbose=False, external_data=False
-        )
+        program = torch.onnx.export(model, (x,), **kwargs)
     if program is None:
         raise ToolchainError("torch.onnx.export returned nothing", seen=type(model).__name__)
-    proto = fold_constants(program.model_proto)  # TensorRT needs reduce axes, shapes and the like as initializers
-    _strip_stack_traces(proto)
-    if opts.fold_bn:
-        scales = fold_scales(model, proto)
-        if scales:
-            proto.metadata_props.add(key="toolchain.weight_scales", value=json.dumps(scales, sort_keys=True))
-    return proto
+    return program.model_proto
+
+
+def _torchscript(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions, batch: int) -> onnx.ModelProto:
+    x = torch.randn(batch, *input_shape)
+    buffer = io.BytesIO()
+    axes = {"x": {0: "batch"}, "logits": {0: "batch"}} if opts.dynamic_batch else None
+    kwargs = _kwargs(dynamo=False, opset_version=OPSET, input_names=["x"], output_names=["logits"], dynamic_axes=axes, do_constant_folding=False)
+    with _quiet():
+        torch.onnx.export(model, (x,), buffer, **kwargs)  # type: ignore[arg-type]  # no constant folding in torch: it would fold BatchNorm and rename weights
+    return onnx.load_from_string(buffer.getvalue())
+
+
+_EXPORT = {"dynamo": _dynamo, "torchscript": _torchscript}
 
 
 @contextlib.contextmanager
@@ -128,8 +210,11 @@ def export(
     force: bool = False,
     model: str | None = None,
     input_shape: tuple[int, ...] | None = None,
-) -> dict[str, str]:
-    """`toolchain export`: base model, unfused adapted model, or base exported then fused in ONNX."""
+    check_data: str | None = None,
+) -> dict[str, Any]:
+    """`toolchain export`: base model, unfused adapted model, or base exported then fused in ONNX.
+    Every written model has been checked against PyTorch (for ``fuse``: the fused model against the
+    adapted module). Returns the model's metadata, the check and any notes."""
     from toolchain import __version__
     from toolchain.core.adapter_file import load_adapter
     from toolchain.core.fileio import check_output, sha256_file
@@ -144,12 +229,14 @@ def export(
         raise ToolchainError("--fuse needs --adapter", seen="no adapter", remedy="pass --adapter adapter.safetensors")
     net, payload = load_checkpoint(checkpoint, model, input_shape)
     shape = _export_shape(net, payload, input_shape)
+    real = _real_inputs(check_data, shape)
     ad = load_adapter(adapter) if adapter else None
     kind = "base"
     if ad is not None and not fuse:
         apply_adapter(net, ad)
         kind = "unfused"
-    proto = to_onnx(net, shape, opts)
+    exported = to_onnx(net, shape, opts, real=real)
+    proto, check = exported.proto, exported.check
     meta = {"toolchain.kind": kind, "toolchain.checkpoint_sha256": sha256_file(checkpoint), "toolchain.version": __version__, "toolchain.classes": json.dumps(payload["classes"])}
     if ad is not None and not fuse:
         meta["toolchain.adapter_sha256"] = sha256_file(str(adapter))
@@ -164,6 +251,38 @@ def export(
             "toolchain.kind": "fused",
         }
         proto = fuse_model(proto, ad, prov)
+        check = _check_fused(net, ad, proto, check.exporter, check_inputs(_batch(opts), shape, real))
     onnx.checker.check_model(proto)
-    save_onnx(proto, out)
-    return {p.key: p.value for p in proto.metadata_props}
+    save_onnx(proto, out, force=force)
+    return {"metadata": {p.key: p.value for p in proto.metadata_props}, "check": check, "notes": exported.notes}
+
+
+def _real_inputs(spec: str | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if spec is None:
+        return None
+    from toolchain.data.sources import load_data
+
+    x = load_data(spec).X
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise ToolchainError("--check-data does not fit the model's input shape", seen=(list(x.shape[1:]), list(shape)), remedy="pass data of the model's input shape, or leave --check-data out")
+    return x
+
+
+def _check_fused(net: nn.Module, adapter: Any, proto: onnx.ModelProto, exporter: str, feeds: list[np.ndarray]) -> ExportCheck:
+    """The fused ONNX model against the adapted PyTorch module (the aux path, unmerged)."""
+    import copy
+
+    from toolchain.peft.inject import apply_adapter
+
+    adapted = copy.deepcopy(net)
+    apply_adapter(adapted, adapter)
+    check = against_torch(adapted, proto, feeds, exporter, len(feeds) - RANDOM_INPUTS)
+    if not check.passed:
+        out, err, bound = check.worst
+        raise ToolchainError(
+            "the fused ONNX model differs from the adapted PyTorch module",
+            seen=f"output {out}: max abs {err:.3g} (bound {bound:.3g})",
+            remedy="export the unfused model instead and report the adapter",
+        )
+    record_check(proto, check)
+    return check

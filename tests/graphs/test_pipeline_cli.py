@@ -7,7 +7,6 @@ import sys
 import onnx
 import pytest
 
-from toolchain.bench import bench
 from toolchain.cli import main
 from toolchain.trt.runtime import tensorrt_status
 
@@ -74,15 +73,21 @@ def test_polygraphy_can_recheck_by_hand(art, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def test_latency_gate_fused_costs_what_base_costs(art):
-    """CI gate: fused/base median latency <= 1.05, measured side by side (best of 3 measurements against noise)."""
-    ratios = []
-    for _ in range(3):
-        res = bench([str(art["base"]), str(art["fused"])], warmup=20, runs=400)
-        ratios.append(res["results"][1]["ratio_to_first"])
-        if ratios[-1] <= 1.05:
-            break
-    assert min(ratios) <= 1.05, ratios
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--max-ratio", "0"], "--max-ratio must be a finite number > 0"), (["--max-ratio", "nan"], "--max-ratio must be"), (["--max-ratio", "1.1", "--attempts", "0"], "--attempts must be"),
+     (["--runs", "1000000000"], "--runs must be an integer from 1 to 100000"), (["--threads", "100000"], "--threads must be an integer from 1 to 256")],
+)  # fmt: skip
+def test_latency_gate_arguments_are_checked(art, capsys, extra, message):
+    """The gate's own behaviour (pass, fail, attempts) is run by tests/test_ci_recipe.py; the 1.05
+    bound is a latency target measured in docs/BENCHMARKS.md, not asserted in a timed test."""
+    assert main(["bench", str(art["base"]), "--vs", str(art["fused"]), "--runs", "5", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_latency_gate_needs_a_second_model(art, capsys):
+    assert main(["bench", str(art["base"]), "--max-ratio", "1.05"]) == 2
+    assert "--vs" in capsys.readouterr().err
 
 
 def test_dynamic_batch_export(art, tmp_path):

@@ -13,8 +13,8 @@ from toolchain.trt.record import EngineRecord, check_plan_version, plan_version,
 # onjackay/model-deploy-tutorial, built in May 2024 with CUDA 12.5, i.e. TensorRT 10.0.1): the magic
 # "ftrt", then major, minor, patch at offsets 24, 25 and 26.
 REAL_HEADERS = [
-    bytes.fromhex("66747274000000000100000000000000" "4c400500000000000a00010672747274"),
-    bytes.fromhex("66747274000000000100000000000000" "64400500000000000a00010672747274"),
+    bytes.fromhex("667472740000000001000000000000004c400500000000000a00010672747274"),
+    bytes.fromhex("6674727400000000010000000000000064400500000000000a00010672747274"),
 ]
 
 
@@ -35,7 +35,7 @@ def test_check_plan_version(tmp_path):
     plan = tmp_path / "m.plan"
     plan.write_bytes(REAL_HEADERS[0] + b"rest")
     check_plan_version(plan, "10.0.1.6")
-    with pytest.raises(ToolchainError, match="built by TensorRT 10.0.1; this machine has TensorRT 10.3.0"):
+    with pytest.raises(ToolchainError, match=r"built by TensorRT 10\.0\.1; this machine has TensorRT 10\.3\.0"):
         check_plan_version(plan, "10.3.0")
     plan.write_bytes(b"not a plan")
     with pytest.raises(ToolchainError, match="not a TensorRT plan"):
@@ -43,7 +43,9 @@ def test_check_plan_version(tmp_path):
 
 
 def _record(**kw):
-    base = dict(kind="build", onnx="m.onnx", onnx_sha256="a" * 64, base_sha256="b" * 64, precision="fp16", refit_mode="individual", refittable_weights=("w",), tensorrt_version="10.3.0", plan_sha256="c" * 64)
+    base = dict(
+        kind="build", onnx="m.onnx", onnx_sha256="a" * 64, base_sha256="b" * 64, precision="fp16", refit_mode="individual", refittable_weights=("w",), tensorrt_version="10.3.0", plan_sha256="c" * 64
+    )
     return EngineRecord(**{**base, **kw})
 
 
