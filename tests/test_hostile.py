@@ -252,7 +252,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "verify --atol -1": (lambda d: _verify(d, "--atol", "-1"), "finite number >= 0"),
     "verify --real -1": (lambda d: _verify(d, "--real", "-1"), "--real must be an integer >= 0"),
     "verify --random 0": (lambda d: _verify(d, "--random", "0"), "--random must be an integer >= 1"),
-    "bench --runs 0": (lambda d: ["bench", str(_verify_models(d)[0]), "--runs", "0"], "--runs must be an integer >= 1"),
+    "bench --runs 0": (lambda d: ["bench", str(_verify_models(d)[0]), "--runs", "0"], "--runs must be an integer from 1 to 100000"),
 }
 
 

@@ -46,7 +46,7 @@ def adapted_pair(geom_id: str, *, bn: bool = False, seed: int = 0) -> tuple[nn.M
 def export_proto(model: nn.Module, x: torch.Tensor, fold_bn: bool = False) -> onnx.ModelProto:
     """Export through the toolchain's exporter, whatever the input rank."""
     opts = ExportOptions(fold_bn=fold_bn, batch=x.shape[0])
-    return to_onnx(model, tuple(x.shape[1:]), opts)
+    return to_onnx(model, tuple(x.shape[1:]), opts).proto
 
 
 def run(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:

@@ -90,3 +90,51 @@ def test_digits_pipeline_with_real_images_as_verify_feeds(tmp_path):
     out = onnx.load(tmp_path / "fused.onnx").graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in out] == [1, 10], "unseen classes 8 and 9 reach the fused model"
     assert main(["verify", str(tmp_path / "fused.onnx"), "--reference", str(tmp_path / "unfused.onnx"), "--data", "digits", "--out-dir", str(tmp_path / "v"), "--real", "6", "--random", "2"]) == 0
+
+
+@pytest.mark.parametrize(("mode", "dark", "bright", "peak"), [("I;16", 1000, 60000, 65535), ("I", 300, 40000, 65535), ("L", 10, 250, 255)])
+def test_high_bit_depth_images_keep_their_range(tmp_path, mode, dark, bright, peak):
+    """16-bit PNGs used to be clipped to 255 by convert("L"): two classes became identical (R1)."""
+    from PIL import Image
+
+    from toolchain.data.images import load_image_folder
+
+    for cls, value in (("dark", dark), ("bright", bright)):
+        (tmp_path / cls).mkdir()
+        dtype = {"I;16": np.uint16, "I": np.int32, "L": np.uint8}[mode]
+        im = Image.fromarray(np.full((8, 8), value, dtype))
+        assert im.mode == mode
+        im.save(tmp_path / cls / "a.png", format="TIFF" if mode == "I" else "PNG")  # PNG cannot hold mode I; the loader reads content, not names
+    ds = load_image_folder(tmp_path, size=8)
+    by_class = {ds.classes[c]: float(ds.X[ds.y == c].mean()) for c in range(2)}
+    assert by_class["dark"] == pytest.approx(dark / peak, abs=1e-4) and by_class["bright"] == pytest.approx(bright / peak, abs=1e-4)
+
+
+def test_float_images_outside_unit_range_are_refused(tmp_path):
+    from PIL import Image
+
+    from toolchain.core.errors import ToolchainError
+    from toolchain.data.images import load_image_folder
+
+    (tmp_path / "c").mkdir()
+    Image.fromarray(np.full((8, 8), 7.5, np.float32)).save(tmp_path / "c" / "a.png", format="TIFF")
+    with pytest.raises(ToolchainError, match="pixel range is not known"):
+        load_image_folder(tmp_path, size=8)
+
+
+def test_decoded_size_is_bounded_before_decoding(tmp_path):
+    from PIL import Image
+
+    from toolchain.core.errors import ToolchainError
+    from toolchain.data import images
+
+    (tmp_path / "c").mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "c" / f"{i}.png")
+    old = images.MAX_DECODED_BYTES
+    try:
+        images.MAX_DECODED_BYTES = 3 * 3 * 64 * 64 * 4 - 1
+        with pytest.raises(ToolchainError, match="decoded images would take more than"):
+            images.load_image_folder(tmp_path, size=64)
+    finally:
+        images.MAX_DECODED_BYTES = old

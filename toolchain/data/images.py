@@ -15,6 +15,7 @@ resized to SIZE x SIZE (default 32) and scaled to [0, 1]; channels from the firs
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,9 @@ _NOISE_STD = (0.08, 0.12, 0.18, 0.26, 0.38)
 _CONTRAST = (0.6, 0.45, 0.3, 0.2, 0.12)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MAX_IMAGES = 200_000
+MAX_DECODED_BYTES = 2 << 30  # the float32 array the decoded images become
+HIGH_BIT_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")  # Pillow's convert("L") clips these at 255
+GRAY_MODES = ("1", "L", *HIGH_BIT_MODES)
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -105,6 +109,13 @@ def load_image_folder(root: str | Path, size: int = 32) -> WindowDataset:
     if not 4 <= size <= 1024:
         raise ToolchainError("image size must be 4..1024", seen=size)
     groups = _image_groups(base)
+    total = sum(len(files) for _, _, files in groups)
+    if total * 3 * size * size * 4 > MAX_DECODED_BYTES:  # bounded before any image is decoded
+        raise ToolchainError(
+            f"the decoded images would take more than {MAX_DECODED_BYTES >> 30} GiB",
+            seen=f"{total} images at {size}x{size}",
+            remedy="choose a smaller SIZE in imagefolder:ROOT:SIZE, or fewer images",
+        )
     classes = sorted({c for _, c, _ in groups})
     domains = sorted({d for d, _, _ in groups})
     xs, ys, ss, mode = [], [], [], None
@@ -112,15 +123,46 @@ def load_image_folder(root: str | Path, size: int = 32) -> WindowDataset:
         for f in files:
             try:
                 with Image.open(f) as im:
-                    mode = mode or ("L" if im.mode in ("1", "L", "I", "F", "I;16") else "RGB")
-                    arr = np.asarray(im.convert(mode).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+                    mode = mode or ("L" if im.mode in GRAY_MODES else "RGB")
+                    arr = _pixels(im, mode, size, f)
+            except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:  # ValueError: text chunks past Pillow's limit
                 raise ToolchainError("cannot read an image", seen=f"{f}: {type(err).__name__}", remedy="remove or replace the file") from None
             xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
             ys.append(classes.index(cls))
             ss.append(domains.index(domain))
     y, s = np.array(ys, np.int64), np.array(ss, np.int64)
     return WindowDataset(np.stack(xs).astype(np.float32), y, s, s * len(classes) + y, classes, base.name or "images")
+
+
+def _pixels(im: Any, mode: str, size: int, path: Path) -> np.ndarray:
+    """One image as float32 in [0, 1] at size x size: 8-bit modes over 255, 16-bit over 65535;
+    32-bit integer and float images are taken only when their values fit 16 bits or [0, 1]."""
+    from PIL import Image
+
+    if im.mode not in HIGH_BIT_MODES:
+        return np.asarray(im.convert(mode).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    gray = _high_bit_gray(im, size, path)
+    return np.repeat(gray[:, :, None], 3, axis=2) if mode == "RGB" else gray
+
+
+def _high_bit_gray(im: Any, size: int, path: Path) -> np.ndarray:
+    from PIL import Image
+
+    values = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16"):
+        peak = 65535.0
+    elif im.mode == "I" and values.min() >= 0 and values.max() <= 65535:
+        peak = 65535.0 if values.max() > 255 else 255.0
+    elif im.mode == "F" and np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
+        peak = 1.0
+    else:
+        raise ToolchainError(
+            "an image's pixel range is not known",
+            seen=f"{path}: mode {im.mode}, values {values.min():.4g}..{values.max():.4g}",
+            remedy="save 8- or 16-bit images (or float images in [0, 1])",
+        )
+    scaled = Image.fromarray((values / peak).astype(np.float32), mode="F")
+    return np.asarray(scaled.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def _image_groups(base: Path) -> list[tuple[str, str, list[Path]]]:
