@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import secrets
+import signal
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -140,6 +141,42 @@ def _publish(tmp: Path, target: Path, force: bool) -> None:
         os.replace(tmp, target)
         return
     tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_paths(targets: Sequence[PathLike], *, force: bool = True) -> Iterator[list[Path]]:
+    """``atomic_path`` for several files that must appear together: yield a temporary path for each;
+    on success move them all into place with SIGINT and SIGTERM held back (blocked, then delivered
+    once every file is in place), so an interruption leaves all of them or none."""
+    paths = [Path(t) for t in targets]
+    tmps = [_partial_name(t) for t in paths]
+    try:
+        for target, tmp in zip(paths, tmps, strict=True):
+            _create_partial(target, tmp)
+        yield tmps
+        for tmp in tmps:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+        held = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            for target, tmp in zip(paths, tmps, strict=True):
+                _publish(tmp, target, force)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    except OSError as err:
+        _remove(tmps)
+        raise ToolchainError("cannot write the outputs", seen=f"{paths[0].parent}: {err.strerror or err}", remedy="check free space and permissions") from None
+    except BaseException:
+        _remove(tmps)
+        raise
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def write_bytes_atomic(target: PathLike, data: bytes, *, force: bool = True) -> None:

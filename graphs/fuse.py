@@ -98,12 +98,18 @@ def _digest(w: Weight, digests: dict[str, str]) -> str:
     return digests[w.name]
 
 
-def _check_consumers(layer: LayerRecord, w: Weight) -> None:
+def _check_consumers(layer: LayerRecord, w: Weight, outputs: set[str]) -> None:
     """Every reader of the weight must be a main-graph Conv kernel with the layer's groups.
 
     Several Convs may share it (one module applied twice, a tied weight): each is the same adapted
-    module, so fusing once serves all. Any other reader would silently change.
+    module, so fusing once serves all. Any other reader, a graph output among them, would silently change.
     """
+    if w.name in outputs:
+        raise ToolchainError(
+            f"layer {layer.name}: its weight {w.name} is also a graph output, and fusing would change that output",
+            seen=w.name,
+            remedy="export the base model without the weight among its outputs",
+        )
     others = w.other_consumers({"Conv": (1,), **SHAPE_READERS})
     if others:
         raise ToolchainError(
@@ -130,7 +136,7 @@ def _fuse_layers(graph: onnx.GraphProto, adapter: Adapter, scales: dict[str, dic
             if w.name in claimed:
                 raise ToolchainError("two adapter layers resolve to the same Conv weight", seen=(claimed[w.name], layer.name), remedy="the adapter does not belong to this model")
             claimed[w.name] = layer.name
-            _check_consumers(layer, w)
+            _check_consumers(layer, w, {o.name for o in graph.output})
             plan.append((layer, w, scale))
         fused = list(pool.map(lambda item: _fused(item[0], item[1], item[2], adapter), plan))
     for (_, w, _), values in zip(plan, fused, strict=True):

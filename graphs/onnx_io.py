@@ -32,7 +32,7 @@ def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
         location = _external_location(tensor)
         if location is None:
             continue
-        if not location or os.path.isabs(location) or Path(location).drive:
+        if not location or "\x00" in location or os.path.isabs(location) or Path(location).drive:
             raise ToolchainError("ONNX external data location must be a relative path inside the model's folder", seen=location or "(empty)", remedy="re-save the model with its data beside it")
         target = (folder / location).resolve()
         if not target.is_relative_to(root):
@@ -67,6 +67,10 @@ def parse_onnx(data: bytes, path: Path) -> onnx.ModelProto:
         raise ToolchainError("not an ONNX model: the file does not parse", seen=f"{path}: {type(err).__name__}", remedy=_REMEDY) from None
     if not model.graph.node:
         raise ToolchainError("not an ONNX model: the graph has no nodes", seen=str(path), remedy=_REMEDY)
+    known = onnx.defs.onnx_opset_version()
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and not 1 <= opset <= known:
+        raise ToolchainError(f"the model's ONNX opset is outside what this onnx knows (1..{known})", seen=f"{path}: opset {opset}", remedy="re-export the model at opset 18")
     check_external_data(model, path.parent)
     return model
 

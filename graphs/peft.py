@@ -16,7 +16,6 @@ itself cannot merge), LoRA biases, modules_to_save and non-conv targets are refu
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ import onnx
 from toolchain.core.adapter_file import Adapter, ConvGeometry, LayerRecord, read_safetensors, validate_adapter
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import read_regular_file
+from toolchain.core.jsonio import loads_strict
+from toolchain.core.patterns import compile_user_pattern, fullmatch
 from toolchain.graphs.weights import Weight, conv_weights, index_weights
 
 CONFIG = "adapter_config.json"
@@ -54,10 +55,7 @@ def load_peft(folder: str | Path) -> PeftAdapter:
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise ToolchainError(f"a PEFT adapter folder holds {CONFIG} and {WEIGHTS}", seen=str(d), remedy="pass the folder written by PeftModel.save_pretrained")
     raw = read_regular_file(d / CONFIG, 1 << 20, what="PEFT adapter config", remedy=_REMEDY)
-    try:
-        config = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise ToolchainError("PEFT adapter_config.json is not valid JSON", seen=str(err)[:80], remedy=_REMEDY) from None
+    config = loads_strict(raw, "PEFT adapter_config.json", _REMEDY)
     _check_config(config)
     _, tensors = read_safetensors(d / WEIGHTS, what="PEFT adapter weights", remedy=_REMEDY, dtypes=("F32", "F16"))
     modules: dict[str, dict[str, np.ndarray]] = {}
@@ -66,6 +64,8 @@ def load_peft(folder: str | Path) -> PeftAdapter:
         if m is None:
             raise ToolchainError("the PEFT adapter holds a tensor that is not a conv LoRA/DoRA weight", seen=key, remedy=_REMEDY)
         part = {"lora_A.weight": "A", "lora_B.weight": "B"}.get(m.group("part"), "m")
+        if value.ndim < 1 or value.size == 0:
+            raise ToolchainError("a PEFT adapter tensor is empty or has no dimensions", seen=f"{key}: shape {list(value.shape)}", remedy=_REMEDY)
         modules.setdefault(m.group("module"), {})[part] = value
     if not modules:
         raise ToolchainError("the PEFT adapter holds no LoRA weights", seen=str(d), remedy=_REMEDY)
@@ -86,15 +86,31 @@ def _check_config(c: Any) -> None:
     for key, ok, why in rules:
         if not ok:
             raise ToolchainError(f"unsupported PEFT adapter_config.json {key}: {why}", seen=c.get(key), remedy=_REMEDY)
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(c.get(key) or {}, dict):
-            raise ToolchainError(f"PEFT {key} must be a JSON object", seen=c.get(key), remedy=_REMEDY)
+    for key, valid, why in (("rank_pattern", _is_rank, "an integer >= 1"), ("alpha_pattern", _is_alpha, "a finite number")):
+        patterns = c.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise ToolchainError(f"PEFT {key} must be a JSON object", seen=type(patterns).__name__, remedy=_REMEDY)
+        for pattern, value in patterns.items():
+            compile_user_pattern(pattern, f"PEFT {key} key", _REMEDY)
+            if not valid(value):
+                raise ToolchainError(f"PEFT {key} values must be {why} (as lora_alpha and r are)", seen=f"{pattern!r}: {value!r}", remedy=_REMEDY)
+
+
+def _is_rank(v: Any) -> bool:
+    return type(v) is int and v >= 1
+
+
+def _is_alpha(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
 
 
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's per-module override: the first pattern key that matches the module name's tail."""
+    """PEFT's per-module override: the first pattern key that matches the module name's tail
+    (keys were checked by compile_user_pattern in _check_config)."""
     for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?({key})", module):
+        if fullmatch(re.compile(rf"(.*\.)?({key})"), module):
             return value
     return default
 

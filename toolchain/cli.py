@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -52,10 +53,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
     excl = tuple(c for c in a.exclude_classes.split(",") if c) if a.exclude_classes else ()
     m = pretrain(PretrainJob(out=a.out, model=a.model, data=a.data, subjects=a.target_subjects, train=_train_config(a), force=a.force, exclude_classes=excl))
-    print(
-        f"pretrained {a.model} on subjects {m['source_subjects']}: source F1 {m['f1_source']:.3f}, "
-        f"target {m['target_subjects']} F1 {m['f1_target']:.3f} ({m['steps']} steps, {m['train_seconds']:.1f} s) -> {a.out}"
-    )
+    target = f"target {m['target_subjects']} F1 {m['f1_target']:.3f}" if m["f1_target"] is not None else "no target subjects held out"
+    print(f"pretrained {a.model} on subjects {m['source_subjects']}: source F1 {m['f1_source']:.3f}, {target} ({m['steps']} steps, {m['train_seconds']:.1f} s) -> {a.out}")
     return 0
 
 
@@ -217,6 +216,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         pretrain_epochs=a.pretrain_epochs,
         ray=a.ray,
         workers=a.workers,
+        force=a.force,
     )
     rows = run_compare(job)
     failed = json.loads((Path(a.out) / "failed.json").read_text())
@@ -344,6 +344,7 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=None, help="CPUs of a local Ray (--ray auto); default all")
     p.add_argument("--exclude-classes", default="", help="unseen classes: pretrain without these (names or indices), adapt to all")
     p.add_argument("--pretrain-epochs", type=int, default=8, help="(default 8)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder that is not a compare folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -418,8 +419,61 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that partial outputs are cleaned up as on Ctrl-C."""
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
+_OURS = tuple(str(Path(p).resolve()) for p in (Path(__file__).parent, Path(__file__).parent / "core", Path(__file__).parent / "kernels", Path(__file__).parent / "graphs"))
+_STDLIB = str(Path(contextlib.__file__).resolve().parent)
+RETRY_S = 0.05
+
+
+def _safe_to_raise(frame: Any) -> bool:
+    """True when every frame on the stack is this package's or the standard library's: an exception
+    raised now cannot be swallowed by a bare ``except:`` in third-party code (Polygraphy's lazy
+    importer did that, and verify went on to print PASSED, then crashed)."""
+    while frame is not None and frame.f_code is not main.__code__:  # the frames main() called
+        name = str(Path(frame.f_code.co_filename).resolve()) if not frame.f_code.co_filename.startswith("<") else _STDLIB
+        if not (name.startswith(_OURS) or (name.startswith(_STDLIB) and "site-packages" not in name)):
+            return False
+        frame = frame.f_back
+    return True
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Raise Terminated where that is safe; inside third-party code, look again every 50 ms (SIGALRM)."""
+    if _safe_to_raise(frame):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise Terminated()
+    signal.signal(signal.SIGALRM, _on_sigterm)
+    signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+
+
+# Every count and size an option can set, bounded before anything is allocated: (low, high).
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "seed": (0, 2**32 - 1),
+    "seeds": (1, 1000),
+    "epochs": (1, 100_000),
+    "pretrain_epochs": (1, 100_000),
+    "steps": (0, 10_000_000),
+    "batch_size": (1, 65_536),
+    "reduction": (1, 4096),
+    "real": (0, 10_000),
+    "random": (1, 10_000),
+    "eval_every": (1, 1_000_000),
+    "workers": (1, 4096),
+    "attempts": (1, 10),
+}
+COMMAND_BOUNDS: dict[str, dict[str, tuple[int, int]]] = {"compare": {"steps": (1, 10_000_000)}}  # compare trains a fixed number of steps
+FLOAT_BOUNDS: dict[str, tuple[float, float]] = {"lr": (1e-12, 10.0), "scaling": (-1e4, 1e4)}
+
+
+def check_bounds(a: argparse.Namespace) -> None:
+    """One place that bounds every numeric option (a huge --random, a seed past 2**32, --scaling inf)."""
+    for name, (low, high) in {**INT_BOUNDS, **COMMAND_BOUNDS.get(a.command, {})}.items():
+        value = getattr(a, name, None)
+        if value is not None and not (type(value) is int and low <= value <= high):
+            raise ToolchainError(f"--{name.replace('_', '-')} must be an integer from {low} to {high}", seen=value, remedy=f"pass --{name.replace('_', '-')} within that range")
+    for name, (f_low, f_high) in FLOAT_BOUNDS.items():
+        number = getattr(a, name, None)
+        if number is not None and not (math.isfinite(number) and f_low <= number <= f_high):
+            raise ToolchainError(f"--{name} must be a finite number from {f_low:g} to {f_high:g}", seen=number, remedy="pass e.g. --scaling 1.0" if name == "scaling" else "pass e.g. --lr 5e-3")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -427,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = f"toolchain {args.command}"
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_alarm = signal.getsignal(signal.SIGALRM)
     try:
+        check_bounds(args)
         handler: Handler = args.func
         return handler(args)
     except ToolchainError as err:
@@ -452,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         return _fail(name, "terminated; no partial output was left", 143)
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_alarm)
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -52,6 +52,7 @@ class CompareJob:
     layers: str = "all"
     pretrain_epochs: int = 8
     exclude_classes: tuple[str, ...] = ()  # unseen classes: pretrain without these, adapt to all
+    force: bool = False  # write into a non-empty folder that is not a compare folder
     progress: bool = True
     ray: str | None = None  # None: serially here; "auto": a local Ray; or a Ray cluster address
     workers: int | None = None
@@ -104,6 +105,23 @@ def compare_tasks(job: CompareJob) -> list[Task]:
     return tasks
 
 
+MARKER = "compare.json"
+
+
+def _check_out(job: CompareJob) -> Path:
+    """A new or empty folder, or one an earlier compare wrote (its marker or runs/ cache): anything
+    else is the user's and is left alone unless --force."""
+    out = Path(job.out)
+    if out.exists() and not out.is_dir():
+        raise ToolchainError("the compare output must be a folder", seen=str(out), remedy="choose a new folder name")
+    ours = (out / MARKER).is_file() or (out / "runs").is_dir()
+    if out.is_dir() and any(out.iterdir()) and not ours and not job.force:
+        raise ToolchainError("the compare output folder is not empty and is not a compare folder, so its files are left alone", seen=str(out), remedy="choose a new folder, or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / MARKER, json.dumps({"backbone": job.backbone, "data": job.data, "methods": list(job.methods)}, indent=1).encode())
+    return out
+
+
 def run_compare(job: CompareJob) -> list[dict[str, Any]]:
     """Every (seed, method, rank) run through the grid runner (Ray or serial); reports in ``job.out``."""
     if job.seeds < 1:
@@ -111,7 +129,7 @@ def run_compare(job: CompareJob) -> list[dict[str, Any]]:
     opts = GridOptions(ray=job.ray, workers=job.workers, progress=job.progress)
     check_backend(opts)
     grid(job)  # refuses an unknown method or a rank below 1 before any base is pretrained
-    out = Path(job.out)
+    out = _check_out(job)
     tasks = compare_tasks(job)
     res = run_grid(tasks, out / "runs", opts, f"compare {job.backbone}")
     write_bytes_atomic(out / "failed.json", json.dumps(res.failed, indent=1).encode())

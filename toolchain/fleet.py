@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import read_regular_file, sha256_file, write_bytes_atomic
+from toolchain.core.fileio import sha256_file, write_bytes_atomic
+from toolchain.core.jsonio import read_json
 from toolchain.core.methods import check_rank, get_method
 from toolchain.grid.runner import GridOptions, GridResult, Task, check_backend, run_grid
 from toolchain.reports import write_csv
@@ -33,6 +34,8 @@ from toolchain.reports import write_csv
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 USER_KEYS = {"name", "data", "subjects"}
 MARKER = "fleet.json"
+RESERVED = {"cache", "summary.md", "summary.csv", MARKER}  # names in OUT that are not users' folders
+PRODUCED = ("adapter.safetensors", "base.onnx", "unfused.onnx", "fused.onnx", "verify/verify.json")  # checked by size and SHA-256 on a rerun
 MAX_MANIFEST_BYTES = 1 << 20
 
 
@@ -52,29 +55,37 @@ class FleetJob:
     opts: GridOptions = field(default_factory=GridOptions)
 
 
+_MANIFEST_REMEDY = 'write {"data": ..., "users": [{"name": ..., "subjects": [...]}]}'
+
+
 def read_manifest(path: str) -> list[dict[str, Any]]:
-    """The users of a manifest, each with name, data and subjects (None: the data's target subjects)."""
-    try:
-        doc = json.loads(read_regular_file(Path(path), MAX_MANIFEST_BYTES, what="fleet manifest", remedy="pass a JSON manifest file"))
-    except ValueError as err:
-        raise ToolchainError("the fleet manifest is not valid JSON", seen=f"{path}: {err}", remedy='write {"data": ..., "users": [{"name": ..., "subjects": [...]}]}') from None
+    """The users of a manifest, each with name, data and subjects (None: the data's target subjects).
+    Errors name the user (by index) and the field, never echo the file's content."""
+    doc = read_json(path, "the fleet manifest", _MANIFEST_REMEDY, limit=MAX_MANIFEST_BYTES)
     if not isinstance(doc, dict) or not isinstance(doc.get("users"), list) or not doc["users"]:
         raise ToolchainError("the fleet manifest needs a non-empty list 'users'", seen=type(doc).__name__, remedy='{"users": [{"name": "wearer-08", "subjects": [8]}]}')
+    if set(doc) - {"data", "users"}:
+        raise ToolchainError("the fleet manifest has keys other than data and users", seen=sorted(set(doc) - {"data", "users"})[:3], remedy=_MANIFEST_REMEDY)
     default = doc.get("data")
     users, seen = [], set()
     for i, u in enumerate(doc["users"]):
         if not isinstance(u, dict) or set(u) - USER_KEYS or "name" not in u:
-            raise ToolchainError(f"manifest user {i} must be an object with name and optionally data, subjects", seen=u, remedy=f"use only the keys {sorted(USER_KEYS)}")
+            keys = sorted(u)[:5] if isinstance(u, dict) else type(u).__name__
+            raise ToolchainError(f"manifest user {i} must be an object with name and optionally data, subjects", seen=f"keys {keys}", remedy=f"use only the keys {sorted(USER_KEYS)}")
         name = u["name"]
-        if not isinstance(name, str) or not NAME.match(name) or name in seen:
-            raise ToolchainError(f"manifest user {i}: names must be unique, 1-64 of A-Z a-z 0-9 . _ - (they become folder names)", seen=name)
+        if not isinstance(name, str) or not NAME.match(name) or name in seen or name in RESERVED:
+            raise ToolchainError(
+                f"manifest user {i}: names must be unique, 1-64 of A-Z a-z 0-9 . _ - (they become folder names), and none of {sorted(RESERVED)}",
+                seen=f"field name of user {i}",
+                remedy="rename the user",
+            )
         seen.add(name)
         data = u.get("data", default)
         if not isinstance(data, str) or not data:
-            raise ToolchainError(f"manifest user {name!r} has no data (and the manifest no default 'data')", seen=data, remedy="add 'data' to the user or the manifest")
+            raise ToolchainError(f"manifest user {name!r} has no data (and the manifest no default 'data')", seen=f"field data of user {i}", remedy="add 'data' to the user or the manifest")
         subjects = u.get("subjects")
         if subjects is not None and (not isinstance(subjects, list) or not subjects or not all(type(s) is int for s in subjects)):
-            raise ToolchainError(f"manifest user {name!r}: subjects must be a non-empty list of integers", seen=subjects)
+            raise ToolchainError(f"manifest user {name!r}: subjects must be a non-empty list of integers", seen=f"field subjects of user {i}", remedy="e.g. [8, 9]")
         users.append({"name": name, "data": data, "subjects": subjects})
     return users
 
@@ -94,10 +105,20 @@ def run_fleet(job: FleetJob) -> tuple[list[dict[str, Any]], GridResult]:
     check_rank(job.method, job.rank)
     if not Path(job.checkpoint).is_file():
         raise ToolchainError("the checkpoint is not a file", seen=job.checkpoint, remedy="pass the .pt that pretrain wrote")
+    if job.layers not in ("all", "pointwise"):
+        from toolchain.core.patterns import compile_user_pattern
+
+        compile_user_pattern(job.layers, "--layers", "pass all, pointwise or a regex on module names")
     check_backend(job.opts)
     out = _check_out(job)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out / MARKER, json.dumps({"manifest": str(job.manifest), "checkpoint": str(job.checkpoint), "users": users}, indent=1).encode())
+    try:
+        write_bytes_atomic(out / MARKER, json.dumps({"manifest": str(job.manifest), "checkpoint": str(job.checkpoint), "users": users}, indent=1).encode())
+    except BaseException:
+        if created:  # a full disk or a signal: no empty folder stays behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     digest = sha256_file(job.checkpoint)
     settings = {"method": job.method, "rank": job.rank, "layers": job.layers, "epochs": job.epochs, "seed": job.seed, "verify_real": job.verify_real, "verify_random": job.verify_random}
     tasks = [
@@ -105,7 +126,7 @@ def run_fleet(job: FleetJob) -> tuple[list[dict[str, Any]], GridResult]:
             "toolchain.fleet:fleet_task",
             {**u, **settings, "checkpoint_sha256": digest},
             {"checkpoint": str(job.checkpoint), "dir": str(out / u["name"])},
-            (str(out / u["name"] / "verify" / "verify.json"),),
+            tuple(str(out / u["name"] / f) for f in PRODUCED),
         )
         for u in users
     ]

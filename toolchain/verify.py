@@ -3,6 +3,7 @@ through Polygraphy's Comparator on real windows and random inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import atomic_path, check_output, write_bytes_atomic
+from toolchain.core.fileio import atomic_paths, check_output
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
@@ -168,6 +169,8 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
     model_input = input_info(model)
     if model_input != (name, shape):
         raise ToolchainError("the model and the reference have different inputs", seen=(model_input, (name, shape)))
+    outputs = _same_outputs(model, reference)
+    _check_tolerance_names(opts, outputs)
     pairs = {"model": (1, _tolerance(opts.atol, FP32_TOL), _tolerance(opts.rtol, FP32_TOL), "fp32")}
     runners = [
         OnnxrtRunner(SessionFromOnnx(str(reference), providers=["CPUExecutionProvider"]), name="reference"),
@@ -181,11 +184,6 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
         pairs["engine"] = (2, e_atol, e_rtol, precision)
     feeds = make_feeds(name, shape, opts)
     results = Comparator.run(runners, data_loader=feeds)
-    _create(outdir)
-    with atomic_path(outdir / "inputs.json") as tmp:
-        save_json(feeds, str(tmp))
-    with atomic_path(outdir / "outputs.json") as tmp:
-        results.save(str(tmp))
     stats = _per_output(results)
     comparisons = {}
     for runner, (index, atol, rtol, precision) in pairs.items():
@@ -203,8 +201,43 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
         "inputs": str(outdir / "inputs.json"),
         "outputs": str(outdir / "outputs.json"),
     }
-    write_bytes_atomic(outdir / "verify.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    created = not outdir.exists()
+    _create(outdir)
+    try:
+        with atomic_paths([outdir / f for f in OUTPUT_FILES], force=opts.force) as (t_report, t_inputs, t_outputs):  # all three or none
+            t_report.write_bytes((json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+            save_json(feeds, str(t_inputs))
+            results.save(str(t_outputs))
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                outdir.rmdir()
+        raise
     return report
+
+
+def output_info(path: str) -> list[tuple[str, list[int | None]]]:
+    from toolchain.graphs.onnx_io import load_onnx
+
+    return [(o.name, [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]) for o in load_onnx(path).graph.output]
+
+
+def _same_outputs(model: str, reference: str) -> list[str]:
+    """The model must have the reference's outputs: same names, same count, same shapes."""
+    got, want = output_info(model), output_info(reference)
+    if got != want:
+        raise ToolchainError(
+            "the model and the reference have different outputs (names, count or shapes)", seen=f"{got[:3]} vs {want[:3]}", remedy="compare a fused model with the unfused export of the same model"
+        )
+    return [n for n, _ in want]
+
+
+def _check_tolerance_names(opts: VerifyOptions, outputs: list[str]) -> None:
+    for option in ("atol", "rtol", "engine_atol", "engine_rtol"):
+        value = getattr(opts, option)
+        unknown = sorted(set(value) - set(outputs)) if isinstance(value, dict) else []
+        if unknown:
+            raise ToolchainError(f"--{option.replace('_', '-')} names an output the model does not have", seen=unknown[:3], remedy=f"the outputs are {outputs}")
 
 
 def _per_output(results: Any) -> dict[str, dict[str, dict[str, float]]]:

@@ -12,15 +12,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from toolchain.core.adapter_file import save_adapter
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import check_output, write_bytes_atomic
 from toolchain.core.methods import check_rank, get_method
-from toolchain.data.sources import default_target_subjects, load_data
+from toolchain.data.sources import data_files, default_target_subjects, load_data
 from toolchain.data.windows import WindowDataset, fit_standardization, split_subjects, time_split
 from toolchain.memory import MIB, account, batch_for_budget
-from toolchain.models.registry import build_model, load_checkpoint, save_checkpoint
+from toolchain.models.registry import build_model, load_checkpoint, model_files, save_checkpoint
 from toolchain.peft.galore import GaLoreAdam
 from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_train_mode
 from toolchain.peft.lean import lean_training
@@ -63,16 +64,30 @@ def metrics_path(adapter_out: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name.removesuffix(".safetensors") + ".metrics.json")
 
 
+def probe(model: nn.Module, x: np.ndarray, spec: str) -> None:
+    """Run the model once on two real windows before training: a model that cannot take the data
+    (windows too short for its pooling, images into a 1-D backbone) is one line, not a traceback."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    except Exception as err:  # the model's own shape rules
+        seen = f"{spec} on input {list(x.shape[1:])}: {type(err).__name__}: {' '.join(str(err).split())[:120]}"
+        raise ToolchainError("the model cannot run on the data", seen=seen, remedy="choose a model for this input shape, or longer windows") from None
+
+
 def pretrain(job: PretrainJob) -> dict[str, Any]:
     """Train a backbone on the source subjects; write the checkpoint. Returns its metrics."""
-    check_output(job.out, force=job.force)
+    check_output(job.out, [*data_files(job.data), *model_files(job.model)], force=job.force)
     seed_everything(job.train.seed)  # the seed fixes the initial weights too, not only the batches
     ds = load_data(job.data)
     subjects = job.subjects if job.subjects is not None else default_target_subjects(ds)  # () holds out nobody
     if job.exclude_classes:
         ds = drop_classes(ds, job.exclude_classes)
     source, target = split_subjects(ds, subjects)
+    if len(np.unique(source.y)) < 2:
+        raise ToolchainError("pretraining needs at least two classes in the source subjects' data", seen=f"classes present: {sorted(set(source.y.tolist()))}", remedy="add windows of other classes")
     model = build_model(job.model, ds.X.shape[1], len(ds.classes), ds.X.ndim - 2)
+    probe(model, source.X[:2], job.model)
     mean, std = fit_standardization(source)
     model.norm.mean.copy_(torch.from_numpy(mean).view(model.norm.mean.shape))
     model.norm.std.copy_(torch.from_numpy(std).view(model.norm.std.shape))
@@ -127,8 +142,9 @@ def expand_head(model: torch.nn.Module, old: list[str], new: list[str]) -> None:
 def finetune(job: FinetuneJob) -> dict[str, Any]:
     """Adapt a checkpoint to the target subjects; write the adapter and its metrics JSON."""
     check_rank(job.adapt.method, job.adapt.rank)
-    out, mpath = check_output(job.out, [job.checkpoint], force=job.force), metrics_path(job.out)
-    check_output(mpath, [job.checkpoint], force=job.force)
+    inputs: list[str | os.PathLike[str]] = [job.checkpoint, *data_files(job.data), *model_files(job.model)]
+    out, mpath = check_output(job.out, inputs, force=job.force), metrics_path(job.out)
+    check_output(mpath, inputs, force=job.force)
     seed_everything(job.train.seed)  # LoRA's random A and a grown head's rows are drawn below
     model, payload = load_checkpoint(job.checkpoint, job.model)
     ds = load_data(job.data or payload.get("data") or DEFAULT_DATA)

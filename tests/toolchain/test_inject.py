@@ -30,7 +30,10 @@ def test_target_selection(targets, expected):
     assert select_layers(TinyConv2dNet(), targets) == expected
 
 
-@pytest.mark.parametrize(("targets", "message"), [("head", "must be a Conv1d or Conv2d"), ("nomatch", "no conv layer matches"), ("(", "valid regex")])
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [("head", "must be a Conv1d or Conv2d"), ("nomatch", "no conv layer matches"), ("(", "not a valid regular expression"), ("(a+)+$", "exponential time"), (".*.*.*.*x", "more than 3 repeats")],
+)
 def test_bad_targets(targets, message):
     with pytest.raises(ToolchainError, match=message):
         select_layers(TinyConv2dNet(), targets)

@@ -110,6 +110,27 @@ def _npz_sizes(path: str | Path) -> dict[str, int]:
         raise ToolchainError("cannot read .npz: not a zip archive of .npy arrays", seen=f"{path}: {err}", remedy="save it with numpy.savez or savez_compressed") from None
 
 
+def _check_declared(path: str | Path, sizes: dict[str, int]) -> None:
+    """Each .npy member's header declares a shape and dtype: their byte count must be what the member
+    holds, checked before numpy allocates anything (a header declaring terabytes is refused)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                    if declared > sizes[info.filename.removesuffix(".npy")] or declared > MAX_NPZ_BYTES:
+                        raise ToolchainError(
+                            f".npz member {info.filename} declares an array larger than it holds",
+                            seen=f"shape {tuple(shape)} of {dtype} ({declared} bytes) in {info.file_size} bytes",
+                            remedy="save the data again with numpy.savez",
+                        )
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ToolchainError("cannot read .npz: a member is not a valid .npy array", seen=f"{path}: {str(err)[:120]}", remedy="save it with numpy.savez or savez_compressed") from None
+
+
 def _int_array(a: np.ndarray, name: str, path: str | Path) -> np.ndarray:
     """A 1-D integer array; floats only when every value is a whole, finite number."""
     if a.ndim != 1:
@@ -134,6 +155,7 @@ def load_npz(path: str | Path) -> WindowDataset:
     missing = [k for k in ("X", "y", "subject") if k not in sizes]
     if missing:
         raise ToolchainError(".npz data needs arrays X, y and subject", seen=f"missing {missing}")
+    _check_declared(path, sizes)
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in ("X", "y", "subject", "segment", "classes") if k in f.files}
@@ -157,6 +179,13 @@ def load_npz(path: str | Path) -> WindowDataset:
     if not np.all(np.isfinite(X)):
         raise ToolchainError(".npz X has NaN or Inf values", seen=str(path))
     return WindowDataset(X, y, subject, segment, classes, Path(path).stem)
+
+
+def data_files(spec: str | None) -> list[Path]:
+    """The user's files a data spec reads directly (an .npz), so that no output may replace them."""
+    if spec and spec.endswith(".npz"):
+        return [Path(spec)]
+    return []
 
 
 def load_data(spec: str) -> WindowDataset:

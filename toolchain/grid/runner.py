@@ -29,7 +29,8 @@ from typing import Any
 
 from toolchain import __version__
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import write_bytes_atomic
+from toolchain.core.fileio import sha256_file, write_bytes_atomic
+from toolchain.core.jsonio import read_json
 
 RAY_HINT = "pip install 'toolchain[grid]' (Ray), or leave out --ray to run the grid serially in this process"
 
@@ -126,9 +127,9 @@ def run_grid(tasks: list[Task], cache: str | Path, opts: GridOptions = GridOptio
     results: list[dict[str, Any] | None] = [None] * len(tasks)
     todo: list[int] = []
     for i, t in enumerate(tasks):
-        hit = _read_cached(cache / f"{t.key}.json")
-        if hit is not None and all(Path(p).is_file() for p in t.produces):
-            results[i] = hit["result"]
+        hit = read_record(cache / f"{t.key}.json", t)
+        if hit is not None:
+            results[i] = hit
         elif opts.run_missing and int(t.key, 16) % shard[1] == shard[0]:  # by key: shards get a fair mix, not every N-th method
             todo.append(i)
     out = GridResult(results, cached=sum(r is not None for r in results), backend="serial" if ray is None else f"ray:{ray}")
@@ -139,7 +140,7 @@ def run_grid(tasks: list[Task], cache: str | Path, opts: GridOptions = GridOptio
         for i, rec in run:
             bar.update(1)
             if rec["status"] == "ok":
-                write_bytes_atomic(cache / f"{tasks[i].key}.json", json.dumps({"fn": tasks[i].fn, "inputs": tasks[i].inputs, **rec}, indent=1, default=str).encode())
+                write_record(cache / f"{tasks[i].key}.json", tasks[i], rec)
                 results[i] = rec["result"]
                 out.ran += 1
             else:
@@ -153,12 +154,55 @@ def run_grid(tasks: list[Task], cache: str | Path, opts: GridOptions = GridOptio
     return out
 
 
-def _read_cached(path: Path) -> dict[str, Any] | None:
+RECORD_FORMAT = 2
+MAX_RECORD_BYTES = 16 << 20
+
+
+def _normal(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _file_facts(paths: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    return {p: {"size": Path(p).stat().st_size, "sha256": sha256_file(p)} for p in paths}
+
+
+def _digest(body: dict[str, Any]) -> str:
+    fields = {k: body.get(k) for k in ("format", "fn", "inputs", "result", "files")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def write_record(path: Path, task: Task, rec: dict[str, Any]) -> None:
+    """A finished run: its inputs, result, the size and SHA-256 of every file it produced, and a
+    digest over all of them (an edited or torn record no longer matches and runs again)."""
+    body = _normal({"format": RECORD_FORMAT, "fn": task.fn, "inputs": task.inputs, "status": "ok", "result": rec["result"], "seconds": rec.get("seconds"), "files": _file_facts(task.produces)})
+    body["digest"] = _digest(body)
+    write_bytes_atomic(path, json.dumps(body, indent=1).encode())
+
+
+def read_record(path: Path, task: Task) -> dict[str, Any] | None:
+    """The cached result of ``task``, or None (run it again) when the record is absent, not a regular
+    file, not strict JSON, of another format or task, edited (digest), or when a file it produced is
+    gone or changed."""
+    if not path.exists() and not path.is_symlink():
+        return None
     try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # absent, or a torn file from a killed writer of another tool: run it again
-    return rec if isinstance(rec, dict) and rec.get("status") == "ok" and "result" in rec else None
+        rec = read_json(path, "a grid cache record", "it will be run again", limit=MAX_RECORD_BYTES)
+    except ToolchainError:
+        return None
+    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT or rec.get("status") != "ok" or not isinstance(rec.get("result"), dict):
+        return None
+    if rec.get("fn") != task.fn or rec.get("inputs") != _normal(task.inputs) or rec.get("digest") != _digest(rec):
+        return None
+    files = rec.get("files")
+    if not isinstance(files, dict) or set(files) != set(task.produces):
+        return None
+    try:
+        if _file_facts(task.produces) != files:
+            return None
+    except OSError:
+        return None
+    return rec["result"]
 
 
 def _run_serial(tasks: list[Task], todo: list[int], threads: int) -> Iterator[tuple[int, dict[str, Any]]]:

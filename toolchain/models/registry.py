@@ -101,6 +101,13 @@ def _accepted_kwargs(factory: Any, offered: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in offered.items() if k in params}
 
 
+def model_files(spec: str | None) -> list[Path]:
+    """The user's source file a ``path/file.py:callable`` spec names, so that no output replaces it."""
+    if spec and ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+        return [Path(spec.rpartition(":")[0])]
+    return []
+
+
 def build_model(spec: str, in_channels: int, num_classes: int, spatial_dims: int = 1) -> HARModel:
     """The full model: standardisation (for 1-D windows or 2-D images) plus backbone."""
     return HARModel(build_backbone(spec, in_channels, num_classes), in_channels, spatial_dims)

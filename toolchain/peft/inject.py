@@ -68,16 +68,17 @@ def select_layers(model: nn.Module, layers: str) -> list[str]:
 
 
 def _regex_modules(model: nn.Module, selection: str) -> list[str]:
-    try:
-        pattern = re.compile(selection)
-    except re.error as err:
-        raise ToolchainError("--layers must be all, pointwise or a valid regex", seen=selection, remedy=str(err)) from None
-    return [n for n, _ in model.named_modules() if n and pattern.search(n) and not _inside_match(n, pattern)]
+    from toolchain.core.patterns import compile_user_pattern, search
+
+    pattern = compile_user_pattern(selection, "--layers", "pass all, pointwise or a regex on module names, e.g. 'features\\.(0|2)'")
+    return [n for n, _ in model.named_modules() if n and search(pattern, n) and not _inside_match(n, pattern)]
 
 
 def _inside_match(name: str, pattern: re.Pattern[str]) -> bool:
+    from toolchain.core.patterns import search
+
     parts = name.split(".")
-    return any(pattern.search(".".join(parts[:i])) for i in range(1, len(parts)))
+    return any(search(pattern, ".".join(parts[:i])) for i in range(1, len(parts)))
 
 
 def select_blocks(model: nn.Module, blocks: str) -> dict[str, tuple[int, int]]:
