@@ -215,3 +215,15 @@ def test_r9_sigterm_during_verify_leaves_nothing_and_never_passes(tmp_path, dela
         assert files == [] and "PASSED" not in stdout and "terminated" in stderr
     else:
         assert files == ["inputs.json", "outputs.json", "verify.json"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [("1 1 5 x 1232\n", "must hold numbers only"), (b"1 1 5 \xff\xfe 1232\n", "must hold numbers only"), ("1 1 5 250.5 1232\n", "whole numbers"), ("1 1 5 -3 1232\n", "whole numbers"),
+     ("1 1 5 1232 250\n", "first sample <= last"), ("1 1 5 nan 1232\n", "NaN or Inf")],
+)  # fmt: skip
+def test_r10_r32_hapt_labels_are_refused_not_coerced(tmp_path, capsys, labels, message):
+    raw = tmp_path / "hapt" / "RawData"
+    raw.mkdir(parents=True)
+    (raw / "labels.txt").write_bytes(labels if isinstance(labels, bytes) else labels.encode())
+    run_refused(lambda d: ["pretrain", "--data", f"hapt:{tmp_path / 'hapt'}", "--out", str(d / "x.pt")], message, tmp_path, capsys)

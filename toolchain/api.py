@@ -120,8 +120,16 @@ def adapt(model: nn.Module, method: str = "lora-edge", rank: int = 4, *, layers:
     layers: "all" convs, "pointwise" (1x1) convs or a regex on module names. scaling: ΔW scale
     (lora/dora: alpha / r). train: extra groups to train ("head", "bn").
     """
-    from toolchain.peft.inject import AdaptConfig, inject
+    from torch import nn
 
+    from toolchain.peft.inject import AdaptConfig, inject
+    from toolchain.peft.lora import BottleneckAdapter, LoRAConv
+    from toolchain.peft.lora_edge import LoRAEdgeConv
+
+    if not isinstance(model, nn.Module):
+        raise ToolchainError("adapt takes a torch.nn.Module", seen=type(model).__name__, remedy="pass your model")
+    if any(isinstance(m, LoRAEdgeConv | LoRAConv | BottleneckAdapter) for m in model.modules()):
+        raise ToolchainError("the model is already adapted", seen=type(model).__name__, remedy="adapt a fresh copy of the base model (Adaptation.base_model())")
     spec = get_method(method)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = AdaptConfig(method=spec.name, rank=rank, scaling=scaling, layers=layers, train=tuple(train), update_bn_stats=update_bn_stats)
@@ -182,5 +190,9 @@ def verify(
     from toolchain.verify import VerifyOptions
     from toolchain.verify import verify as run
 
+    if inputs is not None:
+        inputs = np.asarray(inputs)
+        if inputs.dtype.kind not in "fiu" or inputs.ndim < 2 or len(inputs) == 0:
+            raise ToolchainError("verify inputs must be a numeric array (N, ...) with N >= 1", seen=f"dtype {inputs.dtype}, shape {inputs.shape}", remedy="pass real windows or images as float32")
     opts = VerifyOptions(data=data, real=real if (data or inputs is not None) else 0, random=random, atol=atol, rtol=rtol, force=force, inputs=inputs)
     return run(str(model), str(reference), str(out_dir), engine=engine, opts=opts)

@@ -36,6 +36,11 @@ def test_fleet_adapts_fuses_verifies_and_reports_failures(tmp_path, base, capsys
     assert main(args) == 1
     assert (out / "wearer-08" / "fused.onnx").stat().st_mtime_ns == stamp, "finished users come from the cache"
     assert "(2 from the cache)" in capsys.readouterr().out
+    (out / "wearer-10" / "fused.onnx").write_bytes(b"truncated")  # R23: a damaged output is not "verified (from the cache)"
+    (out / "wearer-08" / "fused.onnx").unlink()
+    assert main(args) == 1
+    assert "(0 from the cache)" in capsys.readouterr().out
+    assert json.loads((out / "wearer-10" / "verify" / "verify.json").read_text())["passed"]
 
 
 def test_fleet_leaves_a_foreign_folder_alone(tmp_path, base):

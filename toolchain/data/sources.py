@@ -29,7 +29,7 @@ def load_hapt(folder: str | Path, activities: tuple[int, ...] = (1, 2, 3, 4, 5, 
     labels_path = raw / "labels.txt"
     if not labels_path.is_file():
         raise ToolchainError("not a HAPT folder: RawData/labels.txt is missing", seen=str(folder), remedy="point at the folder that holds RawData/ (UCI HAPT layout)")
-    labels = _read_table(labels_path, 5).astype(np.int64)
+    labels = _read_labels(labels_path)
     names = _hapt_names(Path(folder))
     order = np.lexsort((labels[:, 3], labels[:, 0]))
     parts: list[tuple[np.ndarray, int, int, int]] = []
@@ -69,10 +69,29 @@ def _hapt_signal(raw: Path, exp: int, user: int) -> np.ndarray:
 
 
 def _read_table(path: Path, cols: int) -> np.ndarray:
-    flat = np.array(path.read_text().split(), dtype=np.float64) if path.stat().st_size else np.zeros(0)
+    """A whitespace table of finite numbers, ``cols`` per row."""
+    try:
+        flat = np.array(path.read_text(encoding="utf-8").split(), dtype=np.float64) if path.stat().st_size else np.zeros(0)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ToolchainError(f"{path.name} must hold numbers only", seen=f"{path}: {str(err)[:80]}", remedy="restore the file from the UCI distribution") from None
     if flat.size % cols:
         raise ToolchainError(f"expected {cols} numbers per row", seen=f"{path.name}: {flat.size} numbers")
+    if not np.all(np.isfinite(flat)):
+        raise ToolchainError(f"{path.name} holds NaN or Inf", seen=str(path), remedy="restore the file from the UCI distribution")
     return flat.reshape(-1, cols)
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    """labels.txt: experiment, user, activity, first and last sample (1-based, inclusive), whole
+    numbers with first <= last; anything else is refused, not truncated or dropped."""
+    table = _read_table(path, 5)
+    bad = ~np.all(table == np.round(table), axis=1) | np.any(table < 1, axis=1) | (table[:, 3] > table[:, 4])
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ToolchainError(
+            "HAPT labels.txt rows must be whole numbers >= 1 with first sample <= last", seen=f"row {row + 1}: {table[row].tolist()}", remedy="restore the file from the UCI distribution"
+        )
+    return table.astype(np.int64)
 
 
 def watch_path() -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import re
 import socket
 import time
 import traceback
@@ -164,7 +165,8 @@ def _normal(value: Any) -> Any:
 
 
 def _file_facts(paths: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    return {p: {"size": Path(p).stat().st_size, "sha256": sha256_file(p)} for p in paths}
+    """Size and SHA-256 of each file (size -1 for one that is missing: such a record never matches)."""
+    return {p: {"size": Path(p).stat().st_size, "sha256": sha256_file(p)} if Path(p).is_file() else {"size": -1, "sha256": ""} for p in paths}
 
 
 def _digest(body: dict[str, Any]) -> str:
@@ -198,8 +200,8 @@ def read_record(path: Path, task: Task) -> dict[str, Any] | None:
     if not isinstance(files, dict) or set(files) != set(task.produces):
         return None
     try:
-        if _file_facts(task.produces) != files:
-            return None
+        if not all(Path(p).is_file() for p in task.produces) or _file_facts(task.produces) != files:
+            return None  # a produced file is gone, truncated or replaced since the run
     except OSError:
         return None
     return rec["result"]
@@ -247,12 +249,40 @@ def check_backend(opts: GridOptions) -> None:
     if opts.ray == "auto":
         return
     host, _, port = opts.ray.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ToolchainError("--ray takes auto or a cluster address HOST:PORT", seen=opts.ray, remedy="e.g. --ray 10.0.0.5:6379 (what `ray start --head` printed)")
+    if not _HOST.fullmatch(host) or not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+        rule = "--ray takes auto or a cluster address HOST:PORT (ASCII host name or IP, port 1-65535)"
+        raise ToolchainError(rule, seen=opts.ray[:80], remedy="e.g. --ray 10.0.0.5:6379 (what `ray start --head` printed)")
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as err:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as conn:
+            speaks = _speaks_grpc(conn)
+    except (OSError, UnicodeError, ValueError) as err:
         raise ToolchainError("no Ray cluster answers at --ray", seen=f"{opts.ray}: {err}", remedy="start it with `ray start --head` there, or use --ray auto for one on this machine") from None
+    if not speaks:
+        raise ToolchainError(
+            "the --ray address answers, but not as a Ray head (its GCS speaks gRPC over HTTP/2)", seen=opts.ray, remedy="pass the address `ray start --head` printed (usually port 6379)"
+        )
+
+
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]")
+_PORT = re.compile(r"[0-9]{1,5}")
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # preface, then an empty SETTINGS frame
+
+
+def _speaks_grpc(conn: socket.socket, timeout: float = 3.0) -> bool:
+    """A gRPC server answers the HTTP/2 preface with a SETTINGS frame (type 4) within seconds; a port
+    that is something else answers otherwise or not at all (ray.init would wait there for minutes)."""
+    conn.settimeout(timeout)
+    try:
+        conn.sendall(_H2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:
+        return False
+    return head[3] == 4
 
 
 def _import_ray() -> Any:

@@ -135,7 +135,10 @@ def save_checkpoint(model: HARModel, path: str | os.PathLike[str], *, spec: str,
         **extra,
     }
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as err:  # torch's own writer: a full disk is "PytorchStreamWriter failed writing file"
+            raise ToolchainError("cannot write the checkpoint", seen=f"{path}: {' '.join(str(err).split())[:120]}", remedy="check free space and permissions") from None
 
 
 def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None, input_shape: tuple[int, ...] | None = None) -> tuple[HARModel, dict[str, Any]]:

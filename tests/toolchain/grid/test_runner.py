@@ -50,7 +50,42 @@ def test_cache_is_keyed_on_inputs_and_checks_produced_files(tmp_path):
     out.write_text("x")
     fns.CALLS.clear()
     run_grid([t], tmp_path / "c", QUIET)
-    assert fns.CALLS == []
+    assert fns.CALLS == [5], "the record did not know this file: run again"
+    fns.CALLS.clear()
+    run_grid([t], tmp_path / "c", QUIET)
+    assert fns.CALLS == [], "the record knows the file's size and SHA-256 now"
+    out.write_text("y")  # replaced (or truncated) since the run
+    run_grid([t], tmp_path / "c", QUIET)
+    assert fns.CALLS == [5]
+
+
+@pytest.mark.parametrize("damage", ["edited result", "edited inputs", "old format", "symlink to /dev/zero", "fifo", "not an object"])
+def test_a_damaged_cache_record_runs_again_and_never_hangs(tmp_path, damage):
+    import os
+
+    t = _tasks([6])[0]
+    run_grid([t], tmp_path, QUIET)
+    path = tmp_path / f"{t.key}.json"
+    rec = json.loads(path.read_text())
+    if damage == "edited result":
+        rec["result"]["y"] = 0
+        path.write_text(json.dumps(rec))
+    elif damage == "edited inputs":
+        rec["inputs"]["x"] = 7
+        path.write_text(json.dumps(rec))
+    elif damage == "old format":
+        del rec["format"], rec["digest"]
+        path.write_text(json.dumps(rec))
+    elif damage == "symlink to /dev/zero":
+        path.unlink()
+        path.symlink_to("/dev/zero")
+    elif damage == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    else:
+        path.write_text("[1, 2]")
+    fns.CALLS.clear()
+    assert run_grid([t], tmp_path, QUIET).ok == [{"x": 6, "y": 36}] and fns.CALLS == [6]
 
 
 def test_a_torn_cache_file_is_run_again(tmp_path):
@@ -102,7 +137,11 @@ def test_ray_grid_equals_the_serial_grid(tmp_path):
     assert {r["seed"] for r in serial} == {0, 1}
 
 
-@pytest.mark.parametrize(("address", "message"), [("nonsense", "HOST:PORT"), ("ray://:6379", "HOST:PORT"), ("127.0.0.1:1", "no Ray cluster answers")])
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [("nonsense", "HOST:PORT"), ("ray://:6379", "HOST:PORT"), ("127.0.0.1:1", "no Ray cluster answers"), ("127.0.0.1:\u0666\u0663\u0667\u0669", "HOST:PORT"),
+     ("h" * 300 + ":6379", "HOST:PORT"), ("127.0.0.1:99999", "HOST:PORT")],
+)  # fmt: skip
 def test_a_ray_address_that_cannot_work_is_refused_before_any_output(tmp_path, address, message):
     pytest.importorskip("ray", reason="Ray (the grid extra) is not installed")
     with pytest.raises(ToolchainError, match=message):
@@ -120,3 +159,27 @@ def test_serial_runs_use_one_thread_and_give_the_callers_setting_back(tmp_path):
         assert seen == [{"threads": 1}] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_port_that_answers_but_is_not_ray_is_refused_in_seconds(tmp_path):
+    """R20: ray.init waited minutes on a port that accepted connections but was not Ray."""
+    import socket
+    import threading
+    import time
+
+    pytest.importorskip("ray", reason="Ray (the grid extra) is not installed")
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.recv(100)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # a web server, not a gRPC one
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(ToolchainError, match="answers, but not as a Ray head"):
+        run_compare(CompareJob(out=str(tmp_path / "out"), ray=f"127.0.0.1:{port}", **SMALL))
+    assert time.monotonic() - start < 30 and not (tmp_path / "out").exists()
+    server.close()
