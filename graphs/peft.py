@@ -175,8 +175,9 @@ def peft_to_adapter(peft: PeftAdapter, model: onnx.ModelProto) -> Adapter:
         tensors[f"{name}.lora_B"] = b.reshape(geom.out_channels, r).astype(np.float32)
         if method == "dora":
             m = parts["m"]
-            if m.size != geom.out_channels:
-                raise ToolchainError(f"PEFT module {module}: the DoRA magnitude does not have one value per output channel", seen=m.shape)
+            expected = (1, geom.out_channels, *([1] * (len(geom.weight_shape) - 2)))  # PEFT's conv magnitude: (1, C_out, 1[, 1])
+            if tuple(m.shape) != expected:
+                raise ToolchainError(f"PEFT module {module}: the DoRA magnitude must have PEFT's shape {list(expected)}", seen=list(m.shape), remedy=_REMEDY)
             tensors[f"{name}.magnitude"] = m.reshape(geom.out_channels).astype(np.float32)
         layers.append(LayerRecord(name, w.name, method, geom, (r,), scaling, w.sha256()))
     adapter = Adapter(method, layers, [], tensors, {"source": "peft", "peft_config": {k: c.get(k) for k in ("r", "lora_alpha", "use_dora", "use_rslora", "target_modules")}})

@@ -134,6 +134,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "R4 alpha_pattern invalid regex": (lambda d: _peft(d, {"alpha_pattern": {"conv(": 8}}), "not a valid regular expression"),
     "R4 alpha_pattern null value": (lambda d: _peft(d, {"alpha_pattern": {"conv": None}}), "alpha_pattern values must be a finite number"),
     "R4 alpha_pattern list value": (lambda d: _peft(d, {"alpha_pattern": {"conv": [8]}}), "alpha_pattern values must be a finite number"),
+    "R30 alpha_pattern value as a string": (lambda d: _peft(d, {"alpha_pattern": {"conv": "32"}}), "alpha_pattern values must be a finite number"),
+    "R30 rank_pattern value zero": (lambda d: _peft(d, {"rank_pattern": {"conv": 0}}), "rank_pattern values must be an integer >= 1"),
     "R5 catastrophic alpha_pattern": (lambda d: _peft(d, {"alpha_pattern": {"(a+)+$": 8}}), "exponential time"),
     "R6 rank-0 tensors": (
         lambda d: _peft(d, {}, {"base_model.model.conv.lora_A.weight": np.array(1.0, np.float32), "base_model.model.conv.lora_B.weight": np.array(1.0, np.float32)}),
@@ -227,3 +229,36 @@ def test_r10_r32_hapt_labels_are_refused_not_coerced(tmp_path, capsys, labels, m
     raw.mkdir(parents=True)
     (raw / "labels.txt").write_bytes(labels if isinstance(labels, bytes) else labels.encode())
     run_refused(lambda d: ["pretrain", "--data", f"hapt:{tmp_path / 'hapt'}", "--out", str(d / "x.pt")], message, tmp_path, capsys)
+
+
+def test_r14_pretrain_on_everything(tmp_path, capsys):
+    assert main(["pretrain", "--target-subjects", "", "--epochs", "1", "--out", str(tmp_path / "all.pt"), "--no-progress"]) == 0
+    assert "no target subjects held out" in capsys.readouterr().out and (tmp_path / "all.pt").is_file()
+
+
+def test_r26_a_full_disk_while_writing_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(["pretrain", "--epochs", "1", "--out", str(tmp_path / "x.pt"), "--no-progress"]) == 2
+    assert "cannot write the checkpoint" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_r27_r39_api_refuses_wrong_use():
+    import torch
+
+    import toolchain.api as tc
+    from toolchain.core.errors import ToolchainError
+
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.ReLU())
+    tc.adapt(net, "lora-edge", rank=2)
+    with pytest.raises(ToolchainError, match="already adapted"):
+        tc.adapt(net, "lora", rank=2)
+    with pytest.raises(ToolchainError, match="takes a torch.nn.Module"):
+        tc.adapt(None)  # type: ignore[arg-type]
+    for bad in (np.zeros((0, 2, 8), np.float32), np.array([["a", "b"]])):
+        with pytest.raises(ToolchainError, match="numeric array"):
+            tc.verify("a.onnx", "b.onnx", "out", inputs=bad)
