@@ -257,7 +257,7 @@ def test_r27_r39_api_refuses_wrong_use():
     tc.adapt(net, "lora-edge", rank=2)
     with pytest.raises(ToolchainError, match="already adapted"):
         tc.adapt(net, "lora", rank=2)
-    with pytest.raises(ToolchainError, match="takes a torch.nn.Module"):
+    with pytest.raises(ToolchainError, match=r"takes a torch\.nn\.Module"):
         tc.adapt(None)  # type: ignore[arg-type]
     for bad in (np.zeros((0, 2, 8), np.float32), np.array([["a", "b"]])):
         with pytest.raises(ToolchainError, match="numeric array"):
