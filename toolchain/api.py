@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,9 @@ def adapt(model: nn.Module, method: str = "lora-edge", rank: int = 4, *, layers:
     if any(isinstance(m, LoRAEdgeConv | LoRAConv | BottleneckAdapter) for m in model.modules()):
         raise ToolchainError("the model is already adapted", seen=type(model).__name__, remedy="adapt a fresh copy of the base model (Adaptation.base_model())")
     spec = get_method(method)
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    base_state = OrderedDict((k, v.detach().clone()) for k, v in state.items())
+    base_state._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]  # version info some modules' loaders need (torchvision's MNASNet)
     cfg = AdaptConfig(method=spec.name, rank=rank, scaling=scaling, layers=layers, train=tuple(train), update_bn_stats=update_bn_stats)
     wrapped = inject(model, cfg)
     return Adaptation(model, spec.name, rank, scaling, layers, tuple(train), update_bn_stats, wrapped, base_state)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +59,14 @@ def build_backbone(spec: str, in_channels: int, num_classes: int) -> nn.Module:
     factory = getattr(module, attr, None)
     if not attr.isidentifier() or not callable(factory):
         raise ToolchainError("model spec does not name a callable", seen=spec, remedy="point at a function or class that returns an nn.Module")
-    accepted = _accepted_kwargs(factory, {"in_channels": in_channels, "num_classes": num_classes})
-    try:
-        model = factory(**accepted)
-    except Exception as err:  # the user's code
-        raise ToolchainError("the model callable raised an error", seen=f"{spec}: {type(err).__name__}: {str(err)[:160]}", remedy="fix the model code or the arguments it needs") from None
+    from toolchain.models.fit import call_builder, fit_to_data
+
+    model, notes = call_builder(factory, spec, in_channels, num_classes)
     if not isinstance(model, nn.Module):
         raise ToolchainError("model callable must return a torch.nn.Module", seen=type(model).__name__)
+    notes += fit_to_data(model, spec, in_channels, num_classes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return model
 
 
@@ -89,16 +90,6 @@ def _import_target(target: str, spec: str) -> Any:
         return importlib.import_module(target)
     except Exception as err:  # ImportError, or whatever the module raises at import
         raise ToolchainError("cannot import the model's module", seen=f"{spec}: {type(err).__name__}: {str(err)[:160]}", remedy="check the module name and that it imports cleanly") from None
-
-
-def _accepted_kwargs(factory: Any, offered: dict[str, Any]) -> dict[str, Any]:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return offered
-    return {k: v for k, v in offered.items() if k in params}
 
 
 def model_files(spec: str | None) -> list[Path]:

@@ -64,7 +64,28 @@ def select_layers(model: nn.Module, layers: str) -> list[str]:
         names = [n for n in convs if any(n == m or n.startswith(m + ".") for m in matched)]
     if not names:
         raise ToolchainError("no conv layer matches the --layers selection", seen=layers, remedy="use --layers all, pointwise or a regex naming conv modules")
+    for name in names:
+        check_followable(name, model.get_submodule(name))
     return names
+
+
+_PLAIN = {nn.Conv1d: nn.Conv1d, nn.Conv2d: nn.Conv2d}
+
+
+def check_followable(name: str, conv: nn.Module) -> None:
+    """A Conv subclass with its own forward or _conv_forward (timm's Conv2dSame pads dynamically,
+    ScaledStdConv2d standardises its weight) computes something the wrapper cannot follow exactly:
+    refused, naming the class, rather than trained silently wrong."""
+    plain = next((c for c in _PLAIN if isinstance(conv, c)), None)
+    if plain is None:
+        return
+    own = [m for m in ("forward", "_conv_forward") if getattr(type(conv), m) is not getattr(plain, m)]
+    if own:
+        raise ToolchainError(
+            f"layer {name} is a {type(conv).__module__}.{type(conv).__name__}, a {plain.__name__} with its own {own[0]}, which adaptation cannot follow exactly",
+            seen=name,
+            remedy="leave such layers out with --layers (a regex on the other convs), or replace them by plain convs",
+        )
 
 
 def _regex_modules(model: nn.Module, selection: str) -> list[str]:

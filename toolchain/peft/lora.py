@@ -56,6 +56,18 @@ class LoRAConv(nn.Module):
         b = self.lora_B.reshape(g, -1, r)
         return self.scaling * torch.bmm(b, a).reshape(self.base.weight.shape)
 
+    # A drop-in for the conv it wraps: model code that reads conv attributes at run time sees the base conv's.
+    stride = property(lambda self: self.base.stride)
+    padding = property(lambda self: self.base.padding)
+    dilation = property(lambda self: self.base.dilation)
+    groups = property(lambda self: self.base.groups)
+    kernel_size = property(lambda self: self.base.kernel_size)
+    in_channels = property(lambda self: self.base.in_channels)
+    out_channels = property(lambda self: self.base.out_channels)
+    padding_mode = property(lambda self: self.base.padding_mode)
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+
     def lean_ready(self) -> bool:
         """LoRA (not DoRA: its weight norm needs the full update) has a lean function."""
         return self.lean and self.magnitude is None and not self.merged

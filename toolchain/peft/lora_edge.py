@@ -100,6 +100,18 @@ class LoRAEdgeConv(nn.Module):
             return y
         return y + self.scaling * self._aux(x)
 
+    # A drop-in for the conv it wraps: model code that reads conv attributes at run time sees the base conv's.
+    stride = property(lambda self: self.base.stride)
+    padding = property(lambda self: self.base.padding)
+    dilation = property(lambda self: self.base.dilation)
+    groups = property(lambda self: self.base.groups)
+    kernel_size = property(lambda self: self.base.kernel_size)
+    in_channels = property(lambda self: self.base.in_channels)
+    out_channels = property(lambda self: self.base.out_channels)
+    padding_mode = property(lambda self: self.base.padding_mode)
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+
     def lean_ready(self) -> bool:
         return self.lean and not self.merged
 
