@@ -82,7 +82,7 @@ class SameConv2d(nn.Conv2d):
 class StdConv2d(nn.Conv2d):
     """timm's ScaledStdConv2d in miniature: standardises its weight in _conv_forward."""
 
-    def _conv_forward(self, x, weight, bias):  # noqa: ANN001, ANN202
+    def _conv_forward(self, x, weight, bias):
         w = (weight - weight.mean(dim=(1, 2, 3), keepdim=True)) / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
         return super()._conv_forward(x, w, bias)
 
@@ -105,7 +105,7 @@ class Versioned(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):  # noqa: ANN001, ANN002
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
         if local_metadata.get("version") is None:
             raise ValueError("version should be set to 1 or 2 instead of None")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
