@@ -250,8 +250,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "D21 -o newdir/": (lambda d: ["fuse", *map(str, _good(d)), "-o", str(d / "newdir") + "/"], "must name a file, not a folder"),
     "verify --atol nan": (lambda d: _verify(d, "--atol", "nan"), "finite number >= 0"),
     "verify --atol -1": (lambda d: _verify(d, "--atol", "-1"), "finite number >= 0"),
-    "verify --real -1": (lambda d: _verify(d, "--real", "-1"), "--real must be an integer >= 0"),
-    "verify --random 0": (lambda d: _verify(d, "--random", "0"), "--random must be an integer >= 1"),
+    "verify --real -1": (lambda d: _verify(d, "--real", "-1"), "--real must be an integer from 0 to 10000"),
+    "verify --random 0": (lambda d: _verify(d, "--random", "0"), "--random must be an integer from 1 to 10000"),
     "bench --runs 0": (lambda d: ["bench", str(_verify_models(d)[0]), "--runs", "0"], "--runs must be an integer from 1 to 100000"),
 }
 

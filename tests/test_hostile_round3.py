@@ -18,7 +18,7 @@ import onnx
 import pytest
 from safetensors.numpy import save_file
 
-from tests.test_refusals import _fuse, _good, run_refused
+from tests.test_refusals import _external, _fuse, _good, run_refused
 from toolchain.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,16 +49,8 @@ def _weight_as_output(d: Path) -> list[str]:
 
 
 def _nul_location(d: Path, command: str) -> list[str]:
-    base, adapter = _good(d)
-    model = onnx.load(base)
-    onnx.save_model(model, d / "ext.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
-    m = onnx.load(d / "ext.onnx", load_external_data=False)
-    for t in m.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                e.value = "w\x00.bin"
-    onnx.save(m, d / "ext.onnx")
-    return _fuse(d / "ext.onnx", adapter, d) if command == "fuse" else ["inspect", str(d / "ext.onnx")]
+    ext = _external(d, "w\x00.bin")
+    return _fuse(ext, d / "adapter.safetensors", d) if command == "fuse" else ["inspect", str(ext)]
 
 
 def _opset(d: Path) -> list[str]:
@@ -196,8 +188,9 @@ def test_r8_verify_refuses_models_with_other_outputs_before_writing(tmp_path, ca
 
 @pytest.mark.parametrize("delay", [0.2, 0.5, 0.9, 1.4])
 def test_r9_sigterm_during_verify_leaves_nothing_and_never_passes(tmp_path, delay):
-    """SIGTERM at several moments of a verify run: either it finished (exit 0) with all three files,
-    or it stopped (exit 143) with none of them, and never printed PASSED after the signal."""
+    """SIGTERM at several moments of a verify run: all three files or none, never PASSED without
+    them. Exit 143 when main() handled the signal; -15 when it landed before main() installed its
+    handler (during imports) or after main() had returned (the files were whole by then)."""
     base, adapter = _good(tmp_path)
     assert main(["fuse", str(base), str(adapter), "-o", str(tmp_path / "f.onnx")]) == 0
     out = tmp_path / "v"
@@ -212,11 +205,14 @@ def test_r9_sigterm_during_verify_leaves_nothing_and_never_passes(tmp_path, dela
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     files = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    assert proc.returncode in (0, 143), (proc.returncode, stderr[-500:])
+    assert proc.returncode in (0, 143, -signal.SIGTERM), (proc.returncode, stderr[-500:])
+    assert files in ([], ["inputs.json", "outputs.json", "verify.json"]), files
     if proc.returncode == 143:
         assert files == [] and "PASSED" not in stdout and "terminated" in stderr
-    else:
-        assert files == ["inputs.json", "outputs.json", "verify.json"]
+    if not files:
+        assert "PASSED" not in stdout
+    if proc.returncode == 0:
+        assert files
 
 
 @pytest.mark.parametrize(

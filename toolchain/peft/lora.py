@@ -16,12 +16,12 @@ from torch import Tensor, nn
 
 from toolchain.core.errors import ToolchainError
 from toolchain.kernels import weight_sha256
-from toolchain.peft.lora_edge import ConvNd, conv_geometry
+from toolchain.peft.lora_edge import ConvAttributes, ConvNd, conv_geometry
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 
 
-class LoRAConv(nn.Module):
+class LoRAConv(ConvAttributes, nn.Module):
     """A frozen conv plus LoRA (``dora=False``) or DoRA (``dora=True``)."""
 
     def __init__(self, base: ConvNd, rank: int, alpha: float | None = None, dora: bool = False) -> None:
@@ -55,18 +55,6 @@ class LoRAConv(nn.Module):
         a = self.lora_A.reshape(g, r, -1)
         b = self.lora_B.reshape(g, -1, r)
         return self.scaling * torch.bmm(b, a).reshape(self.base.weight.shape)
-
-    # A drop-in for the conv it wraps: model code that reads conv attributes at run time sees the base conv's.
-    stride = property(lambda self: self.base.stride)
-    padding = property(lambda self: self.base.padding)
-    dilation = property(lambda self: self.base.dilation)
-    groups = property(lambda self: self.base.groups)
-    kernel_size = property(lambda self: self.base.kernel_size)
-    in_channels = property(lambda self: self.base.in_channels)
-    out_channels = property(lambda self: self.base.out_channels)
-    padding_mode = property(lambda self: self.base.padding_mode)
-    weight = property(lambda self: self.base.weight)
-    bias = property(lambda self: self.base.bias)
 
     def lean_ready(self) -> bool:
         """LoRA (not DoRA: its weight norm needs the full update) has a lean function."""

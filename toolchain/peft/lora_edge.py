@@ -42,7 +42,24 @@ def conv_geometry(conv: nn.Module) -> ConvGeometry:
     )
 
 
-class LoRAEdgeConv(nn.Module):
+class ConvAttributes:
+    """A drop-in for the conv a wrapper holds as ``base``: model code that reads conv attributes at
+    run time (Hugging Face's TF-style padding reads stride, kernel_size, dilation) sees the base conv's."""
+
+    base: ConvNd
+    stride = property(lambda self: self.base.stride)
+    padding = property(lambda self: self.base.padding)
+    dilation = property(lambda self: self.base.dilation)
+    groups = property(lambda self: self.base.groups)
+    kernel_size = property(lambda self: self.base.kernel_size)
+    in_channels = property(lambda self: self.base.in_channels)
+    out_channels = property(lambda self: self.base.out_channels)
+    padding_mode = property(lambda self: self.base.padding_mode)
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+
+
+class LoRAEdgeConv(ConvAttributes, nn.Module):
     """A frozen conv plus a trainable TT-LoRA update. ``delta_weight()``, ``merge()``, ``unmerge()``."""
 
     method = "lora-edge"
@@ -99,18 +116,6 @@ class LoRAEdgeConv(nn.Module):
         if self.merged:
             return y
         return y + self.scaling * self._aux(x)
-
-    # A drop-in for the conv it wraps: model code that reads conv attributes at run time sees the base conv's.
-    stride = property(lambda self: self.base.stride)
-    padding = property(lambda self: self.base.padding)
-    dilation = property(lambda self: self.base.dilation)
-    groups = property(lambda self: self.base.groups)
-    kernel_size = property(lambda self: self.base.kernel_size)
-    in_channels = property(lambda self: self.base.in_channels)
-    out_channels = property(lambda self: self.base.out_channels)
-    padding_mode = property(lambda self: self.base.padding_mode)
-    weight = property(lambda self: self.base.weight)
-    bias = property(lambda self: self.base.bias)
 
     def lean_ready(self) -> bool:
         return self.lean and not self.merged
