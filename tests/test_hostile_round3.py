@@ -258,3 +258,27 @@ def test_r27_r39_api_refuses_wrong_use():
     for bad in (np.zeros((0, 2, 8), np.float32), np.array([["a", "b"]])):
         with pytest.raises(ToolchainError, match="numeric array"):
             tc.verify("a.onnx", "b.onnx", "out", inputs=bad)
+
+
+def test_r11_a_png_text_chunk_past_pillows_limit_is_one_line(tmp_path, capsys):
+    from PIL import Image, PngImagePlugin
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / cls / "ok.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 10), zip=True)  # inflates past the limit
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / "a" / "bomb.png", pnginfo=info)
+    run_refused(lambda d: ["pretrain", "--model", "resnet18", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", str(d / "x.pt")], "cannot read an image", tmp_path, capsys)
+
+
+def test_r42_fleet_on_a_full_disk_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
+    import toolchain.fleet as fleet
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    argv = _manifest(tmp_path, json.dumps({"data": "watch", "users": [{"name": "a"}]}))
+    monkeypatch.setattr(fleet, "write_bytes_atomic", full)
+    assert main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err and not (tmp_path / "fleet_out").exists()
