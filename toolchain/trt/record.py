@@ -1,7 +1,7 @@
 """The engine sidecar ``ENGINE.plan.json``: one typed record for build and refit, and the plan header.
 
-A serialized TensorRT plan carries the version that built it in bytes 24, 25 and 26 (major, minor,
-patch; NVIDIA/TensorRT issue 3073); a plan loads only in that same TensorRT. The sidecar carries
+A serialized TensorRT plan starts with the magic "ftrt" and carries the version that built it in
+bytes 24, 25 and 26 (major, minor, patch; NVIDIA/TensorRT issue 3073); a plan loads only in that same TensorRT. The sidecar carries
 what the plan cannot: the precision it was built at (verify's tolerance), which weights are
 refittable, and the provenance (the ONNX it came from and the base that ONNX was fused on), so that
 refit can refuse a model fused on another base. Refit copies precision and the refittable set from
@@ -24,6 +24,7 @@ PRECISIONS = ("fp32", "fp16")
 REFIT_MODES = ("none", "individual", "all")  # not refittable; REFIT_INDIVIDUAL on marked weights; whole-engine REFIT
 KINDS = ("build", "refit")
 HEADER_VERSION_OFFSET = 24
+PLAN_MAGIC = b"ftrt"  # the first bytes of every serialized plan (seen on TensorRT 8.x-10.x plans)
 MAX_SIDECAR_BYTES = 1 << 20
 
 
@@ -104,8 +105,8 @@ def _check_types(record: EngineRecord) -> None:
 
 def plan_version(header: bytes) -> str | None:
     """'major.minor.patch' of the TensorRT that serialized a plan, from its header; None when the
-    bytes are too short or do not look like a TensorRT 8-11 plan."""
-    if len(header) < HEADER_VERSION_OFFSET + 3:
+    bytes are too short, lack the plan magic "ftrt", or do not look like a TensorRT 8-11 plan."""
+    if len(header) < HEADER_VERSION_OFFSET + 3 or header[:4] != PLAN_MAGIC:
         return None
     major, minor, patch = header[HEADER_VERSION_OFFSET : HEADER_VERSION_OFFSET + 3]
     if not 8 <= major <= 11:

@@ -25,8 +25,9 @@ def test_real_plan_headers(header):
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [(b"", None), (b"ftrt" + bytes(20), None), (bytes(24) + bytes([10, 3, 0]), "10.3.0"), (bytes(24) + bytes([200, 1, 1]), None), (bytes(24) + bytes([7, 1, 0]), None)],
-)
+    [(b"", None), (b"ftrt" + bytes(20), None), (b"ftrt" + bytes(20) + bytes([10, 3, 0]), "10.3.0"), (bytes(24) + bytes([10, 3, 0]), None),
+     (b"ftrt" + bytes(20) + bytes([200, 1, 1]), None), (b"ftrt" + bytes(20) + bytes([7, 1, 0]), None)],
+)  # fmt: skip
 def test_plan_version_table(header, expected):
     assert plan_version(header) == expected
 
