@@ -81,6 +81,38 @@ def measure(work: Path, repeats: int) -> list[dict]:
     return rows
 
 
+ACCOUNTED = {"cnn1d": ((6, 128), 512, "all"), "resnet1d": ((6, 128), 512, "all"), "mobilenet1d": ((6, 128), 512, "pointwise"), "resnet18": ((1, 32, 32), 256, "all"), "mobilenetv2": ((1, 32, 32), 256, "pointwise")}
+
+
+def accounted() -> list[dict]:
+    """Accounted memory of one training step (parameters, gradients, optimizer state, saved
+    activations; toolchain.profile.step_memory): LoRA-Edge on the lean path vs full fine-tuning."""
+    import torch
+
+    from toolchain.core.methods import get_method
+    from toolchain.models.registry import build_model
+    from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
+    from toolchain.peft.lean import lean_training
+    from toolchain.profile import step_memory
+    from toolchain.workflows import make_optimizer
+
+    rows = []
+    for backbone, (shape, batch, layers) in ACCOUNTED.items():
+        got = {}
+        for method in ("full", "lora-edge"):
+            torch.manual_seed(0)
+            model = build_model(backbone, shape[0], 10, len(shape) - 1)
+            cfg = AdaptConfig(method=method, rank=4, layers=layers)
+            inject(model, cfg)
+            opt = make_optimizer(model, cfg, get_method(method).lr)
+            x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+            with lean_training(model, method != "full"):
+                got[method] = step_memory(model, opt, x, y, lambda m: set_train_mode(m, False)).total_bytes / 2**20
+        rows.append({"backbone": backbone, "batch": batch, "full_mib": got["full"], "lora_edge_mib": got["lora-edge"], "ratio": got["lora-edge"] / got["full"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def summary(rows: list[dict]) -> str:
     lines = ["| backbone | allocator | run | head MiB | full above head | LoRA-Edge above head | PEFT LoRA above head | LoRA-Edge / full | PEFT LoRA / full |", "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["backbone"], r["allocator"], r["run"]) for r in rows})
@@ -95,7 +127,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_memory.json")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--accounted", action="store_true", help="only the accounted memory of one step, every built-in backbone (seconds)")
     a = ap.parse_args()
+    if a.accounted:
+        for row in accounted():
+            print(f"| {row['backbone']} | {row['batch']} | {row['full_mib']:.1f} | {row['lora_edge_mib']:.1f} | {row['ratio']:.3f} |")
+        sys.exit(0)
     work = Path(a.out).parent / "bench_memory"
     work.mkdir(parents=True, exist_ok=True)
     result = measure(work, a.repeats)
