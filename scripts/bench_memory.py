@@ -81,7 +81,13 @@ def measure(work: Path, repeats: int) -> list[dict]:
     return rows
 
 
-ACCOUNTED = {"cnn1d": ((6, 128), 512, "all"), "resnet1d": ((6, 128), 512, "all"), "mobilenet1d": ((6, 128), 512, "pointwise"), "resnet18": ((1, 32, 32), 256, "all"), "mobilenetv2": ((1, 32, 32), 256, "pointwise")}
+ACCOUNTED = {
+    "cnn1d": ((6, 128), 512, "all"),
+    "resnet1d": ((6, 128), 512, "all"),
+    "mobilenet1d": ((6, 128), 512, "pointwise"),
+    "resnet18": ((1, 32, 32), 256, "all"),
+    "mobilenetv2": ((1, 32, 32), 256, "pointwise"),
+}
 
 
 def accounted() -> list[dict]:
