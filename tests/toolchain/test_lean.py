@@ -139,3 +139,15 @@ def test_lean_lora_edge_keeps_a_fraction_of_full_finetuning_activations(name, la
         lean_bytes = activation_bytes(edge, x)
     assert lean_bytes < bound * full_bytes, (lean_bytes, ref_bytes, full_bytes)
     assert ref_bytes > full_bytes * 0.9, "the reference path keeps about what full fine-tuning keeps"
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (3, 5, 7), (2, 3, 4, 5)])
+def test_bit_packed_masks_round_trip_on_both_paths(shape):
+    from toolchain.peft.lean_ops import _pack_torch, _unpack_torch, pack_bits, unpack_bits
+
+    mask = torch.rand(shape) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+    assert torch.equal(_pack_torch(mask.reshape(-1)), packed), "the torch path (GPUs) packs as numpy does"
+    assert torch.equal(unpack_bits(packed, mask.shape), mask)
+    assert torch.equal(_unpack_torch(packed, mask.numel()).view(shape), mask)

@@ -7,7 +7,7 @@ all inputs), ReLU saves its float output and max-pooling int64 indices. Here:
 - ``LoRAEdgeConv``: y = conv(x, W + s·ΔG1 ×₁ S) + b (one merged conv) keeps the r1-channel
   projection h = conv(x, S) (grad ΔG1 = s·Σ grad_y ⊗ h) or x itself, whichever is smaller.
 - ``LoRAConv``: y = conv(x, W + s·B·A) + b keeps x and the r-channel projection h = conv(x, A).
-- ``MaskedClamp``: ReLU / ReLU6 keeping a boolean mask; ``WindowMax``: non-overlapping max pooling
+- ``MaskedClamp``: ReLU / ReLU6 keeping a bit-packed mask (1 bit per element); ``WindowMax``: non-overlapping max pooling
   keeping uint8 window positions; ``FrozenLinear``: a frozen linear layer keeping nothing.
 
 Everything kept goes through ``ctx.save_for_backward``, so ``saved_tensors_hooks`` (the memory
@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -162,19 +163,56 @@ class FrozenLinear(torch.autograd.Function):
         return (g @ w if ctx.needs_input_grad[0] else None), None, gb
 
 
+def pack_bits(mask: Tensor) -> Tensor:
+    """A boolean tensor as 1 bit per element: (ceil(numel / 8),) uint8, bit i of byte j = element 8j + i
+    (MemFLoRA's point: a ReLU's backward needs one bit, not a byte). numpy's packbits on the CPU."""
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    return _pack_torch(flat)
+
+
+def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
+    """``pack_bits``'s inverse: the boolean tensor of ``shape``."""
+    n = math.prod(shape)
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little").view(np.bool_)).view(shape)
+    return _unpack_torch(packed, n).view(shape)
+
+
+def _pack_torch(flat: Tensor) -> Tensor:
+    """The same packing in torch ops (any device)."""
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    eight = flat.view(torch.uint8).view(-1, 8)
+    packed = eight[:, 0].clone()
+    for i in range(1, 8):
+        packed |= eight[:, i] << i
+    return packed
+
+
+def _unpack_torch(packed: Tensor, n: int) -> Tensor:
+    bits = torch.empty((packed.numel(), 8), dtype=torch.bool, device=packed.device)
+    for i in range(8):
+        bits[:, i] = (packed >> i) & 1
+    return bits.view(-1)[:n]
+
+
 class MaskedClamp(torch.autograd.Function):
-    """clamp(x, 0, upper) keeping a boolean mask of where the gradient passes (ReLU: upper None)."""
+    """clamp(x, 0, upper) keeping a bit-packed mask of where the gradient passes (ReLU: upper None)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, upper: float | None) -> Tensor:
         mask = (x > 0) if upper is None else (x > 0) & (x < upper)
-        ctx.save_for_backward(mask)
+        ctx.save_for_backward(pack_bits(mask))
+        ctx.shape = mask.shape
         return x.clamp(0, upper)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
-        (mask,) = ctx.saved_tensors
-        return g * mask, None
+        (packed,) = ctx.saved_tensors
+        return g * unpack_bits(packed, ctx.shape), None
 
 
 class WindowMax(torch.autograd.Function):
