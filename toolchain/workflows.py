@@ -181,11 +181,11 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     trainable, total = count_params(model)
     lean = job.lean and get_method(adapt_cfg.method).base_frozen
     set_mode = lambda m: set_train_mode(m, adapt_cfg.update_bn_stats)  # noqa: E731
-    acc = account(model, lambda m: make_optimizer(m, adapt_cfg, job.train.lr), adapt_set, set_mode, lean)
+    acc = account(model, lambda m: make_optimizer(m, adapt_cfg, job.train.lr, job.train.weight_decay), adapt_set, set_mode, lean)
     train_cfg = job.train
     if job.memory_budget is not None:
         train_cfg = dataclasses.replace(train_cfg, batch_size=batch_for_budget(acc, job.memory_budget, len(adapt_set)))
-    opt = make_optimizer(model, adapt_cfg, job.train.lr)
+    opt = make_optimizer(model, adapt_cfg, job.train.lr, job.train.weight_decay)  # finetune used to drop TrainConfig.weight_decay
     with lean_training(model, lean):
         result = train(model, adapt_set, train_cfg, set_mode=set_mode, optimizer=opt)
     f1_after, acc_after = evaluate(model, test_set, dev)
@@ -222,11 +222,13 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     return metrics
 
 
-def make_optimizer(model: torch.nn.Module, cfg: AdaptConfig, lr: float) -> torch.optim.Optimizer:
-    """Adam over the trainable parameters; GaLore's projected Adam for ``galore``."""
+def make_optimizer(model: torch.nn.Module, cfg: AdaptConfig, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters (with ``weight_decay``, TrainConfig's); GaLore's projected Adam for ``galore``."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ToolchainError("nothing to train: every parameter is frozen", seen=cfg.method)
     if get_method(cfg.method).optimizer == "galore":
+        if weight_decay:
+            raise ToolchainError("galore's optimizer has no weight decay", seen=weight_decay, remedy="train galore with weight_decay 0")
         return GaLoreAdam(params, lr=lr, rank=cfg.rank)
-    return torch.optim.Adam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

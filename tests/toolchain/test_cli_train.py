@@ -124,3 +124,20 @@ def test_plain_state_dict_with_model_spec(tmp_path):
     dims = [d.dim_value for d in onnx.load(tmp_path / "f.onnx").graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 6, 200]
     assert main(["finetune", "--checkpoint", str(tmp_path / "weights.pt"), "--out", str(tmp_path / "b.safetensors"), "--steps", "1", "--no-progress"]) == 2
+
+
+def test_finetune_honours_weight_decay(tmp_path):
+    """TrainConfig.weight_decay used to be dropped on the finetune path (issue 19): the optimizer finetune
+    builds now carries it, and it changes the trained adapter."""
+    from toolchain.peft.inject import AdaptConfig
+    from toolchain.train import TrainConfig
+    from toolchain.workflows import FinetuneJob, PretrainJob, finetune, pretrain
+
+    ck = tmp_path / "b.pt"
+    pretrain(PretrainJob(out=str(ck), train=TrainConfig(lr=2e-3, epochs=1, progress=False)))
+    out = {}
+    for wd in (0.0, 0.5):
+        a = tmp_path / f"a{wd}.safetensors"
+        finetune(FinetuneJob(checkpoint=str(ck), out=str(a), adapt=AdaptConfig(rank=2), train=TrainConfig(lr=5e-3, steps=10, weight_decay=wd, progress=False)))
+        out[wd] = a.read_bytes()
+    assert out[0.0] != out[0.5]
