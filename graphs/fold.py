@@ -67,17 +67,13 @@ def _initial_constants(graph: onnx.GraphProto) -> dict[str, Value]:
 
 
 def _type_info(model: onnx.ModelProto) -> dict[str, TypeInfo]:
-    """Element type and static dims of every value shape inference can type (data-less copy)."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    for t in skeleton.graph.initializer:  # inference needs dims and types only
-        t.ClearField("raw_data")
-        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-            t.ClearField(field)
+    """Element type and static dims of every value shape inference can type (on a data-less skeleton)."""
+    from toolchain.graphs.onnx_io import skeleton
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False)
     except Exception:  # an uninferable graph folds less, never wrongly
-        inferred = skeleton
+        inferred = model
     info: dict[str, TypeInfo] = {}
     g = inferred.graph
     for vi in [*g.input, *g.value_info, *g.output]:

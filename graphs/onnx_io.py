@@ -92,7 +92,7 @@ def check_onnx(model: onnx.ModelProto | bytes, where: str, *, full: bool = False
         raise ToolchainError("ONNX model is invalid", seen=f"{where}: {type(err).__name__}: {str(err)[:160]}", remedy="re-export the model") from None
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every initializer reduced to name, type and dims (no data copied), but for
     small integer ones (axes, shapes), whose values shape inference needs."""
     sk = onnx.ModelProto()
@@ -127,9 +127,9 @@ def check_output_model(model: onnx.ModelProto, data: bytes, where: str) -> None:
     """The checker on the serialized model, then strict shape and type inference on a copy without
     tensor data (inference needs dims and types only; on a 91 MB model this takes 1 ms, not 0.9 s)."""
     check_onnx(data, where)
-    skeleton = _skeleton(model)
+    sk = skeleton(model)
     try:
-        onnx.shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True)
+        onnx.shape_inference.infer_shapes(sk, check_type=True, strict_mode=True)
     except Exception as err:
         raise ToolchainError(
             "the fused model fails ONNX shape inference", seen=f"{where}: {type(err).__name__}: {str(err)[:160]}", remedy="the base model or adapter does not fit; re-export both"
@@ -138,14 +138,19 @@ def check_output_model(model: onnx.ModelProto, data: bytes, where: str) -> None:
 
 def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Parse an ONNX file with its external data (contained to its folder) and run the checker."""
+    return read_onnx(path)[0]
+
+
+def read_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bytes]:
+    """``load_onnx``, and the bytes of the .onnx file it read (for hashing without a second read)."""
     p = Path(path)
     data = read_model_bytes(p)
     model = parse_onnx(data, p)
     if any(_external_location(t) is not None for t in _all_tensors(model)):
         check_onnx(str(p), str(p))  # type: ignore[arg-type]
-        return load_external(model, p.parent)
+        return load_external(model, p.parent), data
     check_onnx(data, str(p))
-    return model
+    return model, data
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str], *, force: bool = True, validate: bool = False) -> None:
@@ -192,10 +197,22 @@ def _save_external(model: onnx.ModelProto, p: Path, *, force: bool, validate: bo
 
 def input_info(path: str | os.PathLike[str]) -> tuple[str, list[int | None]]:
     """(name, shape) of a model's single input; dynamic dims are None."""
-    model = load_onnx(path)
+    return input_of(load_onnx(path))
+
+
+def input_of(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
+    """``input_info`` of a loaded model."""
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise ToolchainError("verify and bench expect a model with one input", seen=[i.name for i in inputs], remedy="export the model with a single input tensor")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
-    return inputs[0].name, dims
+    return inputs[0].name, _dims(inputs[0])
+
+
+def outputs_of(model: onnx.ModelProto) -> list[tuple[str, list[int | None]]]:
+    """(name, shape) of every graph output; dynamic dims are None."""
+    return [(o.name, _dims(o)) for o in model.graph.output]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]

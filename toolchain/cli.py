@@ -458,7 +458,6 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "random": (1, 10_000),
     "eval_every": (1, 1_000_000),
     "workers": (1, 4096),
-    "attempts": (1, 10),
 }
 COMMAND_BOUNDS: dict[str, dict[str, tuple[int, int]]] = {"compare": {"steps": (1, 10_000_000)}}  # compare trains a fixed number of steps
 FLOAT_BOUNDS: dict[str, tuple[float, float]] = {"lr": (1e-12, 10.0), "scaling": (-1e4, 1e4)}

@@ -55,16 +55,9 @@ class ExportCheck:
 def check_inputs(batch: int, shape: tuple[int, ...], real: np.ndarray | None = None, seed: int = 0) -> list[np.ndarray]:
     """Up to REAL_INPUTS batches spread over ``real`` (N, *shape), then RANDOM_INPUTS seeded random
     batches at the real data's scale (1 without real data)."""
-    feeds: list[np.ndarray] = []
-    scale = 1.0
-    if real is not None and len(real):
-        real = np.asarray(real, np.float32)
-        idx = np.linspace(0, len(real) - 1, REAL_INPUTS * batch).astype(int)
-        feeds += [np.ascontiguousarray(real[idx[i * batch : (i + 1) * batch]]) for i in range(REAL_INPUTS)]
-        scale = float(real.std()) or 1.0
-    rng = np.random.default_rng(seed)
-    feeds += [(scale * rng.standard_normal((batch, *shape))).astype(np.float32) for _ in range(RANDOM_INPUTS)]
-    return feeds
+    from toolchain.feeds import sample_batches
+
+    return sample_batches(batch, shape, real, REAL_INPUTS, RANDOM_INPUTS, seed)
 
 
 def against_torch(model: nn.Module, proto: onnx.ModelProto, feeds: list[np.ndarray], exporter: str, real: int) -> ExportCheck:

@@ -50,28 +50,20 @@ class VerifyOptions:
 
 def make_feeds(name: str, shape: list[int | None], opts: VerifyOptions) -> list[dict[str, np.ndarray]]:
     """Real windows from ``opts.data`` (spread over the dataset) and seeded random inputs."""
+    from toolchain.feeds import sample_batches
+
     batch = shape[0] or 1
-    feeds: list[dict[str, np.ndarray]] = []
     real = opts.inputs
     if real is None and opts.data and opts.real:
         from toolchain.data.sources import load_data
 
         real = load_data(opts.data).X
-    if real is not None and opts.real:
-        real = np.asarray(real, dtype=np.float32)
-        if list(real.shape[1:]) != list(shape[1:]):
-            raise ToolchainError(
-                "the data's window or image shape does not fit the model input", seen=(list(real.shape[1:]), shape[1:]), remedy="verify with data of the model's input shape, or --data none"
-            )
-        idx = np.linspace(0, len(real) - 1, opts.real * batch).astype(int)
-        feeds += [{name: np.ascontiguousarray(real[idx[i * batch : (i + 1) * batch]])} for i in range(opts.real)]
-        scale = float(real.std())
-    else:
-        scale = 1.0
-    rng = np.random.default_rng(opts.seed)
-    dims = [batch, *[d or 1 for d in shape[1:]]]
-    feeds += [{name: (scale * rng.standard_normal(dims)).astype(np.float32)} for _ in range(opts.random)]
-    return feeds
+    if real is not None and opts.real and list(np.shape(real)[1:]) != list(shape[1:]):
+        raise ToolchainError(
+            "the data's window or image shape does not fit the model input", seen=(list(np.shape(real)[1:]), shape[1:]), remedy="verify with data of the model's input shape, or --data none"
+        )
+    dims = [d or 1 for d in shape[1:]]
+    return [{name: x} for x in sample_batches(batch, dims, real, opts.real, opts.random, opts.seed)]
 
 
 def _tolerance(value: float | dict[str, float] | None, default: float) -> float | dict[str, float]:
@@ -162,14 +154,15 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
     from polygraphy.json import save_json
     from polygraphy.logger import G_LOGGER
 
-    from toolchain.graphs.onnx_io import input_info
+    from toolchain.graphs.onnx_io import input_of, load_onnx
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
-    name, shape = input_info(reference)
-    model_input = input_info(model)
+    model_proto, reference_proto = load_onnx(model), load_onnx(reference)  # each read once
+    name, shape = input_of(reference_proto)
+    model_input = input_of(model_proto)
     if model_input != (name, shape):
         raise ToolchainError("the model and the reference have different inputs", seen=(model_input, (name, shape)))
-    outputs = _same_outputs(model, reference)
+    outputs = _same_outputs(model_proto, reference_proto)
     _check_tolerance_names(opts, outputs)
     pairs = {"model": (1, _tolerance(opts.atol, FP32_TOL), _tolerance(opts.rtol, FP32_TOL), "fp32")}
     runners = [
@@ -216,15 +209,11 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
     return report
 
 
-def output_info(path: str) -> list[tuple[str, list[int | None]]]:
-    from toolchain.graphs.onnx_io import load_onnx
-
-    return [(o.name, [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]) for o in load_onnx(path).graph.output]
-
-
-def _same_outputs(model: str, reference: str) -> list[str]:
+def _same_outputs(model: Any, reference: Any) -> list[str]:
     """The model must have the reference's outputs: same names, same count, same shapes."""
-    got, want = output_info(model), output_info(reference)
+    from toolchain.graphs.onnx_io import outputs_of
+
+    got, want = outputs_of(model), outputs_of(reference)
     if got != want:
         raise ToolchainError(
             "the model and the reference have different outputs (names, count or shapes)", seen=f"{got[:3]} vs {want[:3]}", remedy="compare a fused model with the unfused export of the same model"

@@ -9,16 +9,16 @@ marked. BatchNormalization parameters cannot be: the parser combines them into n
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from toolchain.core.errors import ToolchainError
-from toolchain.graphs.onnx_io import load_onnx
+from toolchain.core.jsonio import loads_strict
+from toolchain.graphs.onnx_io import read_onnx
 from toolchain.trt.runtime import TensorRT, logger, parser_tensorrt
 
 FUSED_WEIGHTS_KEY = "toolchain.fused_weights"
@@ -36,23 +36,25 @@ class ModelFacts:
     refit_candidates: tuple[str, ...]  # the fused weights, or every Conv weight of a model that is not fused
     batch: int | None  # the input's batch dim (None: dynamic)
     input_name: str
+    input_shape: tuple[int | None, ...]  # dynamic dims are None
+    initializers: dict[str, tuple[int, int]]  # name -> (element count, ONNX data type), for refit's prototype check
 
 
 def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
-    data = Path(path).read_bytes()
-    model = load_onnx(path)
+    """Everything build, refit and check need from an ONNX model, from one read of the file."""
+    model, data = read_onnx(path)
     meta = {p.key: p.value for p in model.metadata_props}
-    try:
-        fused = tuple(json.loads(meta.get(FUSED_WEIGHTS_KEY, "[]")))
-    except (json.JSONDecodeError, TypeError):
-        raise ToolchainError(f"model metadata {FUSED_WEIGHTS_KEY} is not a JSON list", seen=str(path), remedy="fuse the model again with `toolchain fuse`") from None
+    fused = loads_strict(meta.get(FUSED_WEIGHTS_KEY, "[]"), f"model metadata {FUSED_WEIGHTS_KEY}", "fuse the model again with `toolchain fuse`")
+    if not isinstance(fused, list) or not all(isinstance(n, str) for n in fused):
+        raise ToolchainError(f"model metadata {FUSED_WEIGHTS_KEY} is not a JSON list of names", seen=str(path), remedy="fuse the model again with `toolchain fuse`")
     sha = hashlib.sha256(data).hexdigest()
-    inits = {t.name for t in model.graph.initializer}
+    inits = {t.name: (int(np.prod(t.dims, dtype=np.int64)), t.data_type) for t in model.graph.initializer}
     convs = tuple(dict.fromkeys(n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits))
     inputs = [i for i in model.graph.input if i.name not in inits]
-    dim0 = inputs[0].type.tensor_type.shape.dim[0] if inputs and inputs[0].type.tensor_type.shape.dim else None
-    batch = dim0.dim_value if dim0 is not None and dim0.HasField("dim_value") else None
-    return ModelFacts(str(path), sha, meta.get(BASE_KEY, sha), fused, fused or convs, batch, inputs[0].name if inputs else "")
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim) if inputs else ()
+    batch = dims[0] if dims else None
+    base = meta.get(BASE_KEY, sha)
+    return ModelFacts(str(path), sha, base, tuple(fused), tuple(fused) or convs, batch, inputs[0].name if inputs else "", dims, inits)
 
 
 @dataclass(frozen=True)

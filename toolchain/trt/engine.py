@@ -165,13 +165,10 @@ def check_engine_bytes(plan: bytes, onnx_path: str, precision: str, facts: Model
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, SimpleCompareFunc
 
-    from toolchain.graphs.onnx_io import input_info
+    from toolchain.feeds import sample_batches
 
-    name, shape = input_info(onnx_path)
-    batch = facts.batch or 1
-    rng = np.random.default_rng(0)
-    dims = [batch, *[d or 1 for d in shape[1:]]]
-    feeds = [{name: rng.standard_normal(dims).astype(np.float32)} for _ in range(CHECK_BATCHES)]
+    dims = [d or 1 for d in facts.input_shape[1:]]
+    feeds = [{facts.input_name: x} for x in sample_batches(facts.batch or 1, dims, None, 0, CHECK_BATCHES)]
     runners = [OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnx"), runner_from_bytes(plan)]
     tol = tolerance(precision)
     with trt_errors() as errors:
@@ -214,23 +211,19 @@ def check_refit_provenance(record: EngineRecord, facts: ModelFacts) -> None:
         )
 
 
-def _check_prototypes(trt: Any, refitter: Any, onnx_path: str) -> None:
+def _check_prototypes(refitter: Any, facts: ModelFacts) -> None:
     """Every refittable weight the ONNX model names must match its prototype in count and type."""
-    from toolchain.graphs.onnx_io import load_onnx
-
-    arrays = {t.name: t for t in load_onnx(onnx_path).graph.initializer}
     dtypes = {1: "FLOAT", 10: "HALF", 16: "BF16", 6: "INT32", 7: "INT64", 3: "INT8", 2: "UINT8", 9: "BOOL"}
     for name in refitter.get_all_weights():
-        tensor = arrays.get(name)
-        if tensor is None:
+        if name not in facts.initializers:
             continue
+        count, data_type = facts.initializers[name]
         proto = refitter.get_weights_prototype(name)
-        count = int(np.prod(tensor.dims, dtype=np.int64))
         expected = getattr(proto.dtype, "name", str(proto.dtype)).split(".")[-1]
-        if proto.size != count or dtypes.get(tensor.data_type, "?") != expected:
+        if proto.size != count or dtypes.get(data_type, "?") != expected:
             raise ToolchainError(
                 "a weight of the new model does not fit the engine",
-                seen=f"{name}: {count} values of {dtypes.get(tensor.data_type, tensor.data_type)}, the engine expects {proto.size} of {expected}",
+                seen=f"{name}: {count} values of {dtypes.get(data_type, data_type)}, the engine expects {proto.size} of {expected}",
                 remedy="a changed shape (e.g. a head grown for new classes) needs a new engine: `toolchain build`",
             )
 
@@ -250,7 +243,7 @@ def refit_engine(plan: str, fused_onnx: str, out: str, *, force: bool = False, c
         if engine is None:
             raise ToolchainError("TensorRT could not deserialize the engine", seen=last_error(errors, plan), remedy="rebuild it with this TensorRT version")
         refitter = trt.Refitter(engine, log)
-        _check_prototypes(trt, refitter, fused_onnx)
+        _check_prototypes(refitter, facts)
         parser_refitter = trt.OnnxParserRefitter(refitter, log)
         if not parser_refitter.refit_from_file(os.fspath(fused_onnx)):
             detail = "; ".join(str(parser_refitter.get_error(i).desc()) for i in range(parser_refitter.num_errors)) or last_error(errors, "no detail")
