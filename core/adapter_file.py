@@ -68,14 +68,22 @@ class ConvGeometry:
             out_channels=_int(d.get("out_channels"), "geometry.out_channels", 1, MAX_CHANNELS),
             kernel_size=_ints(d.get("kernel_size"), "geometry.kernel_size", nd, 1, MAX_KERNEL),
             stride=_ints(d.get("stride"), "geometry.stride", nd, 1, MAX_KERNEL),
-            padding=_choice(pad, "geometry.padding", ("same", "valid")) if isinstance(pad, str) else _ints(pad, "geometry.padding", nd, 0, MAX_KERNEL),
+            padding=_choice(pad, "geometry.padding", ("same", "valid"))
+            if isinstance(pad, str)
+            else _ints(pad, "geometry.padding", nd, 0, MAX_KERNEL),
             dilation=_ints(d.get("dilation"), "geometry.dilation", nd, 1, MAX_KERNEL),
             groups=_int(d.get("groups"), "geometry.groups", 1, MAX_CHANNELS),
-            padding_mode=_choice(d.get("padding_mode", "zeros"), "geometry.padding_mode", ("zeros", "reflect", "replicate", "circular")),
+            padding_mode=_choice(
+                d.get("padding_mode", "zeros"), "geometry.padding_mode", ("zeros", "reflect", "replicate", "circular")
+            ),
             bias=_bool(d.get("bias", True), "geometry.bias"),
         )
         if geom.in_channels % geom.groups or geom.out_channels % geom.groups:
-            raise ToolchainError("geometry.groups must divide in_channels and out_channels", seen=(geom.in_channels, geom.out_channels, geom.groups), remedy=_CORRUPT)
+            raise ToolchainError(
+                "geometry.groups must divide in_channels and out_channels",
+                seen=(geom.in_channels, geom.out_channels, geom.groups),
+                remedy=_CORRUPT,
+            )
         return geom
 
 
@@ -160,7 +168,11 @@ def serialize_safetensors(tensors: dict[str, np.ndarray], meta: dict[str, str]) 
     blobs, offset = [], 0
     for name in sorted(tensors):
         blob = np.ascontiguousarray(tensors[name], dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         blobs.append(blob)
         offset += len(blob)
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -186,25 +198,47 @@ def content_digest(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> str:
 def load_adapter(path: str | os.PathLike[str]) -> Adapter:
     """Read and validate an adapter file. Raises ToolchainError for anything that is not one."""
     p = Path(path)
-    meta, tensors = read_safetensors(p, what="adapter file", remedy="pass the .safetensors file written by `toolchain finetune`")
+    meta, tensors = read_safetensors(
+        p, what="adapter file", remedy="pass the .safetensors file written by `toolchain finetune`"
+    )
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ToolchainError("not a toolchain adapter: safetensors metadata lacks format=toolchain-adapter", seen=str(p), remedy="pass a file written by `toolchain finetune`")
+        raise ToolchainError(
+            "not a toolchain adapter: safetensors metadata lacks format=toolchain-adapter",
+            seen=str(p),
+            remedy="pass a file written by `toolchain finetune`",
+        )
     if not all(isinstance(v, str) for v in meta.values()):
-        raise ToolchainError("safetensors metadata values must all be strings", seen=sorted(k for k, v in meta.items() if not isinstance(v, str))[:3], remedy=_CORRUPT)
+        raise ToolchainError(
+            "safetensors metadata values must all be strings",
+            seen=sorted(k for k, v in meta.items() if not isinstance(v, str))[:3],
+            remedy=_CORRUPT,
+        )
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ToolchainError(f"unsupported adapter format version (this toolchain reads {FORMAT_VERSION})", seen=meta.get("format_version"), remedy="re-export the adapter with this toolchain version")
+        raise ToolchainError(
+            f"unsupported adapter format version (this toolchain reads {FORMAT_VERSION})",
+            seen=meta.get("format_version"),
+            remedy="re-export the adapter with this toolchain version",
+        )
     method = methods.get_method(meta.get("method", "")).name
     layers = [_layer_from_dict(d, method) for d in _list(_json(meta, "layers"), "layers")]
     extras = [_extra_from_dict(d) for d in _list(_json(meta, "extras"), "extras")]
     info = _json(meta, "info") if "info" in meta else {}
-    adapter = Adapter(method=method, layers=layers, extras=extras, tensors=tensors, info=info if isinstance(info, dict) else {})
+    adapter = Adapter(
+        method=method, layers=layers, extras=extras, tensors=tensors, info=info if isinstance(info, dict) else {}
+    )
     validate_adapter(adapter)
     if meta.get("content_sha256") != content_digest(tensors, meta):
-        raise ToolchainError("adapter content does not match its checksum (content_sha256): the file is corrupt or was edited", seen=str(p), remedy="re-export or re-download the adapter")
+        raise ToolchainError(
+            "adapter content does not match its checksum (content_sha256): the file is corrupt or was edited",
+            seen=str(p),
+            remedy="re-export or re-download the adapter",
+        )
     return adapter
 
 
-def read_safetensors(p: Path, *, what: str, remedy: str, dtypes: tuple[str, ...] = ("F32",)) -> tuple[dict[str, Any] | None, dict[str, np.ndarray]]:
+def read_safetensors(
+    p: Path, *, what: str, remedy: str, dtypes: tuple[str, ...] = ("F32",)
+) -> tuple[dict[str, Any] | None, dict[str, np.ndarray]]:
     """(metadata, float32 tensors) of a safetensors file, read strictly: bounded size, no duplicate
     keys, byte ranges that tile the data section exactly, shapes that match, only ``dtypes``."""
     data = read_regular_file(p, MAX_ADAPTER_BYTES, what=what, remedy=remedy)
@@ -219,46 +253,78 @@ def validate_adapter(adapter: Adapter) -> None:
     """Check every layer's tensors (present, shaped as geometry and ranks imply), extras, finiteness."""
     spec = methods.get_method(adapter.method)
     if not adapter.layers and not adapter.extras:
-        raise ToolchainError("the adapter changes nothing: it has no layers and no extra tensors", seen=adapter.method, remedy="re-export the adapter from a finetune run")
+        raise ToolchainError(
+            "the adapter changes nothing: it has no layers and no extra tensors",
+            seen=adapter.method,
+            remedy="re-export the adapter from a finetune run",
+        )
     if adapter.layers and not spec.wraps_convs and spec.layer_kind != "bottleneck":
-        raise ToolchainError(f"{spec.name} adapters carry extras only, not layers", seen=len(adapter.layers), remedy=_CORRUPT)
+        raise ToolchainError(
+            f"{spec.name} adapters carry extras only, not layers", seen=len(adapter.layers), remedy=_CORRUPT
+        )
     names = [x.name for x in adapter.layers]
     if len(set(names)) != len(names):
-        raise ToolchainError("two adapter layers have the same name", seen=sorted({n for n in names if names.count(n) > 1})[:3], remedy=_CORRUPT)
+        raise ToolchainError(
+            "two adapter layers have the same name",
+            seen=sorted({n for n in names if names.count(n) > 1})[:3],
+            remedy=_CORRUPT,
+        )
     for layer in adapter.layers:
         _validate_layer(layer, adapter)
     for extra in adapter.extras:
         key = EXTRA_PREFIX + extra.param
         if key not in adapter.tensors or adapter.tensors[key].shape != extra.shape:
-            raise ToolchainError("adapter extra tensor is missing or has the wrong shape", seen=extra.param, remedy=_CORRUPT)
+            raise ToolchainError(
+                "adapter extra tensor is missing or has the wrong shape", seen=extra.param, remedy=_CORRUPT
+            )
     expected = {n for x in adapter.layers for n in x.tensor_names()} | {EXTRA_PREFIX + e.param for e in adapter.extras}
     stray = sorted(set(adapter.tensors) - expected)
     if stray:
         raise ToolchainError("adapter holds tensors that no layer or extra names", seen=stray[:3], remedy=_CORRUPT)
     for name, t in adapter.tensors.items():
         if not np.all(np.isfinite(t)):
-            raise ToolchainError("adapter tensor has NaN or Inf values", seen=name, remedy="training diverged; lower the learning rate and retrain")
+            raise ToolchainError(
+                "adapter tensor has NaN or Inf values",
+                seen=name,
+                remedy="training diverged; lower the learning rate and retrain",
+            )
 
 
 def _validate_layer(layer: LayerRecord, adapter: Adapter) -> None:
     if layer.method != adapter.method:
-        raise ToolchainError(f"layer {layer.name}: its method differs from the adapter's", seen=(layer.method, adapter.method), remedy=_CORRUPT)
+        raise ToolchainError(
+            f"layer {layer.name}: its method differs from the adapter's",
+            seen=(layer.method, adapter.method),
+            remedy=_CORRUPT,
+        )
     if not math.isfinite(layer.scaling) or abs(layer.scaling) > MAX_SCALING:
-        raise ToolchainError(f"layer {layer.name}: scaling must be finite and at most {MAX_SCALING:g} in magnitude", seen=layer.scaling, remedy=_CORRUPT)
+        raise ToolchainError(
+            f"layer {layer.name}: scaling must be finite and at most {MAX_SCALING:g} in magnitude",
+            seen=layer.scaling,
+            remedy=_CORRUPT,
+        )
     names = layer.tensor_names()
     missing = [n for n in names if n not in adapter.tensors]
     if missing:
-        raise ToolchainError("adapter is missing tensors for a layer", seen=missing[:3], remedy="the file is incomplete; re-export it")
+        raise ToolchainError(
+            "adapter is missing tensors for a layer", seen=missing[:3], remedy="the file is incomplete; re-export it"
+        )
     got = [tuple(adapter.tensors[n].shape) for n in names]
     expected = layer.expected_shapes()
     if got != expected:
-        raise ToolchainError(f"layer {layer.name}: {layer.method} tensor shapes do not fit its geometry and ranks", seen=(got, expected), remedy=_CORRUPT)
+        raise ToolchainError(
+            f"layer {layer.name}: {layer.method} tensor shapes do not fit its geometry and ranks",
+            seen=(got, expected),
+            remedy=_CORRUPT,
+        )
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
-        raise ToolchainError("JSON object has a duplicate key", seen=sorted({k for k in keys if keys.count(k) > 1})[:3], remedy=_CORRUPT)
+        raise ToolchainError(
+            "JSON object has a duplicate key", seen=sorted({k for k in keys if keys.count(k) > 1})[:3], remedy=_CORRUPT
+        )
     return dict(pairs)
 
 
@@ -266,7 +332,9 @@ def _loads(text: str | bytes, what: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
-        raise ToolchainError(f"{what} is not valid JSON", seen=f"{type(err).__name__}: {str(err)[:80]}", remedy=_CORRUPT) from None
+        raise ToolchainError(
+            f"{what} is not valid JSON", seen=f"{type(err).__name__}: {str(err)[:80]}", remedy=_CORRUPT
+        ) from None
 
 
 def _no_constant(name: str) -> Any:
@@ -281,10 +349,16 @@ def _json(meta: dict[str, str], key: str) -> Any:
 
 def _parse_header(data: bytes, where: str) -> dict[str, Any]:
     if len(data) < 8:
-        raise ToolchainError("not a safetensors file: shorter than its 8-byte header length", seen=f"{len(data)} bytes in {where}")
+        raise ToolchainError(
+            "not a safetensors file: shorter than its 8-byte header length", seen=f"{len(data)} bytes in {where}"
+        )
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER_BYTES or 8 + n > len(data):
-        raise ToolchainError("safetensors header length is larger than the file or the limit", seen=n, remedy="the file is truncated or not an adapter")
+        raise ToolchainError(
+            "safetensors header length is larger than the file or the limit",
+            seen=n,
+            remedy="the file is truncated or not an adapter",
+        )
     header = _loads(data[8 : 8 + n], "safetensors header")
     if not isinstance(header, dict):
         raise ToolchainError("safetensors header must be a JSON object", seen=type(header).__name__)
@@ -303,24 +377,46 @@ def _check_tiling(header: dict[str, Any], size: int) -> None:
     pos = 0
     for begin, end, name in spans:
         if begin != pos or end < begin:
-            raise ToolchainError("tensor data overlaps another tensor or leaves a gap", seen=(name, [begin, end]), remedy=_CORRUPT)
+            raise ToolchainError(
+                "tensor data overlaps another tensor or leaves a gap", seen=(name, [begin, end]), remedy=_CORRUPT
+            )
         pos = end
     if pos != size:
-        raise ToolchainError("the data section holds bytes no tensor owns, or is too short", seen=(pos, size), remedy="the file is truncated or corrupt")
+        raise ToolchainError(
+            "the data section holds bytes no tensor owns, or is too short",
+            seen=(pos, size),
+            remedy="the file is truncated or corrupt",
+        )
 
 
 def _read_tensor(data: bytes, base: int, name: str, entry: Any, dtypes: tuple[str, ...] = ("F32",)) -> np.ndarray:
     if not isinstance(entry, dict) or entry.get("dtype") not in dtypes:
         also = " or float16 (F16)" if "F16" in dtypes else ""
-        raise ToolchainError(f"adapter tensors must be float32 (F32){also}", seen=(name, entry.get("dtype") if isinstance(entry, dict) else entry), remedy="save the adapter in float32")
+        raise ToolchainError(
+            f"adapter tensors must be float32 (F32){also}",
+            seen=(name, entry.get("dtype") if isinstance(entry, dict) else entry),
+            remedy="save the adapter in float32",
+        )
     dtype = _DTYPES[entry["dtype"]]
     shape = entry.get("shape")
-    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
-        raise ToolchainError(f"tensor shape must be a list of at most {MAX_DIMS} integers in 0..{MAX_DIM}", seen=(name, shape), remedy=_CORRUPT)
+    if not (
+        isinstance(shape, list) and len(shape) <= MAX_DIMS and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+    ):
+        raise ToolchainError(
+            f"tensor shape must be a list of at most {MAX_DIMS} integers in 0..{MAX_DIM}",
+            seen=(name, shape),
+            remedy=_CORRUPT,
+        )
     begin, end = entry["data_offsets"]
     if end - begin != math.prod(shape) * dtype.itemsize:
-        raise ToolchainError("tensor data does not match its shape", seen=(name, shape, [begin, end]), remedy="the file is truncated or corrupt")
-    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=base + begin).reshape(shape).astype(np.float32)
+        raise ToolchainError(
+            "tensor data does not match its shape",
+            seen=(name, shape, [begin, end]),
+            remedy="the file is truncated or corrupt",
+        )
+    return (
+        np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=base + begin).reshape(shape).astype(np.float32)
+    )
 
 
 def _layer_to_dict(layer: LayerRecord) -> dict[str, Any]:
@@ -364,7 +460,11 @@ def _obj(v: Any, what: str) -> dict[str, Any]:
 
 def _list(v: Any, what: str) -> list[Any]:
     if not isinstance(v, list) or len(v) > MAX_ENTRIES:
-        raise ToolchainError(f"adapter metadata: {what} must be a JSON list of at most {MAX_ENTRIES} entries", seen=type(v).__name__, remedy=_CORRUPT)
+        raise ToolchainError(
+            f"adapter metadata: {what} must be a JSON list of at most {MAX_ENTRIES} entries",
+            seen=type(v).__name__,
+            remedy=_CORRUPT,
+        )
     return v
 
 
@@ -376,7 +476,11 @@ def _int(v: Any, what: str, lo: int, hi: int) -> int:
 
 def _ints(v: Any, what: str, n: int | None, lo: int, hi: int) -> tuple[int, ...]:
     if not isinstance(v, list) or (n is not None and len(v) != n) or len(v) > MAX_DIMS:
-        raise ToolchainError(f"adapter metadata: {what} must be a list of {n if n is not None else f'at most {MAX_DIMS}'} integers", seen=v, remedy=_CORRUPT)
+        raise ToolchainError(
+            f"adapter metadata: {what} must be a list of {n if n is not None else f'at most {MAX_DIMS}'} integers",
+            seen=v,
+            remedy=_CORRUPT,
+        )
     return tuple(_int(x, what, lo, hi) for x in v)
 
 
@@ -394,7 +498,9 @@ def _bool(v: Any, what: str) -> bool:
 
 def _str(v: Any, what: str, allow_empty: bool = False) -> str:
     if not isinstance(v, str) or len(v) > 1024 or (not v and not allow_empty):
-        raise ToolchainError(f"adapter metadata: {what} must be a non-empty string of at most 1024 characters", seen=v, remedy=_CORRUPT)
+        raise ToolchainError(
+            f"adapter metadata: {what} must be a non-empty string of at most 1024 characters", seen=v, remedy=_CORRUPT
+        )
     return v
 
 

@@ -36,7 +36,9 @@ def read_regular_file(path: Path, limit: int, *, what: str, remedy: str) -> byte
     try:
         st = path.stat()
     except OSError as err:
-        raise ToolchainError(f"the {what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy=remedy) from None
+        raise ToolchainError(
+            f"the {what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy=remedy
+        ) from None
     if not stat.S_ISREG(st.st_mode):
         raise ToolchainError(f"the {what} is not a regular file", seen=str(path), remedy=remedy)
     if st.st_size > limit:
@@ -44,29 +46,51 @@ def read_regular_file(path: Path, limit: int, *, what: str, remedy: str) -> byte
     try:
         return path.read_bytes()
     except OSError as err:
-        raise ToolchainError(f"the {what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy="check its permissions") from None
+        raise ToolchainError(
+            f"the {what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy="check its permissions"
+        ) from None
 
 
-def check_output(out: PathLike, inputs: Sequence[PathLike | None] = (), *, force: bool = False, related: Iterable[PathLike] = ()) -> Path:
+def check_output(
+    out: PathLike, inputs: Sequence[PathLike | None] = (), *, force: bool = False, related: Iterable[PathLike] = ()
+) -> Path:
     """Refuse an output that is an input (or a file an input depends on, ``related``), that names a
     folder, or that exists when ``force`` is False."""
     text = os.fspath(out)
     if not text or text.endswith(os.sep) or (os.altsep and text.endswith(os.altsep)):
-        raise ToolchainError("an output path must name a file, not a folder", seen=text or "(empty)", remedy="add a file name, e.g. out/model.onnx")
+        raise ToolchainError(
+            "an output path must name a file, not a folder",
+            seen=text or "(empty)",
+            remedy="add a file name, e.g. out/model.onnx",
+        )
     target = Path(text)
     for src in [*inputs, *related]:
         if src is not None and _same_file(target, Path(src)):
-            raise ToolchainError("an output path must not be one of the inputs or a file they use", seen=str(target), remedy="choose another output path")
+            raise ToolchainError(
+                "an output path must not be one of the inputs or a file they use",
+                seen=str(target),
+                remedy="choose another output path",
+            )
     if len(target.name.encode()) > 200:
-        raise ToolchainError("the output file name is too long (more than 200 bytes)", seen=target.name[:60] + "...", remedy="choose a shorter name")
+        raise ToolchainError(
+            "the output file name is too long (more than 200 bytes)",
+            seen=target.name[:60] + "...",
+            remedy="choose a shorter name",
+        )
     if target.is_dir():
         raise ToolchainError("the output path is a folder", seen=str(target), remedy="name a file inside it")
     if (target.exists() or target.is_symlink()) and not force:
-        raise ToolchainError("the output exists and would be replaced", seen=str(target), remedy="pass --force to replace it, or choose another path")
+        raise ToolchainError(
+            "the output exists and would be replaced",
+            seen=str(target),
+            remedy="pass --force to replace it, or choose another path",
+        )
     if not target.parent.is_dir():
         raise ToolchainError("the output's folder does not exist", seen=str(target.parent), remedy="create it first")
     if not os.access(target.parent, os.W_OK):
-        raise ToolchainError("the output's folder is not writable", seen=str(target.parent), remedy="choose a folder you can write to")
+        raise ToolchainError(
+            "the output's folder is not writable", seen=str(target.parent), remedy="choose a folder you can write to"
+        )
     return target
 
 
@@ -100,7 +124,11 @@ def atomic_path(target: PathLike, *, force: bool = True) -> Iterator[Path]:
     except OSError as err:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        raise ToolchainError("cannot write the output", seen=f"{target}: {err.strerror or err}", remedy="check free space and permissions") from None
+        raise ToolchainError(
+            "cannot write the output",
+            seen=f"{target}: {err.strerror or err}",
+            remedy="check free space and permissions",
+        ) from None
     except _NotCreated:
         raise  # nothing of ours to remove (on a name clash the file is someone else's)
     except BaseException:
@@ -122,7 +150,11 @@ def _create_partial(target: Path, path: Path) -> None:
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as err:
-        raise _NotCreated("cannot create the output", seen=f"{target}: {err.strerror or err}", remedy="check that its folder exists and is writable") from None
+        raise _NotCreated(
+            "cannot create the output",
+            seen=f"{target}: {err.strerror or err}",
+            remedy="check that its folder exists and is writable",
+        ) from None
 
 
 def _publish(tmp: Path, target: Path, force: bool) -> None:
@@ -132,7 +164,11 @@ def _publish(tmp: Path, target: Path, force: bool) -> None:
     try:
         os.link(tmp, target)  # fails with EEXIST when someone else created target meanwhile
     except FileExistsError:
-        raise ToolchainError("the output appeared while this command ran; it was not replaced", seen=str(target), remedy="pass --force to replace it, or choose another path") from None
+        raise ToolchainError(
+            "the output appeared while this command ran; it was not replaced",
+            seen=str(target),
+            remedy="pass --force to replace it, or choose another path",
+        ) from None
     except OSError as err:
         if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
             raise
@@ -167,7 +203,11 @@ def atomic_paths(targets: Sequence[PathLike], *, force: bool = True) -> Iterator
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
     except OSError as err:
         _remove(tmps)
-        raise ToolchainError("cannot write the outputs", seen=f"{paths[0].parent}: {err.strerror or err}", remedy="check free space and permissions") from None
+        raise ToolchainError(
+            "cannot write the outputs",
+            seen=f"{paths[0].parent}: {err.strerror or err}",
+            remedy="check free space and permissions",
+        ) from None
     except BaseException:
         _remove(tmps)
         raise

@@ -48,9 +48,13 @@ def loads_strict(text: str | bytes, what: str, remedy: str) -> Any:
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except RecursionError:
-        raise ToolchainError(f"{what} is nested deeper than {MAX_DEPTH} levels", seen="too deep to parse", remedy=remedy) from None
+        raise ToolchainError(
+            f"{what} is nested deeper than {MAX_DEPTH} levels", seen="too deep to parse", remedy=remedy
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
-        raise ToolchainError(f"{what} is not valid JSON", seen=f"{type(err).__name__}: {str(err)[:80]}", remedy=remedy) from None
+        raise ToolchainError(
+            f"{what} is not valid JSON", seen=f"{type(err).__name__}: {str(err)[:80]}", remedy=remedy
+        ) from None
     if depth(value) > MAX_DEPTH:
         raise ToolchainError(f"{what} is nested deeper than {MAX_DEPTH} levels", seen=depth(value), remedy=remedy)
     return value

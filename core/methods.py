@@ -49,12 +49,33 @@ class MethodSpec:
 REGISTRY: dict[str, MethodSpec] = {
     s.name: s
     for s in (
-        MethodSpec("lora-edge", "tensor-train LoRA: train ΔG1 of each conv's output-side TT core", 5e-3, "tt", True, True, True),
+        MethodSpec(
+            "lora-edge", "tensor-train LoRA: train ΔG1 of each conv's output-side TT core", 5e-3, "tt", True, True, True
+        ),
         MethodSpec("lora", "conv LoRA (PEFT style): W + s·B·A per group", 5e-3, "lora", True, True, True),
-        MethodSpec("dora", "DoRA: magnitude · (W + ΔW) / ||W + ΔW|| per output channel", 5e-3, "dora", True, True, True),
-        MethodSpec("adapter", "residual bottleneck after each block (adds layers; not fusable)", 5e-3, "bottleneck", False, False, True),
+        MethodSpec(
+            "dora", "DoRA: magnitude · (W + ΔW) / ||W + ΔW|| per output channel", 5e-3, "dora", True, True, True
+        ),
+        MethodSpec(
+            "adapter",
+            "residual bottleneck after each block (adds layers; not fusable)",
+            5e-3,
+            "bottleneck",
+            False,
+            False,
+            True,
+        ),
         MethodSpec("full", "full fine-tuning of every parameter", 1e-3, "", True, False, False),
-        MethodSpec("galore", "full-rank weights, Adam moments in a rank-r projection of each gradient", 1e-3, "", True, True, False, optimizer="galore"),
+        MethodSpec(
+            "galore",
+            "full-rank weights, Adam moments in a rank-r projection of each gradient",
+            1e-3,
+            "",
+            True,
+            True,
+            False,
+            optimizer="galore",
+        ),
         MethodSpec("head", "the classifier head only", 5e-3, "", True, False, True, ("head",)),
         MethodSpec("bitfit", "biases and BatchNorm affine only", 5e-3, "", True, False, True, ("bn", "bias")),
     )
@@ -80,7 +101,9 @@ def tensor_names(method: str, layer: str, ranks: Sequence[int]) -> list[str]:
         return [f"{layer}.lora_A", f"{layer}.lora_B"] + ([f"{layer}.magnitude"] if kind == "dora" else [])
     if kind == "bottleneck":
         return [f"{layer}.down.weight", f"{layer}.down.bias", f"{layer}.up.weight", f"{layer}.up.bias"]
-    raise ToolchainError("this method has no per-layer tensors", seen=method, remedy="record its trained tensors as extras")
+    raise ToolchainError(
+        "this method has no per-layer tensors", seen=method, remedy="record its trained tensors as extras"
+    )
 
 
 def expected_shapes(method: str, weight_shape: Shape, groups: int, ranks: Sequence[int]) -> list[Shape]:
@@ -94,7 +117,10 @@ def expected_shapes(method: str, weight_shape: Shape, groups: int, ranks: Sequen
     c_out, *rest = weight_shape
     if kind == "tt":
         if len(ranks) != len(weight_shape) + 1 or ranks[0] != 1 or ranks[-1] != 1:
-            raise ToolchainError("LoRA-Edge bond ranks must be (1, r1, ..., 1) with one more entry than the kernel has modes", seen=(tuple(ranks), weight_shape))
+            raise ToolchainError(
+                "LoRA-Edge bond ranks must be (1, r1, ..., 1) with one more entry than the kernel has modes",
+                seen=(tuple(ranks), weight_shape),
+            )
         return [(c_out, ranks[1])] + [(ranks[k - 1], weight_shape[k - 1], ranks[k]) for k in range(2, len(ranks))]
     if kind in ("lora", "dora"):
         (r,) = _one_rank(method, ranks)
@@ -131,7 +157,9 @@ def delta_lora(tensors: Sequence[np.ndarray], groups: int, scaling: float) -> np
 def check_rank(method: str, rank: int) -> None:
     """Refuse, before any work, a rank that no layer could use (only where --rank means something)."""
     if get_method(method).takes_rank and (isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1):
-        raise ToolchainError("--rank must be an integer >= 1", seen=rank, remedy="use --rank 1 or more (2, 4, 8 are usual)")
+        raise ToolchainError(
+            "--rank must be an integer >= 1", seen=rank, remedy="use --rank 1 or more (2, 4, 8 are usual)"
+        )
 
 
 def method_ranks(methods: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, int]]:
@@ -147,7 +175,14 @@ DeltaFn = Callable[[Sequence[np.ndarray], int, float], np.ndarray]
 _DELTAS: dict[str, DeltaFn] = {"tt": delta_lora_edge, "lora": delta_lora}
 
 
-def fused_weight(method: str, base: np.ndarray, tensors: Sequence[np.ndarray], groups: int, scaling: float, scale: np.ndarray | None = None) -> np.ndarray:
+def fused_weight(
+    method: str,
+    base: np.ndarray,
+    tensors: Sequence[np.ndarray],
+    groups: int,
+    scaling: float,
+    scale: np.ndarray | None = None,
+) -> np.ndarray:
     """The weight that replaces ``base`` (C_out, C_in/g, k...) in the fused model, float32.
 
     ``scale``: per-output-channel BatchNorm fold factors already multiplied into ``base``
@@ -155,7 +190,11 @@ def fused_weight(method: str, base: np.ndarray, tensors: Sequence[np.ndarray], g
     """
     spec = get_method(method)
     if not spec.fusable or not spec.wraps_convs:
-        raise ToolchainError(f"{method} layers cannot be fused into Conv weights", seen=method, remedy="deploy the unfused export (toolchain export --adapter FILE without --fuse)")
+        raise ToolchainError(
+            f"{method} layers cannot be fused into Conv weights",
+            seen=method,
+            remedy="deploy the unfused export (toolchain export --adapter FILE without --fuse)",
+        )
     bshape = (-1,) + (1,) * (base.ndim - 1)
     with np.errstate(over="ignore", invalid="ignore"):
         if spec.layer_kind == "dora":

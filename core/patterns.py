@@ -28,14 +28,24 @@ _REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
 def compile_user_pattern(pattern: str, what: str, remedy: str) -> re.Pattern[str]:
     """Compile ``pattern`` or refuse it in one line (invalid, too long, or a nested repeat)."""
     if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN:
-        raise ToolchainError(f"{what} must be a regular expression of at most {MAX_PATTERN} characters", seen=pattern if isinstance(pattern, str) else type(pattern).__name__, remedy=remedy)
+        raise ToolchainError(
+            f"{what} must be a regular expression of at most {MAX_PATTERN} characters",
+            seen=pattern if isinstance(pattern, str) else type(pattern).__name__,
+            remedy=remedy,
+        )
     try:
         compiled = re.compile(pattern)
         tree = _sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError) as err:
-        raise ToolchainError(f"{what} is not a valid regular expression", seen=f"{pattern!r}: {err}", remedy=remedy) from None
+        raise ToolchainError(
+            f"{what} is not a valid regular expression", seen=f"{pattern!r}: {err}", remedy=remedy
+        ) from None
     if _count_repeats(tree) > MAX_REPEATS:
-        raise ToolchainError(f"{what} has more than {MAX_REPEATS} repeats (*, +, {{m,n}})", seen=pattern, remedy="use fewer wildcards, e.g. 'conv' matches anywhere in a name")
+        raise ToolchainError(
+            f"{what} has more than {MAX_REPEATS} repeats (*, +, {{m,n}})",
+            seen=pattern,
+            remedy="use fewer wildcards, e.g. 'conv' matches anywhere in a name",
+        )
     if _nested(tree, inside=False):
         raise ToolchainError(
             f"{what} repeats a group that itself repeats or alternates; matching it can take exponential time",

@@ -51,7 +51,10 @@ def _initializers(a: onnx.GraphProto, b: onnx.GraphProto) -> dict[str, Any]:
         else:
             va, vb = Weight(name, x).values(), Weight(name, y).values()
             delta = np.abs(vb.astype(np.float64) - va.astype(np.float64)) if va.dtype.kind in "fiu" else np.zeros(1)
-            entry.update(max_abs_delta=float(delta.max()) if delta.size else 0.0, values_changed=int(np.count_nonzero(delta)) if delta.size else 0)
+            entry.update(
+                max_abs_delta=float(delta.max()) if delta.size else 0.0,
+                values_changed=int(np.count_nonzero(delta)) if delta.size else 0,
+            )
         changed.append(entry)
     return {"added": sorted(set(tb) - set(ta)), "removed": sorted(set(ta) - set(tb)), "changed": changed}
 
@@ -75,7 +78,9 @@ def diff_models(a: onnx.ModelProto, b: onnx.ModelProto) -> dict[str, Any]:
         "outputs": _keyed_diff(_io(a.graph.output), _io(b.graph.output)),
         "value_info": _keyed_diff(_io(a.graph.value_info), _io(b.graph.value_info)),
         "metadata": _keyed_diff({p.key: p.value for p in a.metadata_props}, {p.key: p.value for p in b.metadata_props}),
-        "opset": [[(o.domain, o.version) for o in m.opset_import] for m in (a, b)] if list(a.opset_import) != list(b.opset_import) else [],
+        "opset": [[(o.domain, o.version) for o in m.opset_import] for m in (a, b)]
+        if list(a.opset_import) != list(b.opset_import)
+        else [],
         "ir_version": [a.ir_version, b.ir_version] if a.ir_version != b.ir_version else [],
         "doc_string_changed": a.graph.doc_string != b.graph.doc_string or a.doc_string != b.doc_string,
     }
@@ -99,7 +104,9 @@ def format_diff(report: dict[str, Any]) -> list[str]:
         if "shape" in e:
             lines.append(f"initializer {e['name']}: shape {e['shape'][0]} -> {e['shape'][1]}")
         else:
-            lines.append(f"initializer {e['name']}: {e['values_changed']} values changed, max |Δ| {e['max_abs_delta']:.3g}")
+            lines.append(
+                f"initializer {e['name']}: {e['values_changed']} values changed, max |Δ| {e['max_abs_delta']:.3g}"
+            )
     lines += [f"initializer added: {n}" for n in ini["added"]] + [f"initializer removed: {n}" for n in ini["removed"]]
     for section in ("nodes", "inputs", "outputs", "value_info", "metadata"):
         for kind in ("added", "removed", "changed"):

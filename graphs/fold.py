@@ -22,7 +22,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 FOLD_LIMIT = 1 << 22  # elements: a result larger than this stays a node (a 16 MiB float32 tensor)
-NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"})
+NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+)
 TYPE_ONLY = {"CastLike": (1,)}  # inputs of which only the element type is read
 SHAPE_OPS = frozenset({"Shape", "Size"})  # nodes that read only their input's (static) shape
 
@@ -63,7 +65,11 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 def _initial_constants(graph: onnx.GraphProto) -> dict[str, Value]:
     """Initializers that are not also graph inputs (an input may override its initializer)."""
     inputs = {i.name for i in graph.input}
-    return {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name not in inputs and t.data_location != onnx.TensorProto.EXTERNAL}
+    return {
+        t.name: numpy_helper.to_array(t)
+        for t in graph.initializer
+        if t.name not in inputs and t.data_location != onnx.TensorProto.EXTERNAL
+    }
 
 
 def _type_info(model: onnx.ModelProto) -> dict[str, TypeInfo]:
@@ -80,15 +86,25 @@ def _type_info(model: onnx.ModelProto) -> dict[str, TypeInfo]:
         tt = vi.type.tensor_type
         if not tt.elem_type:
             continue
-        dims = [d.dim_value for d in tt.shape.dim] if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim) else None
+        dims = (
+            [d.dim_value for d in tt.shape.dim]
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim)
+            else None
+        )
         info[vi.name] = (tt.elem_type, dims)
     for t in model.graph.initializer:
         info[t.name] = (t.data_type, list(t.dims))
     return info
 
 
-def _try_fold(node: onnx.NodeProto, consts: dict[str, Value], types: dict[str, TypeInfo], protected: set[str], opset: int) -> dict[str, Value] | None:
-    if node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC or any(o in protected for o in node.output):
+def _try_fold(
+    node: onnx.NodeProto, consts: dict[str, Value], types: dict[str, TypeInfo], protected: set[str], opset: int
+) -> dict[str, Value] | None:
+    if (
+        node.domain not in ("", "ai.onnx")
+        or node.op_type in NONDETERMINISTIC
+        or any(o in protected for o in node.output)
+    ):
         return None
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
         return None
@@ -128,7 +144,9 @@ def _fold_shape(node: onnx.NodeProto, types: dict[str, TypeInfo]) -> dict[str, V
     return {node.output[0]: np.array(dims[start:end], np.int64)}
 
 
-def _evaluate(node: onnx.NodeProto, feeds: dict[str, Value], types: dict[str, TypeInfo], opset: int) -> dict[str, Value] | None:
+def _evaluate(
+    node: onnx.NodeProto, feeds: dict[str, Value], types: dict[str, TypeInfo], opset: int
+) -> dict[str, Value] | None:
     from onnx.reference import ReferenceEvaluator
 
     try:
@@ -141,7 +159,9 @@ def _evaluate(node: onnx.NodeProto, feeds: dict[str, Value], types: dict[str, Ty
             continue
         value = np.asarray(value)
         expected = types.get(name)
-        if value.size > FOLD_LIMIT or (expected is not None and helper.np_dtype_to_tensor_dtype(value.dtype) != expected[0]):
+        if value.size > FOLD_LIMIT or (
+            expected is not None and helper.np_dtype_to_tensor_dtype(value.dtype) != expected[0]
+        ):
             return None
         values[name] = value
     return values
@@ -161,7 +181,9 @@ def _rewrite(graph: onnx.GraphProto, keep: list[onnx.NodeProto], folded: dict[st
     del graph.initializer[:]
     graph.initializer.extend(existing)
     names = {t.name for t in existing}
-    graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in folded.items() if name in read and name not in names)
+    graph.initializer.extend(
+        numpy_helper.from_array(v, name) for name, v in folded.items() if name in read and name not in names
+    )
     value_info = [vi for vi in graph.value_info if vi.name not in folded]
     del graph.value_info[:]
     graph.value_info.extend(value_info)

@@ -36,7 +36,9 @@ SHAPE_READERS: dict[str, tuple[int, ...]] = {"Shape": (0,), "Size": (0,)}  # rea
 def layer_delta(layer: LayerRecord, adapter: Adapter) -> np.ndarray:
     """ΔW of one additive layer (lora-edge, lora): base + ΔW minus base, via the registry."""
     shape = layer.geometry.weight_shape
-    return methods.fused_weight(layer.method, np.zeros(shape, np.float32), adapter.layer_tensors(layer), layer.geometry.groups, layer.scaling)
+    return methods.fused_weight(
+        layer.method, np.zeros(shape, np.float32), adapter.layer_tensors(layer), layer.geometry.groups, layer.scaling
+    )
 
 
 def read_scales(model: onnx.ModelProto) -> dict[str, dict]:
@@ -46,7 +48,9 @@ def read_scales(model: onnx.ModelProto) -> dict[str, dict]:
     try:
         scales = json.loads(raw)
     except (json.JSONDecodeError, RecursionError):
-        raise ToolchainError("model metadata toolchain.weight_scales is not valid JSON", seen=raw[:60], remedy="re-export the model") from None
+        raise ToolchainError(
+            "model metadata toolchain.weight_scales is not valid JSON", seen=raw[:60], remedy="re-export the model"
+        ) from None
     if not isinstance(scales, dict):
         raise ToolchainError("model metadata toolchain.weight_scales must be a JSON object", seen=type(scales).__name__)
     return scales
@@ -56,24 +60,40 @@ def _folded_scale(layer: LayerRecord, weight: Weight, digest: str, scales: dict[
     """The BN-fold scale of a weight whose hash is not the adapter's base, if the export recorded
     this very folded weight (its own hash); None otherwise."""
     entry = scales.get(weight.name)
-    if not isinstance(entry, dict) or entry.get("base_sha256") != layer.base_sha256 or entry.get("folded_sha256") != digest:
+    if (
+        not isinstance(entry, dict)
+        or entry.get("base_sha256") != layer.base_sha256
+        or entry.get("folded_sha256") != digest
+    ):
         return None
     scale = np.asarray(entry.get("scale"), dtype=np.float64)
     if scale.shape != (layer.geometry.out_channels,) or not np.all(np.isfinite(scale)):
-        raise ToolchainError("model metadata toolchain.weight_scales has a malformed scale", seen=weight.name, remedy="re-export the model with `toolchain export --fold-bn`")
+        raise ToolchainError(
+            "model metadata toolchain.weight_scales has a malformed scale",
+            seen=weight.name,
+            remedy="re-export the model with `toolchain export --fold-bn`",
+        )
     if methods.get_method(layer.method).layer_kind == "dora" and np.any(scale == 0):
-        raise ToolchainError(f"layer {layer.name}: a BatchNorm fold scale is 0, so the unfolded weight cannot be recovered for DoRA", seen=int(np.sum(scale == 0)), remedy="export without --fold-bn")
+        raise ToolchainError(
+            f"layer {layer.name}: a BatchNorm fold scale is 0, so the unfolded weight cannot be recovered for DoRA",
+            seen=int(np.sum(scale == 0)),
+            remedy="export without --fold-bn",
+        )
     return scale
 
 
-def _find_weight(layer: LayerRecord, convs: dict[str, Weight], scales: dict[str, dict], digests: dict[str, str]) -> tuple[Weight, np.ndarray | None]:
+def _find_weight(
+    layer: LayerRecord, convs: dict[str, Weight], scales: dict[str, dict], digests: dict[str, str]
+) -> tuple[Weight, np.ndarray | None]:
     """The layer's Conv weight (by name, else by content hash) and its BN-fold scale (None when unscaled)."""
     w = convs.get(layer.param)
     if w is not None:
         shape = tuple(int(d) for d in w.tensor.dims)
         if shape != layer.geometry.weight_shape:
             raise ToolchainError(
-                f"layer {layer.name}: the Conv weight's shape does not fit the adapter layer", seen=(shape, layer.geometry.weight_shape), remedy="fuse into the base model this adapter came from"
+                f"layer {layer.name}: the Conv weight's shape does not fit the adapter layer",
+                seen=(shape, layer.geometry.weight_shape),
+                remedy="fuse into the base model this adapter came from",
             )
         got = _digest(w, digests)
         if got == layer.base_sha256:
@@ -84,12 +104,20 @@ def _find_weight(layer: LayerRecord, convs: dict[str, Weight], scales: dict[str,
         raise ToolchainError(
             f"layer {layer.name}: Conv weight {layer.param} is not the base weight the adapter was trained against",
             seen=f"sha256 {got[:12]} vs adapter {layer.base_sha256[:12]}",
-            remedy="fuse into the base model this adapter came from (BatchNorm folded? export with `toolchain export --fold-bn`, which records the fold scales)",
+            remedy="fuse into the base model this adapter came from (BatchNorm folded? export with `toolchain "
+            "export --fold-bn`, which records the fold scales)",
         )
     for other in convs.values():  # names differ: fall back to the content hash
-        if tuple(int(d) for d in other.tensor.dims) == layer.geometry.weight_shape and _digest(other, digests) == layer.base_sha256:
+        if (
+            tuple(int(d) for d in other.tensor.dims) == layer.geometry.weight_shape
+            and _digest(other, digests) == layer.base_sha256
+        ):
             return other, None
-    raise ToolchainError(f"layer {layer.name}: no Conv weight in the model matches the adapter (by name or SHA-256)", seen=layer.param, remedy="fuse into the base model this adapter came from")
+    raise ToolchainError(
+        f"layer {layer.name}: no Conv weight in the model matches the adapter (by name or SHA-256)",
+        seen=layer.param,
+        remedy="fuse into the base model this adapter came from",
+    )
 
 
 def _digest(w: Weight, digests: dict[str, str]) -> str:
@@ -113,14 +141,19 @@ def _check_consumers(layer: LayerRecord, w: Weight, outputs: set[str]) -> None:
     others = w.other_consumers({"Conv": (1,), **SHAPE_READERS})
     if others:
         raise ToolchainError(
-            f"layer {layer.name}: its weight {w.name} is also read by {others[0].describe()}, and fusing would change that output",
+            f"layer {layer.name}: its weight {w.name} is also read by {others[0].describe()}, and fusing would "
+            "change that output",
             seen=[c.describe() for c in others][:4],
             remedy="export the base model so that the conv weight feeds only its Conv nodes",
         )
     for node in w.main_consumers("Conv", 1):
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         if group != layer.geometry.groups:
-            raise ToolchainError(f"layer {layer.name}: Conv group differs from the adapter's", seen=(node.name, group, layer.geometry.groups), remedy="fuse into the base model this adapter came from")
+            raise ToolchainError(
+                f"layer {layer.name}: Conv group differs from the adapter's",
+                seen=(node.name, group, layer.geometry.groups),
+                remedy="fuse into the base model this adapter came from",
+            )
 
 
 def _fuse_layers(graph: onnx.GraphProto, adapter: Adapter, scales: dict[str, dict]) -> list[str]:
@@ -134,7 +167,11 @@ def _fuse_layers(graph: onnx.GraphProto, adapter: Adapter, scales: dict[str, dic
         for layer in adapter.layers:
             w, scale = _find_weight(layer, convs, scales, digests)
             if w.name in claimed:
-                raise ToolchainError("two adapter layers resolve to the same Conv weight", seen=(claimed[w.name], layer.name), remedy="the adapter does not belong to this model")
+                raise ToolchainError(
+                    "two adapter layers resolve to the same Conv weight",
+                    seen=(claimed[w.name], layer.name),
+                    remedy="the adapter does not belong to this model",
+                )
             claimed[w.name] = layer.name
             _check_consumers(layer, w, {o.name for o in graph.output})
             plan.append((layer, w, scale))
@@ -145,9 +182,20 @@ def _fuse_layers(graph: onnx.GraphProto, adapter: Adapter, scales: dict[str, dic
 
 
 def _fused(layer: LayerRecord, w: Weight, scale: np.ndarray | None, adapter: Adapter) -> np.ndarray:
-    fused = methods.fused_weight(layer.method, w.values().astype(np.float32, copy=False), adapter.layer_tensors(layer), layer.geometry.groups, layer.scaling, scale)
+    fused = methods.fused_weight(
+        layer.method,
+        w.values().astype(np.float32, copy=False),
+        adapter.layer_tensors(layer),
+        layer.geometry.groups,
+        layer.scaling,
+        scale,
+    )
     if not np.all(np.isfinite(fused)):
-        raise ToolchainError(f"layer {layer.name}: the fused weight has NaN or Inf values", seen=w.name, remedy="check the scaling and the adapter's values; the update overflows float32")
+        raise ToolchainError(
+            f"layer {layer.name}: the fused weight has NaN or Inf values",
+            seen=w.name,
+            remedy="check the scaling and the adapter's values; the update overflows float32",
+        )
     return fused
 
 
@@ -159,13 +207,19 @@ def _apply_extras(model: onnx.ModelProto, extras: list[ExtraRecord], adapter: Ad
         w = weights.get(extra.param)
         if w is None or extra.param not in inits:
             raise ToolchainError(
-                "adapter tensor has no initializer of that name in the model", seen=extra.param, remedy="BatchNorm folded at export cannot take trained BN parameters: export without --fold-bn"
+                "adapter tensor has no initializer of that name in the model",
+                seen=extra.param,
+                remedy="BatchNorm folded at export cannot take trained BN parameters: export without --fold-bn",
             )
         value = adapter.extra_tensor(extra)
         old_shape = tuple(int(d) for d in w.tensor.dims)
         if old_shape == tuple(value.shape):
             if extra.base_sha256 is None or weight_sha256(w.values()) != extra.base_sha256:
-                raise ToolchainError("a base tensor the adapter replaces differs from the one it was trained against", seen=extra.param, remedy="fuse into the matching base model")
+                raise ToolchainError(
+                    "a base tensor the adapter replaces differs from the one it was trained against",
+                    seen=extra.param,
+                    remedy="fuse into the matching base model",
+                )
         else:
             _check_head(w, old_shape, tuple(value.shape))
             resized.append(w)
@@ -184,10 +238,15 @@ def _check_head(w: Weight, old: tuple[int, ...], new: tuple[int, ...]) -> None:
             seen=(w.name, old, new, [c.describe() for c in others][:2]),
             remedy="fuse into the base model this adapter came from",
         )
-    transposed = all(next((a.i for a in c.node.attribute if a.name == "transB"), 0) == 1 for c in w.consumers if c.index == 1)
+    transposed = all(
+        next((a.i for a in c.node.attribute if a.name == "transB"), 0) == 1 for c in w.consumers if c.index == 1
+    )
     axis = 0 if (len(old) == 1 or transposed) else 1
     if len(old) != len(new) or any(o != n for i, (o, n) in enumerate(zip(old, new, strict=True)) if i != axis):
-        raise ToolchainError("adapter tensor shape does not fit the model (only a head's class count may change)", seen=(w.name, old, new))
+        raise ToolchainError(
+            "adapter tensor shape does not fit the model (only a head's class count may change)",
+            seen=(w.name, old, new),
+        )
 
 
 def _resize_outputs(model: onnx.ModelProto, resized: list[Weight]) -> None:
@@ -198,7 +257,11 @@ def _resize_outputs(model: onnx.ModelProto, resized: list[Weight]) -> None:
             transposed = next((a.i for a in c.node.attribute if a.name == "transB"), 0) == 1
             n = int(w.tensor.dims[0] if (c.index == 2 or transposed) else w.tensor.dims[1])
             if classes.setdefault(c.node.output[0], n) != n:
-                raise ToolchainError("a head's weight and bias disagree on the class count", seen=(c.node.name, classes[c.node.output[0]], n), remedy="the adapter is corrupt; re-export it")
+                raise ToolchainError(
+                    "a head's weight and bias disagree on the class count",
+                    seen=(c.node.name, classes[c.node.output[0]], n),
+                    remedy="the adapter is corrupt; re-export it",
+                )
     shapes = {w.name: list(w.tensor.dims) for w in resized}
     for vi in [*model.graph.output, *model.graph.value_info]:
         dims = vi.type.tensor_type.shape.dim
@@ -228,7 +291,8 @@ def fuse_in_place(model: onnx.ModelProto, adapter: Adapter, adapter_sha256: str)
         same = meta.get("toolchain.adapter_sha256") == adapter_sha256
         raise ToolchainError(
             "the model is already fused" + (" with this very adapter" if same else " with another adapter"),
-            seen=f"fused with adapter sha256 {meta.get('toolchain.adapter_sha256', '?')[:12]}, this adapter {adapter_sha256[:12] or '?'}",
+            seen=f"fused with adapter sha256 {meta.get('toolchain.adapter_sha256', '?')[:12]}, this adapter "
+            f"{adapter_sha256[:12] or '?'}",
             remedy="fuse into the unfused base model (toolchain export without --adapter)",
         )
     spec = methods.get_method(adapter.method)
@@ -236,7 +300,8 @@ def fuse_in_place(model: onnx.ModelProto, adapter: Adapter, adapter_sha256: str)
         raise ToolchainError(
             f"{spec.name} layers add nodes, so they cannot be fused into Conv weights",
             seen=f"{len(adapter.layers)} blocks, e.g. {adapter.layers[0].name}",
-            remedy="deploy the unfused export (toolchain export --adapter FILE, without --fuse) and measure its cost with toolchain bench",
+            remedy="deploy the unfused export (toolchain export --adapter FILE, without --fuse) and measure its "
+            "cost with toolchain bench",
         )
     check_finite(model.graph)
     changed = _fuse_layers(model.graph, adapter, read_scales(model))
@@ -252,7 +317,13 @@ def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
         model.metadata_props.add(key=key, value=values[key])
 
 
-def fuse_files(base: str | os.PathLike[str], adapter_path: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False) -> dict[str, str]:
+def fuse_files(
+    base: str | os.PathLike[str],
+    adapter_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+) -> dict[str, str]:
     """`toolchain fuse`: read (hashing while parsing), fuse, validate the output, write it atomically.
 
     ``adapter_path`` is a toolchain adapter file or a PEFT adapter folder (``toolchain.graphs.peft``).
@@ -267,12 +338,16 @@ def fuse_files(base: str | os.PathLike[str], adapter_path: str | os.PathLike[str
     check_output(out, [base, adapter_path], force=force, related=related)
     peft_adapter = peft.load_peft(adapter_path) if is_peft else None
     adapter = None if is_peft else load_adapter(adapter_path)
-    adapter_sha256 = peft_adapter.sha256 if peft_adapter else hashlib.sha256(Path(adapter_path).read_bytes()).hexdigest()
+    adapter_sha256 = (
+        peft_adapter.sha256 if peft_adapter else hashlib.sha256(Path(adapter_path).read_bytes()).hexdigest()
+    )
     data = read_model_bytes(base)
     with ThreadPoolExecutor(max_workers=1) as pool:  # hashlib releases the GIL: hash the file while fusing
         base_hash = pool.submit(lambda: hashlib.sha256(data).hexdigest())
         model = parse_onnx(data, Path(base))
-        check_output(out, [base, adapter_path], force=force, related=[*related, *external_files(model, Path(base).parent)])
+        check_output(
+            out, [base, adapter_path], force=force, related=[*related, *external_files(model, Path(base).parent)]
+        )
         load_external(model, Path(base).parent)
         adapter = adapter or peft.peft_to_adapter(peft_adapter, model)  # type: ignore[arg-type]
         changed = fuse_in_place(model, adapter, adapter_sha256)

@@ -33,10 +33,18 @@ def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
         if location is None:
             continue
         if not location or "\x00" in location or os.path.isabs(location) or Path(location).drive:
-            raise ToolchainError("ONNX external data location must be a relative path inside the model's folder", seen=location or "(empty)", remedy="re-save the model with its data beside it")
+            raise ToolchainError(
+                "ONNX external data location must be a relative path inside the model's folder",
+                seen=location or "(empty)",
+                remedy="re-save the model with its data beside it",
+            )
         target = (folder / location).resolve()
         if not target.is_relative_to(root):
-            raise ToolchainError("ONNX external data location leaves the model's folder", seen=location, remedy="re-save the model with its data beside it")
+            raise ToolchainError(
+                "ONNX external data location leaves the model's folder",
+                seen=location,
+                remedy="re-save the model with its data beside it",
+            )
         if not target.is_file():
             raise ToolchainError("ONNX external data file is missing", seen=location)
 
@@ -55,7 +63,12 @@ def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 def read_model_bytes(path: str | os.PathLike[str]) -> bytes:
     """The bytes of an ONNX file: a regular file of at most 2 GB (FIFOs and devices refused unread)."""
-    return read_regular_file(Path(path), MAX_ONNX_BYTES, what="ONNX model file", remedy="pass a .onnx file (weights over 2 GB belong in external data)")
+    return read_regular_file(
+        Path(path),
+        MAX_ONNX_BYTES,
+        what="ONNX model file",
+        remedy="pass a .onnx file (weights over 2 GB belong in external data)",
+    )
 
 
 def parse_onnx(data: bytes, path: Path) -> onnx.ModelProto:
@@ -64,13 +77,19 @@ def parse_onnx(data: bytes, path: Path) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except Exception as err:  # protobuf raises DecodeError and others
-        raise ToolchainError("not an ONNX model: the file does not parse", seen=f"{path}: {type(err).__name__}", remedy=_REMEDY) from None
+        raise ToolchainError(
+            "not an ONNX model: the file does not parse", seen=f"{path}: {type(err).__name__}", remedy=_REMEDY
+        ) from None
     if not model.graph.node:
         raise ToolchainError("not an ONNX model: the graph has no nodes", seen=str(path), remedy=_REMEDY)
     known = onnx.defs.onnx_opset_version()
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and not 1 <= opset <= known:
-        raise ToolchainError(f"the model's ONNX opset is outside what this onnx knows (1..{known})", seen=f"{path}: opset {opset}", remedy="re-export the model at opset 18")
+        raise ToolchainError(
+            f"the model's ONNX opset is outside what this onnx knows (1..{known})",
+            seen=f"{path}: opset {opset}",
+            remedy="re-export the model at opset 18",
+        )
     check_external_data(model, path.parent)
     return model
 
@@ -80,7 +99,11 @@ def load_external(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     try:
         onnx.load_external_data_for_model(model, str(folder))
     except Exception as err:
-        raise ToolchainError("ONNX external data cannot be read", seen=f"{type(err).__name__}: {str(err)[:160]}", remedy="re-save the model with its data beside it") from None
+        raise ToolchainError(
+            "ONNX external data cannot be read",
+            seen=f"{type(err).__name__}: {str(err)[:160]}",
+            remedy="re-save the model with its data beside it",
+        ) from None
     return model
 
 
@@ -89,7 +112,11 @@ def check_onnx(model: onnx.ModelProto | bytes, where: str, *, full: bool = False
     try:
         onnx.checker.check_model(model, full_check=full)
     except Exception as err:
-        raise ToolchainError("ONNX model is invalid", seen=f"{where}: {type(err).__name__}: {str(err)[:160]}", remedy="re-export the model") from None
+        raise ToolchainError(
+            "ONNX model is invalid",
+            seen=f"{where}: {type(err).__name__}: {str(err)[:160]}",
+            remedy="re-export the model",
+        ) from None
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -132,7 +159,9 @@ def check_output_model(model: onnx.ModelProto, data: bytes, where: str) -> None:
         onnx.shape_inference.infer_shapes(sk, check_type=True, strict_mode=True)
     except Exception as err:
         raise ToolchainError(
-            "the fused model fails ONNX shape inference", seen=f"{where}: {type(err).__name__}: {str(err)[:160]}", remedy="the base model or adapter does not fit; re-export both"
+            "the fused model fails ONNX shape inference",
+            seen=f"{where}: {type(err).__name__}: {str(err)[:160]}",
+            remedy="the base model or adapter does not fit; re-export both",
         ) from None
 
 
@@ -153,7 +182,9 @@ def read_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bytes]:
     return model, data
 
 
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str], *, force: bool = True, validate: bool = False) -> None:
+def save_onnx(
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, force: bool = True, validate: bool = False
+) -> None:
     """Write ``model`` atomically (exclusively unless ``force``), checking it first when ``validate``.
 
     Past 2 GB the weights go to ``<name>.data`` beside it: both files are written in a temporary
@@ -176,13 +207,24 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str], *, force: bo
 def _save_external(model: onnx.ModelProto, p: Path, *, force: bool, validate: bool) -> None:
     data_name = p.name + ".data"
     if (p.parent / data_name).exists() and not force:
-        raise ToolchainError("the output's external data file exists and would be replaced", seen=str(p.parent / data_name), remedy="pass --force to replace it, or choose another path")
+        raise ToolchainError(
+            "the output's external data file exists and would be replaced",
+            seen=str(p.parent / data_name),
+            remedy="pass --force to replace it, or choose another path",
+        )
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{p.name[:100]}.", suffix=".partial", dir=p.parent))
     try:
         staged = tmpdir / p.name
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # save_model moves tensors to external data in place: keep the caller's model whole
-        onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_THRESHOLD)
+        onnx.save_model(
+            copy,
+            str(staged),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=EXTERNAL_THRESHOLD,
+        )
         if validate:
             check_onnx(str(staged), f"fused model for {p}", full=True)  # type: ignore[arg-type]
         if (tmpdir / data_name).exists():  # absent when every tensor is under the size threshold
@@ -205,7 +247,11 @@ def input_of(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
-        raise ToolchainError("verify and bench expect a model with one input", seen=[i.name for i in inputs], remedy="export the model with a single input tensor")
+        raise ToolchainError(
+            "verify and bench expect a model with one input",
+            seen=[i.name for i in inputs],
+            remedy="export the model with a single input tensor",
+        )
     return inputs[0].name, _dims(inputs[0])
 
 

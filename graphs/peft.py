@@ -35,7 +35,9 @@ from toolchain.graphs.weights import Weight, conv_weights, index_weights
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$")
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
+)
 _REMEDY = "fuse a PEFT LoRA/DoRA adapter trained on Conv1d/Conv2d layers (saved with save_pretrained)"
 
 
@@ -53,7 +55,11 @@ def is_peft_dir(path: str | Path) -> bool:
 def load_peft(folder: str | Path) -> PeftAdapter:
     d = Path(folder)
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
-        raise ToolchainError(f"a PEFT adapter folder holds {CONFIG} and {WEIGHTS}", seen=str(d), remedy="pass the folder written by PeftModel.save_pretrained")
+        raise ToolchainError(
+            f"a PEFT adapter folder holds {CONFIG} and {WEIGHTS}",
+            seen=str(d),
+            remedy="pass the folder written by PeftModel.save_pretrained",
+        )
     raw = read_regular_file(d / CONFIG, 1 << 20, what="PEFT adapter config", remedy=_REMEDY)
     config = loads_strict(raw, "PEFT adapter_config.json", _REMEDY)
     _check_config(config)
@@ -62,10 +68,16 @@ def load_peft(folder: str | Path) -> PeftAdapter:
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise ToolchainError("the PEFT adapter holds a tensor that is not a conv LoRA/DoRA weight", seen=key, remedy=_REMEDY)
+            raise ToolchainError(
+                "the PEFT adapter holds a tensor that is not a conv LoRA/DoRA weight", seen=key, remedy=_REMEDY
+            )
         part = {"lora_A.weight": "A", "lora_B.weight": "B"}.get(m.group("part"), "m")
         if value.ndim < 1 or value.size == 0:
-            raise ToolchainError("a PEFT adapter tensor is empty or has no dimensions", seen=f"{key}: shape {list(value.shape)}", remedy=_REMEDY)
+            raise ToolchainError(
+                "a PEFT adapter tensor is empty or has no dimensions",
+                seen=f"{key}: shape {list(value.shape)}",
+                remedy=_REMEDY,
+            )
         modules.setdefault(m.group("module"), {})[part] = value
     if not modules:
         raise ToolchainError("the PEFT adapter holds no LoRA weights", seen=str(d), remedy=_REMEDY)
@@ -75,18 +87,29 @@ def load_peft(folder: str | Path) -> PeftAdapter:
 
 def _check_config(c: Any) -> None:
     if not isinstance(c, dict) or c.get("peft_type") != "LORA":
-        raise ToolchainError("only PEFT LoRA (and DoRA) adapters can be fused", seen=c.get("peft_type") if isinstance(c, dict) else type(c).__name__, remedy=_REMEDY)
+        raise ToolchainError(
+            "only PEFT LoRA (and DoRA) adapters can be fused",
+            seen=c.get("peft_type") if isinstance(c, dict) else type(c).__name__,
+            remedy=_REMEDY,
+        )
     rules = [
         ("bias", c.get("bias", "none") == "none", "LoRA bias training changes biases PEFT stores elsewhere"),
         ("lora_bias", not c.get("lora_bias", False), "lora_B biases are not supported"),
         ("modules_to_save", not c.get("modules_to_save"), "modules_to_save replace whole modules"),
         ("r", type(c.get("r")) is int and c["r"] >= 1, "r must be an integer >= 1"),
-        ("lora_alpha", type(c.get("lora_alpha")) in (int, float) and math.isfinite(c["lora_alpha"]), "lora_alpha must be a finite number"),
+        (
+            "lora_alpha",
+            type(c.get("lora_alpha")) in (int, float) and math.isfinite(c["lora_alpha"]),
+            "lora_alpha must be a finite number",
+        ),
     ]
     for key, ok, why in rules:
         if not ok:
             raise ToolchainError(f"unsupported PEFT adapter_config.json {key}: {why}", seen=c.get(key), remedy=_REMEDY)
-    for key, valid, why in (("rank_pattern", _is_rank, "an integer >= 1"), ("alpha_pattern", _is_alpha, "a finite number")):
+    for key, valid, why in (
+        ("rank_pattern", _is_rank, "an integer >= 1"),
+        ("alpha_pattern", _is_alpha, "a finite number"),
+    ):
         patterns = c.get(key)
         if patterns is None:
             continue
@@ -95,7 +118,11 @@ def _check_config(c: Any) -> None:
         for pattern, value in patterns.items():
             compile_user_pattern(pattern, f"PEFT {key} key", _REMEDY)
             if not valid(value):
-                raise ToolchainError(f"PEFT {key} values must be {why} (as lora_alpha and r are)", seen=f"{pattern!r}: {value!r}", remedy=_REMEDY)
+                raise ToolchainError(
+                    f"PEFT {key} values must be {why} (as lora_alpha and r are)",
+                    seen=f"{pattern!r}: {value!r}",
+                    remedy=_REMEDY,
+                )
 
 
 def _is_rank(v: Any) -> bool:
@@ -135,7 +162,11 @@ def _geometry(w: Weight, node: onnx.NodeProto) -> ConvGeometry:
     nd = len(dims) - 2
     groups = attrs["group"].i if "group" in attrs else 1
     if groups != 1:
-        raise ToolchainError("PEFT LoRA on a grouped or depthwise conv cannot be merged (PEFT refuses it too)", seen=(w.name, groups), remedy="target ungrouped convs with PEFT")
+        raise ToolchainError(
+            "PEFT LoRA on a grouped or depthwise conv cannot be merged (PEFT refuses it too)",
+            seen=(w.name, groups),
+            remedy="target ungrouped convs with PEFT",
+        )
     ints = lambda key, default: tuple(int(v) for v in attrs[key].ints) if key in attrs and attrs[key].ints else default  # noqa: E731
     return ConvGeometry(
         kind="conv1d" if nd == 1 else "conv2d",
@@ -159,14 +190,22 @@ def peft_to_adapter(peft: PeftAdapter, model: onnx.ModelProto) -> Adapter:
     for module, parts in sorted(peft.modules.items()):
         need = {"A", "B", "m"} if method == "dora" else {"A", "B"}
         if set(parts) != need:
-            raise ToolchainError(f"PEFT module {module} lacks or has extra tensors for {method}", seen=sorted(parts), remedy=_REMEDY)
+            raise ToolchainError(
+                f"PEFT module {module} lacks or has extra tensors for {method}", seen=sorted(parts), remedy=_REMEDY
+            )
         w = _find_conv(module, convs)
         geom = _geometry(w, w.main_consumers("Conv", 1)[0])
         a, b = parts["A"], parts["B"]
         r = int(a.shape[0])
-        if tuple(a.shape) != (r, *geom.weight_shape[1:]) or tuple(b.shape[:2]) != (geom.out_channels, r) or any(d != 1 for d in b.shape[2:]):
+        if (
+            tuple(a.shape) != (r, *geom.weight_shape[1:])
+            or tuple(b.shape[:2]) != (geom.out_channels, r)
+            or any(d != 1 for d in b.shape[2:])
+        ):
             raise ToolchainError(
-                f"PEFT module {module}: lora_A / lora_B shapes do not fit the Conv weight", seen=(a.shape, b.shape, geom.weight_shape), remedy="fuse into the model the adapter was trained on"
+                f"PEFT module {module}: lora_A / lora_B shapes do not fit the Conv weight",
+                seen=(a.shape, b.shape, geom.weight_shape),
+                remedy="fuse into the model the adapter was trained on",
             )
         alpha = _pattern(c.get("alpha_pattern") or {}, module, c["lora_alpha"])
         scaling = float(alpha) / (math.sqrt(r) if c.get("use_rslora") else r)
@@ -175,11 +214,28 @@ def peft_to_adapter(peft: PeftAdapter, model: onnx.ModelProto) -> Adapter:
         tensors[f"{name}.lora_B"] = b.reshape(geom.out_channels, r).astype(np.float32)
         if method == "dora":
             m = parts["m"]
-            expected = (1, geom.out_channels, *([1] * (len(geom.weight_shape) - 2)))  # PEFT's conv magnitude: (1, C_out, 1[, 1])
+            expected = (
+                1,
+                geom.out_channels,
+                *([1] * (len(geom.weight_shape) - 2)),
+            )  # PEFT's conv magnitude: (1, C_out, 1[, 1])
             if tuple(m.shape) != expected:
-                raise ToolchainError(f"PEFT module {module}: the DoRA magnitude must have PEFT's shape {list(expected)}", seen=list(m.shape), remedy=_REMEDY)
+                raise ToolchainError(
+                    f"PEFT module {module}: the DoRA magnitude must have PEFT's shape {list(expected)}",
+                    seen=list(m.shape),
+                    remedy=_REMEDY,
+                )
             tensors[f"{name}.magnitude"] = m.reshape(geom.out_channels).astype(np.float32)
         layers.append(LayerRecord(name, w.name, method, geom, (r,), scaling, w.sha256()))
-    adapter = Adapter(method, layers, [], tensors, {"source": "peft", "peft_config": {k: c.get(k) for k in ("r", "lora_alpha", "use_dora", "use_rslora", "target_modules")}})
+    adapter = Adapter(
+        method,
+        layers,
+        [],
+        tensors,
+        {
+            "source": "peft",
+            "peft_config": {k: c.get(k) for k in ("r", "lora_alpha", "use_dora", "use_rslora", "target_modules")},
+        },
+    )
     validate_adapter(adapter)
     return adapter

@@ -18,7 +18,11 @@ from onnx import numpy_helper
 from toolchain.core.errors import ToolchainError
 from toolchain.kernels.digest import weight_sha256
 
-FLOAT_TYPES: dict[int, type] = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64}
+FLOAT_TYPES: dict[int, type] = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+}
 
 
 @dataclass
@@ -45,13 +49,21 @@ class Weight:
         try:
             return numpy_helper.to_array(self.tensor)
         except Exception as err:  # onnx raises ValueError and others for data that does not fit the dims
-            raise ToolchainError("an ONNX tensor's data does not match its declared shape", seen=f"{self.name}: {str(err)[:100]}", remedy="the model is corrupt; re-export it") from None
+            raise ToolchainError(
+                "an ONNX tensor's data does not match its declared shape",
+                seen=f"{self.name}: {str(err)[:100]}",
+                remedy="the model is corrupt; re-export it",
+            ) from None
 
     def sha256(self) -> str:
         """``kernels.weight_sha256`` of the values; straight from raw little-endian float32 bytes when
         the tensor stores them so (no copies), else through numpy."""
         t = self.tensor
-        if t.data_type == onnx.TensorProto.FLOAT and t.HasField("raw_data") and t.data_location == onnx.TensorProto.DEFAULT:
+        if (
+            t.data_type == onnx.TensorProto.FLOAT
+            and t.HasField("raw_data")
+            and t.data_location == onnx.TensorProto.DEFAULT
+        ):
             raw = t.raw_data
             if len(raw) == 4 * int(np.prod(t.dims, dtype=np.int64)):
                 h = hashlib.sha256(("x".join(str(int(d)) for d in t.dims) + ";").encode())
@@ -63,7 +75,10 @@ class Weight:
         """Replace the values in place, keeping name, dtype and doc string; the shape may change."""
         dtype = FLOAT_TYPES.get(self.tensor.data_type)
         if dtype is None:
-            raise ToolchainError("only float, float16 and double tensors can be rewritten", seen=(self.name, onnx.TensorProto.DataType.Name(self.tensor.data_type)))
+            raise ToolchainError(
+                "only float, float16 and double tensors can be rewritten",
+                seen=(self.name, onnx.TensorProto.DataType.Name(self.tensor.data_type)),
+            )
         arr: np.ndarray = np.ascontiguousarray(values, dtype=dtype)
         for f in ("float_data", "double_data", "int32_data", "raw_data", "external_data"):
             self.tensor.ClearField(f)
@@ -85,7 +100,9 @@ def index_weights(graph: onnx.GraphProto) -> dict[str, Weight]:
     weights = {t.name: Weight(t.name, t) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and len(node.output) == 1:
-            value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+            value = next(
+                (a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None
+            )
             if value is not None:
                 weights[node.output[0]] = Weight(node.output[0], value)
     for node in graph.node:
@@ -130,13 +147,23 @@ def check_finite(graph: onnx.GraphProto) -> None:
         if t.HasField("raw_data"):
             raw = t.raw_data
             if len(raw) % np.dtype(dtype).itemsize:
-                raise ToolchainError("an ONNX initializer's data does not match its declared shape", seen=t.name, remedy="the model is corrupt; re-export it")
+                raise ToolchainError(
+                    "an ONNX initializer's data does not match its declared shape",
+                    seen=t.name,
+                    remedy="the model is corrupt; re-export it",
+                )
             values = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
         else:
             values = Weight(t.name, t).values()
         if values.size != int(np.prod(t.dims, dtype=np.int64)):
             raise ToolchainError(
-                "an ONNX initializer's data does not match its declared shape", seen=f"{t.name}: {values.size} values for dims {list(t.dims)}", remedy="the model is corrupt; re-export it"
+                "an ONNX initializer's data does not match its declared shape",
+                seen=f"{t.name}: {values.size} values for dims {list(t.dims)}",
+                remedy="the model is corrupt; re-export it",
             )
         if not np.all(np.isfinite(values)):
-            raise ToolchainError("the ONNX model has NaN or Inf values", seen=f"initializer {t.name}", remedy="fix or re-export the base model")
+            raise ToolchainError(
+                "the ONNX model has NaN or Inf values",
+                seen=f"initializer {t.name}",
+                remedy="fix or re-export the base model",
+            )

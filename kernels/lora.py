@@ -21,7 +21,10 @@ def lora_delta(lora_a: np.ndarray, lora_b: np.ndarray, groups: int, scaling: flo
     b = np.asarray(lora_b, dtype=np.float32)
     c_out, r = b.shape
     if a.shape[0] != groups * r or c_out % groups:
-        raise ToolchainError("LoRA A must be (groups*r, C_in/g, k...) and B (C_out, r) with C_out divisible by groups", seen=(a.shape, b.shape, groups))
+        raise ToolchainError(
+            "LoRA A must be (groups*r, C_in/g, k...) and B (C_out, r) with C_out divisible by groups",
+            seen=(a.shape, b.shape, groups),
+        )
     a_g = a.reshape(groups, r, -1)  # (g, r, C_in/g * k)
     b_g = b.reshape(groups, c_out // groups, r)  # (g, C_out/g, r)
     delta = np.matmul(b_g, a_g).reshape(c_out, *a.shape[1:])
@@ -34,7 +37,9 @@ def channel_norm(weight: np.ndarray) -> np.ndarray:
     return np.sqrt(np.sum(w.reshape(len(w), -1).astype(np.float64) ** 2, axis=1)).astype(np.float32)
 
 
-def dora_weight(weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, magnitude: np.ndarray, groups: int, scaling: float = 1.0) -> np.ndarray:
+def dora_weight(
+    weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, magnitude: np.ndarray, groups: int, scaling: float = 1.0
+) -> np.ndarray:
     """DoRA's merged weight W' = m * (W + ΔW) / ||W + ΔW||, norms per output channel."""
     v = np.asarray(weight, dtype=np.float32) + lora_delta(lora_a, lora_b, groups, scaling)
     norm = channel_norm(v)

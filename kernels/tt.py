@@ -22,7 +22,9 @@ def tt_ranks(shape: Sequence[int], rank: int) -> tuple[int, ...]:
     n_k ... n_{d-1}), so r_1 <= min(C_out, C_in/g * k1 * k2) for a conv kernel.
     """
     if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1:
-        raise ToolchainError("TT rank must be an integer >= 1", seen=rank, remedy="use --rank 1 or more (2, 4, 8 are usual)")
+        raise ToolchainError(
+            "TT rank must be an integer >= 1", seen=rank, remedy="use --rank 1 or more (2, 4, 8 are usual)"
+        )
     dims = [int(n) for n in shape]
     if len(dims) < 2 or min(dims) < 1:
         raise ToolchainError("a TT decomposition needs at least 2 modes, each >= 1", seen=tuple(dims))
@@ -43,7 +45,9 @@ def tt_svd(tensor: np.ndarray, rank: int) -> list[np.ndarray]:
     w = np.asarray(tensor, dtype=np.float64)
     ranks = tt_ranks(w.shape, rank)
     if not np.all(np.isfinite(w)):
-        raise ToolchainError("cannot decompose a kernel with NaN or Inf values", seen="non-finite weight", remedy="check the checkpoint")
+        raise ToolchainError(
+            "cannot decompose a kernel with NaN or Inf values", seen="non-finite weight", remedy="check the checkpoint"
+        )
     cores: list[np.ndarray] = []
     rest = w
     for k, n in enumerate(w.shape[:-1]):
@@ -85,14 +89,23 @@ def validate_cores(cores: Sequence[np.ndarray], shape: Sequence[int] | None = No
         if np.ndim(core) != 3:
             raise ToolchainError(f"TT core {k} must be 3-D (r_k, n_k, r_k+1)", seen=np.shape(core))
         if not np.all(np.isfinite(core)):
-            raise ToolchainError(f"TT core {k} has NaN or Inf values", seen="non-finite values", remedy="the adapter file is corrupt; re-export it")
+            raise ToolchainError(
+                f"TT core {k} has NaN or Inf values",
+                seen="non-finite values",
+                remedy="the adapter file is corrupt; re-export it",
+            )
     if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
         raise ToolchainError("the outer TT ranks must be 1", seen=(cores[0].shape[0], cores[-1].shape[2]))
     for k in range(len(cores) - 1):
         if cores[k].shape[2] != cores[k + 1].shape[0]:
-            raise ToolchainError(f"TT bond {k + 1} does not match between cores {k} and {k + 1}", seen=(cores[k].shape, cores[k + 1].shape))
+            raise ToolchainError(
+                f"TT bond {k + 1} does not match between cores {k} and {k + 1}",
+                seen=(cores[k].shape, cores[k + 1].shape),
+            )
     if shape is not None and tuple(c.shape[1] for c in cores) != tuple(shape):
-        raise ToolchainError("TT core modes do not match the kernel shape", seen=(tuple(c.shape[1] for c in cores), tuple(shape)))
+        raise ToolchainError(
+            "TT core modes do not match the kernel shape", seen=(tuple(c.shape[1] for c in cores), tuple(shape))
+        )
 
 
 def suffix_kernel(suffix_cores: Sequence[np.ndarray]) -> np.ndarray:

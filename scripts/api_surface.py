@@ -22,7 +22,9 @@ import zipfile
 from pathlib import Path
 
 DECL = re.compile(r'py::(class_|enum_)<([^;{(]*?)>\s*(\w+)?\s*[({]\s*(\w+)\s*,\s*"(\w+)"')
-MEMBER = re.compile(r'\.(def|def_property|def_property_readonly|def_readwrite|def_readonly|def_static|value)\(\s*"(\w+)"')
+MEMBER = re.compile(
+    r'\.(def|def_property|def_property_readonly|def_readwrite|def_readonly|def_static|value)\(\s*"(\w+)"'
+)
 MODULE_DEF = re.compile(r'\bm\.(?:def|attr)\(\s*"(\w+)"')
 
 
@@ -69,10 +71,16 @@ def trt_surface(repo: str, tag: str) -> dict[str, object]:
             module.update(t.id for t in node.targets if isinstance(t, ast.Name))
     module.add("__version__")
     resolved = {name: sorted(_members(name, classes, bases, cpp_to_py)) for name in classes}
-    return {"source": f"NVIDIA/TensorRT {tag}: python/src/**/*.cpp, python/packaging/bindings_wheel/tensorrt/__init__.py", "module": sorted(module), "classes": resolved}
+    return {
+        "source": f"NVIDIA/TensorRT {tag}: python/src/**/*.cpp, python/packaging/bindings_wheel/tensorrt/__init__.py",
+        "module": sorted(module),
+        "classes": resolved,
+    }
 
 
-def _members(name: str, classes: dict[str, set[str]], bases: dict[str, list[str]], cpp_to_py: dict[str, str]) -> set[str]:
+def _members(
+    name: str, classes: dict[str, set[str]], bases: dict[str, list[str]], cpp_to_py: dict[str, str]
+) -> set[str]:
     out = set(classes.get(name, set()))
     for base in bases.get(name, []):
         py = cpp_to_py.get(base)
@@ -92,14 +100,20 @@ def polygraphy_surface(wheel: str) -> dict[str, object]:
                 continue
             dotted = info.filename[:-3].replace("/", ".").removesuffix(".__init__")
             tree = ast.parse(z.read(info).decode())
-            names[dotted], stars[dotted], exported[dotted] = _top_level(tree, dotted, info.filename.endswith("__init__.py"))
+            names[dotted], stars[dotted], exported[dotted] = _top_level(
+                tree, dotted, info.filename.endswith("__init__.py")
+            )
     for _ in range(10):  # star imports, to a fixed point
         for module, sources in stars.items():
             for src in sources:
                 public = exported.get(src) or [n for n in names.get(src, ()) if not n.startswith("_")]
                 names[module] |= set(public)
     version = re.search(r"polygraphy-([\d.]+)-", Path(wheel).name)
-    return {"source": Path(wheel).name, "version": version.group(1) if version else None, "modules": {k: sorted(v) for k, v in sorted(names.items())}}
+    return {
+        "source": Path(wheel).name,
+        "version": version.group(1) if version else None,
+        "modules": {k: sorted(v) for k, v in sorted(names.items())},
+    }
 
 
 def _top_level(tree: ast.Module, dotted: str, package: bool) -> tuple[set[str], list[str], list[str] | None]:
@@ -111,8 +125,12 @@ def _top_level(tree: ast.Module, dotted: str, package: bool) -> tuple[set[str], 
             names.add(node.name)
         elif isinstance(node, ast.Assign):
             names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets) and isinstance(node.value, ast.List | ast.Tuple):
-                exported = [e.value for e in node.value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets) and isinstance(
+                node.value, ast.List | ast.Tuple
+            ):
+                exported = [
+                    e.value for e in node.value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                ]
         elif isinstance(node, ast.ImportFrom):
             source = _absolute(node, dotted, package)
             for a in node.names:
@@ -144,7 +162,10 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(surface, indent=1, sort_keys=True) + "\n")
     trt = surface["tensorrt"]
-    print(f"{a.out}: tensorrt {len(trt['module'])} module names, {len(trt['classes'])} classes; polygraphy {len(surface['polygraphy']['modules'])} modules")
+    print(
+        f"{a.out}: tensorrt {len(trt['module'])} module names, {len(trt['classes'])} classes; polygraphy "
+        f"{len(surface['polygraphy']['modules'])} modules"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,14 @@ def latency(tmp: Path, runs: int) -> list[dict]:
         torch.manual_seed(0)
         model = build_model(name, 6, 6).eval()
         ck = tmp / f"{name}.pt"
-        save_checkpoint(model, ck, spec=name, classes=[str(i) for i in range(6)], input_shape=(6, 128), extra={"data": "watch", "pretrain": {}})
+        save_checkpoint(
+            model,
+            ck,
+            spec=name,
+            classes=[str(i) for i in range(6)],
+            input_shape=(6, 128),
+            extra={"data": "watch", "pretrain": {}},
+        )
         state = {k: v.clone() for k, v in model.state_dict().items()}
         cfg = AdaptConfig(rank=8, layers=targets)
         inject(model, cfg)
@@ -52,7 +59,9 @@ def latency(tmp: Path, runs: int) -> list[dict]:
         export(str(ck), str(paths["unfused"]), adapter=str(ad), force=True)
         res = bench([str(paths[k]) for k in ("base", "fused", "unfused")], warmup=50, runs=runs)
         for k, r in zip(("base", "fused", "unfused"), res["results"], strict=True):
-            rows.append({"backbone": name, "model": k, **{x: r[x] for x in ("median_ms", "p90_ms", "p99_ms", "ratio_to_first")}})
+            rows.append(
+                {"backbone": name, "model": k, **{x: r[x] for x in ("median_ms", "p90_ms", "p99_ms", "ratio_to_first")}}
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -85,9 +94,17 @@ def resnet50_like(seed: int = 0) -> tuple[onnx.ModelProto, list[tuple[str, np.nd
             conv(out, 1)
     head = (rng.standard_normal((1000, 2048)) * 0.02).astype(np.float32)
     inits += [numpy_helper.from_array(head, "fc.weight")]
-    nodes += [helper.make_node("GlobalAveragePool", [cur], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]), helper.make_node("Gemm", ["flat", "fc.weight"], ["logits"], transB=1)]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [cur], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc.weight"], ["logits"], transB=1),
+    ]
     graph = helper.make_graph(
-        nodes, "resnet50_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], inits
+        nodes,
+        "resnet50_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
@@ -99,7 +116,18 @@ def adapter_for(convs: list[tuple[str, np.ndarray]], rank: int) -> Adapter:
     for name, w in convs:
         cores = tt_svd(w, rank)
         layer = name.removesuffix(".weight")
-        geom = ConvGeometry("conv2d", w.shape[1], w.shape[0], tuple(w.shape[2:]), (1, 1), (w.shape[2] // 2,) * 2, (1, 1), 1, "zeros", False)
+        geom = ConvGeometry(
+            "conv2d",
+            w.shape[1],
+            w.shape[0],
+            tuple(w.shape[2:]),
+            (1, 1),
+            (w.shape[2] // 2,) * 2,
+            (1, 1),
+            1,
+            "zeros",
+            False,
+        )
         rec = LayerRecord(layer, name, "lora-edge", geom, (1, *(c.shape[2] for c in cores)), 1.0, weight_sha256(w))
         layers.append(rec)
         vals = [np.full((w.shape[0], cores[0].shape[2]), 0.01, np.float32), *cores[1:]]
@@ -123,7 +151,12 @@ def fuse_time(tmp: Path, reps: int) -> dict:
         t0 = time.perf_counter()
         fuse_files(base, ad, tmp / f"fused{i}.onnx")
         fuse_t.append(time.perf_counter() - t0)
-    res = {"params": params, "conv_layers": len(convs), "load_save_s": statistics.median(io_t), "fuse_s": statistics.median(fuse_t)}
+    res = {
+        "params": params,
+        "conv_layers": len(convs),
+        "load_save_s": statistics.median(io_t),
+        "fuse_s": statistics.median(fuse_t),
+    }
     res["ratio"] = res["fuse_s"] / res["load_save_s"]
     print(res, flush=True)
     return res

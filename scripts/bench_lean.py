@@ -60,7 +60,15 @@ def accounting(batch: int) -> list[dict]:
                 opt = make_optimizer(model, AdaptConfig(method=method, rank=4), get_method(method).lr)
                 with lean_training(model, path == "lean"):
                     mem = step_memory(model, opt, x, y, lambda m: set_train_mode(m, False))
-                rows.append({"backbone": backbone, "method": method, "path": path, "total_mib": mem.total_bytes / MIB, "activation_mib": mem.activation_bytes / MIB})
+                rows.append(
+                    {
+                        "backbone": backbone,
+                        "method": method,
+                        "path": path,
+                        "total_mib": mem.total_bytes / MIB,
+                        "activation_mib": mem.activation_bytes / MIB,
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -68,7 +76,10 @@ def accounting(batch: int) -> list[dict]:
 # Linux carries a process's peak-RSS mark into a forked child, so a child of this (large) process
 # would report at least this process's size. A small launcher spawns the command and reads wait4's
 # rusage for it: its own size (about 13 MiB) is the floor instead.
-LAUNCHER = "import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ); _, st, ru = os.wait4(pid, 0); print(ru.ru_maxrss, os.waitstatus_to_exitcode(st))"
+LAUNCHER = (
+    "import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ); _, st, ru = "
+    "os.wait4(pid, 0); print(ru.ru_maxrss, os.waitstatus_to_exitcode(st))"
+)
 
 
 def _peak_rss(argv: list[str]) -> float:
@@ -85,18 +96,60 @@ def peak_rss(batch: int, steps: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         for backbone, layers in BACKBONES.items():
             ckpt = f"{d}/{backbone}.pt"
-            subprocess.run([sys.executable, "-m", "toolchain.cli", "pretrain", "--model", backbone, "--steps", "5", "--out", ckpt, "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "toolchain.cli",
+                    "pretrain",
+                    "--model",
+                    backbone,
+                    "--steps",
+                    "5",
+                    "--out",
+                    ckpt,
+                    "--no-progress",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
 
             def run(method: str, path: str, ckpt: str = ckpt, layers: str = layers) -> float:
-                argv = [sys.executable, "-m", "toolchain.cli", "finetune", "--checkpoint", ckpt, "--method", method, "--layers", layers, "--rank", "4", "--batch-size", str(batch)]
-                argv += ["--steps", str(steps), "--out", f"{d}/a.safetensors", "--force", "--no-progress"] + (["--reference-path"] if path == "reference" else [])
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "toolchain.cli",
+                    "finetune",
+                    "--checkpoint",
+                    ckpt,
+                    "--method",
+                    method,
+                    "--layers",
+                    layers,
+                    "--rank",
+                    "4",
+                    "--batch-size",
+                    str(batch),
+                ]
+                argv += ["--steps", str(steps), "--out", f"{d}/a.safetensors", "--force", "--no-progress"] + (
+                    ["--reference-path"] if path == "reference" else []
+                )
                 return _peak_rss(argv)
 
             head = statistics.median(run("head", "lean") for _ in range(2))
             for method in METHODS:
                 for path in _paths(method):
                     rss = run(method, path)
-                    rows.append({"backbone": backbone, "method": method, "path": path, "peak_rss_mib": rss, "above_head_mib": rss - head, "head_mib": head})
+                    rows.append(
+                        {
+                            "backbone": backbone,
+                            "method": method,
+                            "path": path,
+                            "peak_rss_mib": rss,
+                            "above_head_mib": rss - head,
+                            "head_mib": head,
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -126,7 +179,15 @@ def step_time(batch: int, rounds: int) -> list[dict]:
                         times[key].append(time.perf_counter() - t0)
         full = statistics.median(times[("full", "reference")])
         for (method, path), t in times.items():
-            rows.append({"backbone": backbone, "method": method, "path": path, "median_ms": 1000 * statistics.median(t), "ratio_to_full": statistics.median(t) / full})
+            rows.append(
+                {
+                    "backbone": backbone,
+                    "method": method,
+                    "path": path,
+                    "median_ms": 1000 * statistics.median(t),
+                    "ratio_to_full": statistics.median(t) / full,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -137,7 +198,8 @@ def summary(res: dict) -> str:
     rss = {(r["backbone"], r["method"], r["path"]): r for r in res.get("peak_rss", [])}
     st = {(r["backbone"], r["method"], r["path"]): r for r in res.get("step_time", [])}
     lines = [
-        "| backbone | method | path | accounted MiB (x full) | activations MiB | peak RSS above head-only MiB (x full) | step ms, 1 thread (x full) |",
+        "| backbone | method | path | accounted MiB (x full) | activations MiB | peak RSS above head-only MiB "
+        "(x full) | step ms, 1 thread (x full) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in res["accounting"]:
@@ -145,7 +207,10 @@ def summary(res: dict) -> str:
         p, s = rss.get(key), st.get(key)
         rss_txt = f"{p['above_head_mib']:.0f} ({p['above_head_mib'] / full_rss[r['backbone']]:.2f})" if p else "-"
         st_txt = f"{s['median_ms']:.1f} ({s['ratio_to_full']:.2f})" if s else "-"
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {r['total_mib']:.1f} ({r['total_mib'] / full_acc[r['backbone']]:.2f}) | {r['activation_mib']:.1f} | {rss_txt} | {st_txt} |")
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {r['total_mib']:.1f} "
+            f"({r['total_mib'] / full_acc[r['backbone']]:.2f}) | {r['activation_mib']:.1f} | {rss_txt} | {st_txt} |"
+        )
     return "\n".join(lines)
 
 
@@ -165,7 +230,11 @@ def main() -> None:
         return
     res = json.loads(out.read_text()) if out.is_file() else {}
     for part in a.parts.split(","):
-        res[part] = {"accounting": lambda: accounting(a.batch), "peak_rss": lambda: peak_rss(a.batch, a.steps), "step_time": lambda: step_time(a.step_batch, a.rounds)}[part]()
+        res[part] = {
+            "accounting": lambda: accounting(a.batch),
+            "peak_rss": lambda: peak_rss(a.batch, a.steps),
+            "step_time": lambda: step_time(a.step_batch, a.rounds),
+        }[part]()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
     print(summary(res))

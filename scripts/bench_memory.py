@@ -50,7 +50,23 @@ for _ in range(3):
 def _pretrain(d: Path, backbone: str, data: str) -> Path:
     ck = d / f"{backbone}.pt"
     if not ck.is_file():
-        subprocess.run(["toolchain", "pretrain", "--model", backbone, "--data", data, "--epochs", "1", "--out", str(ck), "--no-progress"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "toolchain",
+                "pretrain",
+                "--model",
+                backbone,
+                "--data",
+                data,
+                "--epochs",
+                "1",
+                "--out",
+                str(ck),
+                "--no-progress",
+            ],
+            check=True,
+            capture_output=True,
+        )
     return ck
 
 
@@ -58,13 +74,33 @@ def _command(config: str, ck: Path, data: str, batch: int, out: Path) -> list[st
     if config == "peft-lora":
         return [sys.executable, "-c", PEFT_DRIVER, str(ck), data, str(batch)]
     method = {"lora-edge": "lora-edge"}.get(config, config)
-    return ["toolchain", "finetune", "--checkpoint", str(ck), "--method", method, "--batch-size", str(batch), "--steps", "3", "--out", str(out), "--force", "--no-progress"]
+    return [
+        "toolchain",
+        "finetune",
+        "--checkpoint",
+        str(ck),
+        "--method",
+        method,
+        "--batch-size",
+        str(batch),
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--force",
+        "--no-progress",
+    ]
 
 
 def peak_mib(cmd: list[str], env: dict[str, str]) -> float:
     """GNU time's maximum resident set size of the whole process, in MiB."""
     with tempfile.NamedTemporaryFile(suffix=".txt") as f:
-        subprocess.run(["/usr/bin/time", "-o", f.name, "-f", "%M", *cmd], check=True, capture_output=True, env={**os.environ, **env})
+        subprocess.run(
+            ["/usr/bin/time", "-o", f.name, "-f", "%M", *cmd],
+            check=True,
+            capture_output=True,
+            env={**os.environ, **env},
+        )
         return int(Path(f.name).read_text().split()[-1]) / 1024
 
 
@@ -76,7 +112,9 @@ def measure(work: Path, repeats: int) -> list[dict]:
             for run in range(repeats):
                 for config in CONFIGS:  # interleaved: a run of every config, then the next repeat
                     mib = peak_mib(_command(config, ck, data, batch, work / "a.safetensors"), env)
-                    rows.append({"backbone": backbone, "allocator": alloc, "run": run, "config": config, "peak_mib": mib})
+                    rows.append(
+                        {"backbone": backbone, "allocator": alloc, "run": run, "config": config, "peak_mib": mib}
+                    )
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -114,18 +152,33 @@ def accounted() -> list[dict]:
             x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
             with lean_training(model, method != "full"):
                 got[method] = step_memory(model, opt, x, y, lambda m: set_train_mode(m, False)).total_bytes / 2**20
-        rows.append({"backbone": backbone, "batch": batch, "full_mib": got["full"], "lora_edge_mib": got["lora-edge"], "ratio": got["lora-edge"] / got["full"]})
+        rows.append(
+            {
+                "backbone": backbone,
+                "batch": batch,
+                "full_mib": got["full"],
+                "lora_edge_mib": got["lora-edge"],
+                "ratio": got["lora-edge"] / got["full"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def summary(rows: list[dict]) -> str:
-    lines = ["| backbone | allocator | run | head MiB | full above head | LoRA-Edge above head | PEFT LoRA above head | LoRA-Edge / full | PEFT LoRA / full |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| backbone | allocator | run | head MiB | full above head | LoRA-Edge above head | PEFT LoRA above "
+        "head | LoRA-Edge / full | PEFT LoRA / full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     keys = sorted({(r["backbone"], r["allocator"], r["run"]) for r in rows})
     for b, a, run in keys:
         got = {r["config"]: r["peak_mib"] for r in rows if (r["backbone"], r["allocator"], r["run"]) == (b, a, run)}
         full, edge, lora = (got[c] - got["head"] for c in ("full", "lora-edge", "peft-lora"))
-        lines.append(f"| {b} | {a} | {run + 1} | {got['head']:.0f} | {full:.0f} | {edge:.0f} | {lora:.0f} | {edge / full:.2f} | {lora / full:.2f} |")
+        lines.append(
+            f"| {b} | {a} | {run + 1} | {got['head']:.0f} | {full:.0f} | {edge:.0f} | {lora:.0f} | "
+            f"{edge / full:.2f} | {lora / full:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -133,11 +186,18 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_memory.json")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--accounted", action="store_true", help="only the accounted memory of one step, every built-in backbone (seconds)")
+    ap.add_argument(
+        "--accounted",
+        action="store_true",
+        help="only the accounted memory of one step, every built-in backbone (seconds)",
+    )
     a = ap.parse_args()
     if a.accounted:
         for row in accounted():
-            print(f"| {row['backbone']} | {row['batch']} | {row['full_mib']:.1f} | {row['lora_edge_mib']:.1f} | {row['ratio']:.3f} |")
+            print(
+                f"| {row['backbone']} | {row['batch']} | {row['full_mib']:.1f} | {row['lora_edge_mib']:.1f} | "
+                f"{row['ratio']:.3f} |"
+            )
         sys.exit(0)
     work = Path(a.out).parent / "bench_memory"
     work.mkdir(parents=True, exist_ok=True)

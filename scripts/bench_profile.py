@@ -26,7 +26,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     mib = 1 / 2**20
-    print("| backbone | method | trainable % | MFLOP fwd / bwd / opt | memory MiB param / grad / opt / act | total MiB | saved vs full (total) | saved vs full (without activations) |")
+    print(
+        "| backbone | method | trainable % | MFLOP fwd / bwd / opt | memory MiB param / grad / opt / act | "
+        "total MiB | saved vs full (total) | saved vs full (without activations) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in ("cnn1d", "resnet1d", "mobilenet1d"):
         torch.manual_seed(0)
@@ -38,15 +41,22 @@ def main() -> None:
             cfg = AdaptConfig(method=method, rank=a.rank, layers=TARGETS[name])
             inject(m, cfg)
             frac = sum(p.numel() for p in m.parameters() if p.requires_grad) / sum(p.numel() for p in m.parameters())
-            rows[method] = (frac, profile_step(m, make_optimizer(m, cfg, get_method(method).lr), x, y, lambda mm: set_train_mode(mm, False)))
+            rows[method] = (
+                frac,
+                profile_step(
+                    m, make_optimizer(m, cfg, get_method(method).lr), x, y, lambda mm: set_train_mode(mm, False)
+                ),
+            )
         full = rows["full"][1]
         full_tot = full.param_bytes + full.grad_bytes + full.optimizer_bytes + full.activation_bytes
         full_noact = full_tot - full.activation_bytes
         for method, (frac, p) in rows.items():
             tot = p.param_bytes + p.grad_bytes + p.optimizer_bytes + p.activation_bytes
             print(
-                f"| {name} | {method} | {100 * frac:.2f} | {p.forward_flops / 1e6:.0f} / {p.backward_flops / 1e6:.0f} / {p.optimizer_flops / 1e6:.2f} | "
-                f"{p.param_bytes * mib:.2f} / {p.grad_bytes * mib:.2f} / {p.optimizer_bytes * mib:.2f} / {p.activation_bytes * mib:.2f} | {tot * mib:.2f} | "
+                f"| {name} | {method} | {100 * frac:.2f} | {p.forward_flops / 1e6:.0f} / "
+                f"{p.backward_flops / 1e6:.0f} / {p.optimizer_flops / 1e6:.2f} | "
+                f"{p.param_bytes * mib:.2f} / {p.grad_bytes * mib:.2f} / {p.optimizer_bytes * mib:.2f} / "
+                f"{p.activation_bytes * mib:.2f} | {tot * mib:.2f} | "
                 f"{100 * (1 - tot / full_tot):.1f}% | {100 * (1 - (tot - p.activation_bytes) / full_noact):.1f}% |"
             )
 

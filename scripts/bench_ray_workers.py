@@ -33,10 +33,19 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
         res = run_grid(tasks, cache, GridOptions(ray=ray, workers=workers, progress=False), name)
         results[name] = [{k: v for k, v in r.items() if k not in DROP} for r in res.ok]
-        lines.append({"mode": name, "runs": len(res.ok), "failed": len(res.failed), "wall_seconds": round(res.seconds, 1)})
+        lines.append(
+            {"mode": name, "runs": len(res.ok), "failed": len(res.failed), "wall_seconds": round(res.seconds, 1)}
+        )
         print(json.dumps(lines[-1]), flush=True)
     same = all(results[k] == results["serial"] for k in results)
-    print(json.dumps({"identical_results": same, "speedup_2_vs_1_workers": round(lines[1]["wall_seconds"] / lines[2]["wall_seconds"], 2)}))
+    print(
+        json.dumps(
+            {
+                "identical_results": same,
+                "speedup_2_vs_1_workers": round(lines[1]["wall_seconds"] / lines[2]["wall_seconds"], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

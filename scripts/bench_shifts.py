@@ -41,11 +41,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pretrain-epochs", type=int, default=6)
     ap.add_argument("--ray", default=None, help="auto: start Ray locally; or a cluster address")
     ap.add_argument("--workers", type=int, default=None, help="CPUs of a local Ray (default: all)")
-    ap.add_argument("--shard", default="0/1", help="I/N: run this process's share of the runs (those whose key is I modulo N)")
+    ap.add_argument(
+        "--shard", default="0/1", help="I/N: run this process's share of the runs (those whose key is I modulo N)"
+    )
     ap.add_argument("--pretrain-only", action="store_true", help="run (this shard of) the bases and stop")
     ap.add_argument("--collect", action="store_true", help="run nothing: gather the cached runs into OUT/rows.jsonl")
-    ap.add_argument("--report", metavar="DIR", help="write tables, claims and plots from OUT/rows.jsonl (or --rows) to DIR and stop")
-    ap.add_argument("--rows", nargs="+", default=None, help="with --report: rows.jsonl files; each (shift, backbone, seed) comes whole from the first file having it; plots: the first file")
+    ap.add_argument(
+        "--report", metavar="DIR", help="write tables, claims and plots from OUT/rows.jsonl (or --rows) to DIR and stop"
+    )
+    ap.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="with --report: rows.jsonl files; each (shift, backbone, seed) comes whole from the first file "
+        "having it; plots: the first file",
+    )
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -58,7 +68,12 @@ def merge_rows(paths: list[str], job: ShiftBench) -> list[dict]:
     for path in paths:
         for r in map(json.loads, Path(path).read_text().splitlines()):
             group = (r["shift"], r["backbone"], r["seed"])
-            wanted = r["shift"] in job.shifts and r["backbone"] in job.backbones and r["method"] in job.methods and r["seed"] in job.seeds
+            wanted = (
+                r["shift"] in job.shifts
+                and r["backbone"] in job.backbones
+                and r["method"] in job.methods
+                and r["seed"] in job.seeds
+            )
             if wanted and owner.setdefault(group, path) == path:
                 rows.append(r)
     return rows
@@ -90,13 +105,18 @@ def main(argv: list[str] | None = None) -> int:
             from toolchain.grid.report import write_report
 
             files = a.rows or [str(Path(a.out) / "rows.jsonl")]
-            write_report(merge_rows(files, job), Path(a.report), merge_rows(files[:1], job))  # plots: the first file's machine only
+            write_report(
+                merge_rows(files, job), Path(a.report), merge_rows(files[:1], job)
+            )  # plots: the first file's machine only
             return 0
         rows, grid = run_bench(job)
     except ToolchainError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{len(rows)} runs ({grid.ran} ran, {grid.cached} cached, {len(grid.failed)} failed) in {grid.seconds:.0f} s on {grid.backend}")
+    print(
+        f"{len(rows)} runs ({grid.ran} ran, {grid.cached} cached, {len(grid.failed)} failed) in "
+        f"{grid.seconds:.0f} s on {grid.backend}"
+    )
     return 1 if grid.failed else 0
 
 

@@ -31,13 +31,21 @@ def summarise(rows: list[dict], fraction: float = 0.95) -> list[str]:
         r["steps_to_target"] = next((s for s, f in r["history"] if f >= target), None)
     b = rows[0]["backbone"]
     out = [
-        f"**{b}**, target {100 * fraction:.0f}% of full fine-tuning's F1 = {target:.3f} (full: macro-F1 {full['f1_final']:.3f}, {mem(full) / 2**20:.2f} MiB, "
+        f"**{b}**, target {100 * fraction:.0f}% of full fine-tuning's F1 = {target:.3f} (full: macro-F1 "
+        f"{full['f1_final']:.3f}, {mem(full) / 2**20:.2f} MiB, "
         f"{full['total_flops'] / 1e6:.0f} MFLOP per step; source model F1 {full['f1_start']:.3f})",
         "",
     ]
     savings = [1 - mem(r) / mem(full) for r in rows if r["method"] in PEFT]
-    no_act = [1 - (mem(r) - r["activation_bytes"]) / (mem(full) - full["activation_bytes"]) for r in rows if r["method"] in PEFT]
-    out.append(f"- memory saved by PEFT methods vs full: mean {100 * np.mean(savings):.1f}% of the training-step total, {100 * np.mean(no_act):.1f}% of parameters + gradients + optimizer state")
+    no_act = [
+        1 - (mem(r) - r["activation_bytes"]) / (mem(full) - full["activation_bytes"])
+        for r in rows
+        if r["method"] in PEFT
+    ]
+    out.append(
+        f"- memory saved by PEFT methods vs full: mean {100 * np.mean(savings):.1f}% of the training-step "
+        f"total, {100 * np.mean(no_act):.1f}% of parameters + gradients + optimizer state"
+    )
     ad = next((r for r in rows if r["method"] == "adapter"), None)
     if ad:
         out.append(
@@ -56,7 +64,8 @@ def summarise(rows: list[dict], fraction: float = 0.95) -> list[str]:
 
         out.append(
             f"- LoRA-Edge r{r['rank']}: {100 * r['trainable_fraction']:.2f}% trained, F1 {r['f1_final']:.3f} "
-            f"({100 * (full['f1_final'] - r['f1_final']) / full['f1_final']:.1f}% below full), steps to target {s_edge}; "
+            f"({100 * (full['f1_final'] - r['f1_final']) / full['f1_final']:.1f}% below full), steps to target "
+            f"{s_edge}; "
             f"speed-up in steps vs full {ratio(full)}, vs LoRA r{r['rank']} {ratio(same_rank)}"
         )
     return out

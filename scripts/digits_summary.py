@@ -10,7 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-SCENARIOS = {"shift": "digits shift: clean source half -> the other half corrupted (severity 3)", "unseen": "unseen classes: pretrain on digits 0-7, adapt to 0-9 (the head grows)"}
+SCENARIOS = {
+    "shift": "digits shift: clean source half -> the other half corrupted (severity 3)",
+    "unseen": "unseen classes: pretrain on digits 0-7, adapt to 0-9 (the head grows)",
+}
 
 
 def rows(folder: Path) -> list[dict]:
@@ -22,7 +25,9 @@ def _first_step(history: list[list[float]], target: float) -> float | None:
 
 
 def claims(rs: list[dict]) -> str:
-    steps_used = max({r["steps"] for r in rs}, key=[r["steps"] for r in rs].count)  # the grid's setting; older cached runs differ
+    steps_used = max(
+        {r["steps"] for r in rs}, key=[r["steps"] for r in rs].count
+    )  # the grid's setting; older cached runs differ
     by = {r["method"]: r for r in rs if r["steps"] == steps_used}
     full, edge = by.get("full"), by.get("lora-edge")
     if not (full and edge):
@@ -33,10 +38,13 @@ def claims(rs: list[dict]) -> str:
     flops = edge["total_flops"] / full["total_flops"]
     target = 0.95 * full["f1_final"]
     steps = _first_step(edge["history"], target), _first_step(full["history"], target)
-    speed = f"LoRA-Edge at step {steps[0]}, full at step {steps[1]}" + (f" ({steps[1] / steps[0]:.1f}x)" if all(steps) else "")
+    speed = f"LoRA-Edge at step {steps[0]}, full at step {steps[1]}" + (
+        f" ({steps[1] / steps[0]:.1f}x)" if all(steps) else ""
+    )
     parts = [
         f"trainable {frac:.2f}% ({'<=' if frac <= 1.49 else '>'} 1.49%)",
-        f"F1 {edge['f1_final']:.3f} vs full {full['f1_final']:.3f} ({'within' if gap <= 4.7 else 'not within'} 4.7%: {gap:+.1f}%)",
+        f"F1 {edge['f1_final']:.3f} vs full {full['f1_final']:.3f} ({'within' if gap <= 4.7 else 'not within'} "
+        f"4.7%: {gap:+.1f}%)",
         f"steps to 95% of full's final F1: {speed}",
         f"activations {act:.2f}x, FLOPs/step {flops:.2f}x of full",
     ]

@@ -30,11 +30,46 @@ from onnx import numpy_helper
 VERSION = "10.3.0"
 SURFACE = json.loads((Path(__file__).parent / "data" / "api_surface.json").read_text())["tensorrt"]
 SUPPORTED_OPS = {
-    "Conv", "BatchNormalization", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div",
-    "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Constant", "Identity", "Transpose", "Pad", "Shape", "Gather", "Expand", "Cast", "Sigmoid", "HardSigmoid", "HardSwish",
-}  # fmt: skip
+    "Conv",
+    "BatchNormalization",
+    "Relu",
+    "Clip",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "ReduceMean",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Concat",
+    "Constant",
+    "Identity",
+    "Transpose",
+    "Pad",
+    "Shape",
+    "Gather",
+    "Expand",
+    "Cast",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+}
 AXES_INPUT = {"ReduceMean": 1, "Squeeze": 1, "Unsqueeze": 1}
-SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Pad": (1, 2), "ReduceMean": (1,), "Squeeze": (1,), "Unsqueeze": (1,)}  # read at parse time, not weights
+SHAPE_INPUTS = {
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Pad": (1, 2),
+    "ReduceMean": (1,),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+}  # read at parse time, not weights
 PLAN_HEADER = 32
 
 
@@ -52,7 +87,9 @@ def _enum(name: str, members: list[str]) -> type:
 
 
 class ILogger:
-    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = (_Enum(n) for n in ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"))
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = (
+        _Enum(n) for n in ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
+    )
 
     def __init__(self, *args: Any) -> None:
         self.min_severity = args[0] if args else ILogger.WARNING
@@ -74,7 +111,13 @@ _DTYPES = {1: DataType.FLOAT, 10: DataType.HALF, 6: DataType.INT32, 7: DataType.
 class Weights:
     def __init__(self, a: Any = None) -> None:
         self._a = None if a is None else np.asarray(a)
-        self.dtype = DataType.FLOAT if self._a is None or self._a.dtype == np.float32 else DataType.HALF if self._a.dtype == np.float16 else _Enum(str(self._a.dtype))
+        self.dtype = (
+            DataType.FLOAT
+            if self._a is None or self._a.dtype == np.float32
+            else DataType.HALF
+            if self._a.dtype == np.float16
+            else _Enum(str(self._a.dtype))
+        )
         self.size = -1 if self._a is None else int(self._a.size)
         self.nbytes = 0 if self._a is None else int(self._a.nbytes)
 
@@ -142,10 +185,25 @@ def _import_onnx(network: INetworkDefinition, model: onnx.ModelProto) -> list[Pa
     bn_count = 0
     for i, node in enumerate(model.graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
-            return [ParserError(i, node.name, node.op_type, 'creator && "Plugin not found, are the plugin name, version, and namespace correct?"')]
+            return [
+                ParserError(
+                    i,
+                    node.name,
+                    node.op_type,
+                    'creator && "Plugin not found, are the plugin name, version, and namespace correct?"',
+                )
+            ]
         axes = AXES_INPUT.get(node.op_type)
         if axes is not None and len(node.input) > axes and node.input[axes] and node.input[axes] not in inits:
-            return [ParserError(i, node.name, node.op_type, "Assertion failed: Axis input must resolve to a build-time constant (an initializer or a constant-foldable subgraph)!")]
+            return [
+                ParserError(
+                    i,
+                    node.name,
+                    node.op_type,
+                    "Assertion failed: Axis input must resolve to a build-time constant (an initializer or a "
+                    "constant-foldable subgraph)!",
+                )
+            ]
         if node.op_type == "BatchNormalization" and all(x in inits for x in node.input[1:5]):
             network.weights[f"tmp_batch_norm_weight{'_' + str(bn_count) if bn_count else ''}"] = ("bn", node.name)
             bn_count += 1
@@ -156,7 +214,11 @@ def _import_onnx(network: INetworkDefinition, model: onnx.ModelProto) -> list[Pa
         if node.op_type == "Constant":
             network.weights[node.output[0]] = node.output[0]
     network.model = model
-    network.inputs = [_Tensor(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in model.graph.input if v.name not in inits]
+    network.inputs = [
+        _Tensor(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim])
+        for v in model.graph.input
+        if v.name not in inits
+    ]
     return []
 
 
@@ -240,7 +302,13 @@ class Builder:
         return IOptimizationProfile()
 
     def build_serialized_network(self, network: INetworkDefinition, config: IBuilderConfig) -> bytes | None:
-        BUILDS.append({"flags": sorted(config.flags_set), "marked": sorted(network.marked), "profiles": [p.shapes for p in config.profiles]})
+        BUILDS.append(
+            {
+                "flags": sorted(config.flags_set),
+                "marked": sorted(network.marked),
+                "profiles": [p.shapes for p in config.profiles],
+            }
+        )
         if {"REFIT", "REFIT_INDIVIDUAL"} <= config.flags_set:
             self.logger.log(ILogger.ERROR, "IBuilderConfig: kREFIT and kREFIT_INDIVIDUAL cannot both be set")
             return None
@@ -256,7 +324,11 @@ class Builder:
 
 
 def _b64(a: np.ndarray) -> dict[str, Any]:
-    return {"dtype": str(a.dtype), "shape": list(a.shape), "data": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()}
+    return {
+        "dtype": str(a.dtype),
+        "shape": list(a.shape),
+        "data": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode(),
+    }
 
 
 def _unb64(d: dict[str, Any]) -> np.ndarray:
@@ -266,7 +338,11 @@ def _unb64(d: dict[str, Any]) -> np.ndarray:
 def _values(model: onnx.ModelProto, source: Any) -> dict[str, np.ndarray]:
     """The ONNX initializers one network weight stands for."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    consts = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in model.graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+    }
     if isinstance(source, list | tuple):
         node = next(n for n in model.graph.node if n.name == source[1])
         return {x: inits[x] for x in node.input[1:5]}
@@ -307,7 +383,9 @@ def engine_runner(plan: bytes) -> Any:
     """An ONNX Runtime runner over what the fake engine computes, named "engine" like the TrtRunner."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    return OnnxrtRunner(SessionFromOnnx(engine_model(plan).SerializeToString(), providers=["CPUExecutionProvider"]), name="engine")
+    return OnnxrtRunner(
+        SessionFromOnnx(engine_model(plan).SerializeToString(), providers=["CPUExecutionProvider"]), name="engine"
+    )
 
 
 class ICudaEngine:
@@ -357,7 +435,11 @@ class Refitter:
             return False
         new = weights if isinstance(weights, dict) else {next(iter(per)): weights.numpy()}
         for key, value in new.items():
-            if key not in per or np.asarray(value).size != int(np.prod(per[key]["shape"])) or np.asarray(value).dtype != np.float32:
+            if (
+                key not in per
+                or np.asarray(value).size != int(np.prod(per[key]["shape"]))
+                or np.asarray(value).dtype != np.float32
+            ):
                 self.logger.log(ILogger.ERROR, f"{name}: weights of the wrong count or type")
                 return False
         self.pending[name] = {k: _b64(np.asarray(v, np.float32).reshape(per[k]["shape"])) for k, v in new.items()}
@@ -385,13 +467,17 @@ class OnnxParserRefitter:
             if isinstance(source, list):
                 node = next((n for n in m.graph.node if n.name == source[1]), None)
                 if node is None:
-                    self.errors.append(ParserError(-1, source[1], "BatchNormalization", "node not found in the refit model"))
+                    self.errors.append(
+                        ParserError(-1, source[1], "BatchNormalization", "node not found in the refit model")
+                    )
                     return False
             try:
                 values = _values(m, src)
             except (KeyError, StopIteration):
                 continue  # weights the model does not provide stay for get_missing_weights
-            ok = self.refitter.set_named_weights(name, values if isinstance(source, list) else Weights(next(iter(values.values()))))
+            ok = self.refitter.set_named_weights(
+                name, values if isinstance(source, list) else Weights(next(iter(values.values())))
+            )
             if not ok:
                 self.errors.append(ParserError(-1, name, "?", f"Failed to set weights {name}"))
                 return False

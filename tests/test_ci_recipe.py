@@ -27,12 +27,32 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("ci")
     (d / "models").mkdir()
     assert main(["pretrain", "--out", str(d / "models" / "base.pt"), "--epochs", "1", "--no-progress"]) == 0
-    assert main(["finetune", "--checkpoint", str(d / "models" / "base.pt"), "--out", str(d / "models" / "adapter.safetensors"), "--steps", "10", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--checkpoint",
+                str(d / "models" / "base.pt"),
+                "--out",
+                str(d / "models" / "adapter.safetensors"),
+                "--steps",
+                "10",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return d
 
 
 def _run(cwd: Path, job: str, max_ratio: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CKPT": "models/base.pt", "ADAPTER": "models/adapter.safetensors", "MAX_RATIO": max_ratio, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "CKPT": "models/base.pt",
+        "ADAPTER": "models/adapter.safetensors",
+        "MAX_RATIO": max_ratio,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     return subprocess.run(["bash", "-c", job], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -41,10 +61,16 @@ def test_the_cpu_job_passes_on_a_good_adapter(models):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     for name in ("base.onnx", "unfused.onnx", "fused.onnx", "bench.json", "verify/verify.json"):
         assert (models / "deploy" / name).is_file(), name
-    assert "an engine would build" in run.stdout and "latency gate PASSED" in run.stdout and "PASSED: report" in run.stdout
+    assert (
+        "an engine would build" in run.stdout and "latency gate PASSED" in run.stdout and "PASSED: report" in run.stdout
+    )
 
 
 def test_the_latency_gate_fails_the_job_for_a_slower_model(models):
-    job = _job().replace("--vs deploy/fused.onnx", "--vs deploy/unfused.onnx").replace("mkdir -p deploy", "rm -rf deploy && mkdir -p deploy")
+    job = (
+        _job()
+        .replace("--vs deploy/fused.onnx", "--vs deploy/unfused.onnx")
+        .replace("mkdir -p deploy", "rm -rf deploy && mkdir -p deploy")
+    )
     run = _run(models, job, "1.05")  # the unfused model runs the auxiliary path: 1.2-1.7x the base here
     assert run.returncode == 1 and "latency gate FAILED" in run.stdout, run.stdout[-2000:]

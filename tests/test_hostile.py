@@ -108,7 +108,15 @@ def _no_layers(d: Path) -> list[str]:
 
 
 def _ckpt(d: Path, **fields: object) -> list[str]:
-    payload = {"format": "toolchain-checkpoint", "version": 1, "model": "cnn1d", "in_channels": 6, "classes": ["a", "b"], "state_dict": {}, "pretrain": {}}
+    payload = {
+        "format": "toolchain-checkpoint",
+        "version": 1,
+        "model": "cnn1d",
+        "in_channels": 6,
+        "classes": ["a", "b"],
+        "state_dict": {},
+        "pretrain": {},
+    }
     payload.update(fields)
     torch.save(payload, d / "ck.pt")
     return ["export", "--checkpoint", str(d / "ck.pt"), "-o", str(d / "out.onnx")]
@@ -126,7 +134,11 @@ def _bomb(d: Path) -> list[str]:
     import zipfile
 
     with zipfile.ZipFile(d / "bomb.npz", "w", compression=zipfile.ZIP_DEFLATED) as z:
-        for name, arr in (("X", np.zeros((1, 6, 16), np.float32)), ("y", np.zeros(1, np.int64)), ("subject", np.zeros(1, np.int64))):
+        for name, arr in (
+            ("X", np.zeros((1, 6, 16), np.float32)),
+            ("y", np.zeros(1, np.int64)),
+            ("subject", np.zeros(1, np.int64)),
+        ):
             with z.open(name + ".npy", "w") as f:
                 np.lib.format.write_array(f, arr)
         with z.open("pad.npy", "w", force_zip64=True) as f:  # 5 GiB of zeros, a few MB compressed
@@ -180,11 +192,19 @@ def _extra_resize(d: Path, param: str, shape: list[int]) -> list[str]:
     meta = header["__metadata__"]
     meta["extras"] = json.dumps([{"param": param, "shape": shape, "base_sha256": None}])
     start = len(body)
-    header["extra:" + param] = {"dtype": "F32", "shape": shape, "data_offsets": [start, start + 4 * int(np.prod(shape))]}
+    header["extra:" + param] = {
+        "dtype": "F32",
+        "shape": shape,
+        "data_offsets": [start, start + 4 * int(np.prod(shape))],
+    }
     body += np.ones(shape, np.float32).tobytes()
     from toolchain.core.adapter_file import content_digest
 
-    tensors = {k: np.frombuffer(body, np.float32, int(np.prod(v["shape"])), v["data_offsets"][0]).reshape(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    tensors = {
+        k: np.frombuffer(body, np.float32, int(np.prod(v["shape"])), v["data_offsets"][0]).reshape(v["shape"])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
     meta["content_sha256"] = content_digest(tensors, meta)
     _write_header(adapter, header, body)
     return _fuse(base, adapter, d)
@@ -198,23 +218,59 @@ def _external_base(d: Path) -> list[str]:
 
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "D1 checkpoint names a module callable": (lambda d: _ckpt(d, model="os:abort"), "may name only built-in backbones"),
-    "D1 checkpoint names a file beside it": (lambda d: ((d / "evil.py").write_text("raise SystemExit('ran')"), _ckpt(d, model=f"{d / 'evil.py'}:build"))[1], "may name only built-in backbones"),
+    "D1 checkpoint names a file beside it": (
+        lambda d: ((d / "evil.py").write_text("raise SystemExit('ran')"), _ckpt(d, model=f"{d / 'evil.py'}:build"))[1],
+        "may name only built-in backbones",
+    ),
     "D2 bench --json over an existing file": (_bench_existing, "pass --force"),
     "D2 verify --out-dir over an earlier report": (_verify_existing, "pass --force"),
     "D3 fuse a FIFO": (_fifo, "not a regular file"),
     "D3 fuse /dev/zero": (lambda d: _fuse(Path("/dev/zero"), _good(d)[1], d), "not a regular file"),
-    "D5 extra resizes a conv bias": (lambda d: _extra_resize(d, "conv.bias", [8]), "only a classifier head may change shape"),
-    "D5 extra resizes a conv weight": (lambda d: _extra_resize(d, "conv.weight", [6, 2, 3, 4]), "only a classifier head may change shape"),
-    "D8 groups 0": (lambda d: _edit_layer(d, _set(["geometry", "groups"], 0)), "geometry.groups must be an integer in 1.."),
-    "D8 rank 1e400": (lambda d: _layers_text(d, '"ranks": [1, ', '"ranks": [1e400, '), "layer.ranks must be an integer"),
-    "D8 in_channels 1e400": (lambda d: _layers_text(d, '"in_channels": 4', '"in_channels": 1e400'), "geometry.in_channels must be an integer"),
-    "D8 deeply nested JSON": (lambda d: _edit_layer(d, _set(["geometry"], json.loads("[" * 50 + "]" * 50))), "geometry must be a JSON object"),
-    "D8 recursion-deep JSON": (lambda d: _raw_edit(d, b'"extras":"[]"', b'"extras":"' + b"[" * 100000 + b'"'), "'extras' is not valid JSON"),
-    "D8 shape [2**64, 0]": (lambda d: _raw_edit(d, b'"shape":[6,', b'"shape":[18446744073709551616,0,'), "list of at most 8 integers"),
-    "D8 70 dims": (lambda d: _raw_edit(d, b'"shape":[6,', b'"shape":[' + b"1," * 70 + b"6,"), "list of at most 8 integers"),
+    "D5 extra resizes a conv bias": (
+        lambda d: _extra_resize(d, "conv.bias", [8]),
+        "only a classifier head may change shape",
+    ),
+    "D5 extra resizes a conv weight": (
+        lambda d: _extra_resize(d, "conv.weight", [6, 2, 3, 4]),
+        "only a classifier head may change shape",
+    ),
+    "D8 groups 0": (
+        lambda d: _edit_layer(d, _set(["geometry", "groups"], 0)),
+        "geometry.groups must be an integer in 1..",
+    ),
+    "D8 rank 1e400": (
+        lambda d: _layers_text(d, '"ranks": [1, ', '"ranks": [1e400, '),
+        "layer.ranks must be an integer",
+    ),
+    "D8 in_channels 1e400": (
+        lambda d: _layers_text(d, '"in_channels": 4', '"in_channels": 1e400'),
+        "geometry.in_channels must be an integer",
+    ),
+    "D8 deeply nested JSON": (
+        lambda d: _edit_layer(d, _set(["geometry"], json.loads("[" * 50 + "]" * 50))),
+        "geometry must be a JSON object",
+    ),
+    "D8 recursion-deep JSON": (
+        lambda d: _raw_edit(d, b'"extras":"[]"', b'"extras":"' + b"[" * 100000 + b'"'),
+        "'extras' is not valid JSON",
+    ),
+    "D8 shape [2**64, 0]": (
+        lambda d: _raw_edit(d, b'"shape":[6,', b'"shape":[18446744073709551616,0,'),
+        "list of at most 8 integers",
+    ),
+    "D8 70 dims": (
+        lambda d: _raw_edit(d, b'"shape":[6,', b'"shape":[' + b"1," * 70 + b"6,"),
+        "list of at most 8 integers",
+    ),
     "D8 booleans as dims": (lambda d: _raw_edit(d, b'"shape":[6,', b'"shape":[true,'), "list of at most 8 integers"),
-    "float rank": (lambda d: _edit_layer(d, lambda r: r.update(ranks=[1.0, *r["ranks"][1:]])), "layer.ranks must be an integer"),
-    "kernel_size as a string": (lambda d: _edit_layer(d, _set(["geometry", "kernel_size"], "33")), "geometry.kernel_size must be a list"),
+    "float rank": (
+        lambda d: _edit_layer(d, lambda r: r.update(ranks=[1.0, *r["ranks"][1:]])),
+        "layer.ranks must be an integer",
+    ),
+    "kernel_size as a string": (
+        lambda d: _edit_layer(d, _set(["geometry", "kernel_size"], "33")),
+        "geometry.kernel_size must be a list",
+    ),
     "scaling as a string": (lambda d: _edit_layer(d, _set(["scaling"], "1e3")), "layer.scaling must be a JSON number"),
     "scaling true": (lambda d: _edit_layer(d, _set(["scaling"], True)), "layer.scaling must be a JSON number"),
     "D14 scaling NaN": (lambda d: _layers_text(d, '"scaling": 1.0', '"scaling": NaN'), "is not valid JSON"),
@@ -224,18 +280,45 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "D20 duplicate __metadata__": (lambda d: _duplicate_key(d, b'"__metadata__"'), "duplicate key"),
     "D20 overlapping offsets": (lambda d: _offsets(d, "overlap"), "overlaps another tensor or leaves a gap"),
     "D20 unreferenced bytes": (lambda d: _offsets(d, "trailing"), "bytes no tensor owns"),
-    "D9 adapter is a folder without PEFT files": (lambda d: _fuse(_good(d)[0], d / "x", d), "a PEFT adapter folder holds adapter_config.json"),
-    "D9 over-long output name": (lambda d: ["fuse", *map(str, _good(d)), "-o", str(d / ("n" * 250 + ".onnx"))], "too long"),
-    "D9 verify --out-dir is a file": (lambda d: ((d / "f").write_text("x"), _verify(d, "--out-dir", str(d / "f")))[1], "names a file, not a folder"),
-    "D9 demo --out is a file": (lambda d: ((d / "f").write_text("x"), ["demo", "--out", str(d / "f")])[1], "names a file, not a folder"),
-    "D11 model file with a syntax error": (lambda d: _user_spec(d, "def build(:\n"), "raised an error while it was imported"),
-    "D11 model file whose import raises": (lambda d: _user_spec(d, "import no_such_module_xyz\n"), "raised an error while it was imported"),
-    "D11 callable that raises": (lambda d: _user_spec(d, "def build(**kw):\n    raise RuntimeError('boom')\n"), "callable raised an error"),
-    "D11 spec ':build'": (lambda d: ["pretrain", "--model", ":build", "--out", str(d / "m.pt"), "--steps", "1"], "a model spec is NAME"),
+    "D9 adapter is a folder without PEFT files": (
+        lambda d: _fuse(_good(d)[0], d / "x", d),
+        "a PEFT adapter folder holds adapter_config.json",
+    ),
+    "D9 over-long output name": (
+        lambda d: ["fuse", *map(str, _good(d)), "-o", str(d / ("n" * 250 + ".onnx"))],
+        "too long",
+    ),
+    "D9 verify --out-dir is a file": (
+        lambda d: ((d / "f").write_text("x"), _verify(d, "--out-dir", str(d / "f")))[1],
+        "names a file, not a folder",
+    ),
+    "D9 demo --out is a file": (
+        lambda d: ((d / "f").write_text("x"), ["demo", "--out", str(d / "f")])[1],
+        "names a file, not a folder",
+    ),
+    "D11 model file with a syntax error": (
+        lambda d: _user_spec(d, "def build(:\n"),
+        "raised an error while it was imported",
+    ),
+    "D11 model file whose import raises": (
+        lambda d: _user_spec(d, "import no_such_module_xyz\n"),
+        "raised an error while it was imported",
+    ),
+    "D11 callable that raises": (
+        lambda d: _user_spec(d, "def build(**kw):\n    raise RuntimeError('boom')\n"),
+        "callable raised an error",
+    ),
+    "D11 spec ':build'": (
+        lambda d: ["pretrain", "--model", ":build", "--out", str(d / "m.pt"), "--steps", "1"],
+        "a model spec is NAME",
+    ),
     "D12 string X": (lambda d: _npz(d, X=np.array([["a"] * 16] * 6 * 4).reshape(4, 6, 16)), "X must be numeric"),
     "D12 C = 0": (lambda d: _npz(d, X=np.zeros((4, 0, 16), np.float32)), "C >= 1"),
     "D12 T = 1": (lambda d: _npz(d, X=np.zeros((4, 6, 1), np.float32)), "T (H, W) >= 2"),
-    "D12 empty arrays": (lambda d: _npz(d, X=np.zeros((0, 6, 16), np.float32), y=np.zeros(0, int), subject=np.zeros(0, int)), "N >= 1"),
+    "D12 empty arrays": (
+        lambda d: _npz(d, X=np.zeros((0, 6, 16), np.float32), y=np.zeros(0, int), subject=np.zeros(0, int)),
+        "N >= 1",
+    ),
     "D12 2-D y": (lambda d: _npz(d, y=np.zeros((4, 2), int)), "y must be 1-D"),
     "D12 huge label": (lambda d: _npz(d, y=np.array([0, 1, 0, 10**12])), "labels must be class indices"),
     "D12 zip bomb": (_bomb, "expands to more than"),
@@ -247,12 +330,18 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "D14 float labels": (lambda d: _npz(d, y=np.array([0.0, 1.5, 0.0, 1.0])), "y must hold integers"),
     "D14 NaN subject ids": (lambda d: _npz(d, subject=np.array([0.0, np.nan, 1.0, 2.0])), "subject must hold integers"),
     "D18 --force onto the base's external data": (_external_base, "or a file they use"),
-    "D21 -o newdir/": (lambda d: ["fuse", *map(str, _good(d)), "-o", str(d / "newdir") + "/"], "must name a file, not a folder"),
+    "D21 -o newdir/": (
+        lambda d: ["fuse", *map(str, _good(d)), "-o", str(d / "newdir") + "/"],
+        "must name a file, not a folder",
+    ),
     "verify --atol nan": (lambda d: _verify(d, "--atol", "nan"), "finite number >= 0"),
     "verify --atol -1": (lambda d: _verify(d, "--atol", "-1"), "finite number >= 0"),
     "verify --real -1": (lambda d: _verify(d, "--real", "-1"), "--real must be an integer from 0 to 10000"),
     "verify --random 0": (lambda d: _verify(d, "--random", "0"), "--random must be an integer from 1 to 10000"),
-    "bench --runs 0": (lambda d: ["bench", str(_verify_models(d)[0]), "--runs", "0"], "--runs must be an integer from 1 to 100000"),
+    "bench --runs 0": (
+        lambda d: ["bench", str(_verify_models(d)[0]), "--runs", "0"],
+        "--runs must be an integer from 1 to 100000",
+    ),
 }
 
 
@@ -284,7 +373,14 @@ def test_missing_extra_is_one_line_naming_the_extra(tmp_path):
 
 def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
     _, adapter = _good(tmp_path)
-    proc = subprocess.run(f"{sys.executable} -m toolchain.cli inspect {adapter} | head -1", shell=True, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        f"{sys.executable} -m toolchain.cli inspect {adapter} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.stdout.strip() == "{" and "Traceback" not in proc.stderr and "Error" not in proc.stderr
 
 
@@ -293,7 +389,11 @@ def test_malformed_engine_sidecar_is_reported_not_raised(tmp_path, capsys):
     (tmp_path / "e.plan.json").write_text("{broken")
     assert main(["inspect", str(tmp_path / "e.plan")]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["record"] is None and "not a toolchain engine record" in info["record_error"] and info["tensorrt_version"] is None
+    assert (
+        info["record"] is None
+        and "not a toolchain engine record" in info["record_error"]
+        and info["tensorrt_version"] is None
+    )
 
 
 def test_fp16_engine_without_sidecar_needs_explicit_tolerances(tmp_path):
@@ -308,7 +408,10 @@ def test_fp16_engine_without_sidecar_needs_explicit_tolerances(tmp_path):
     record = EngineRecord("build", "m.onnx", "0" * 64, "0" * 64, "fp16", "none", (), "10.3.0", "0" * 64)
     write_record(tmp_path / "e.plan", record)
     assert _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions())[:2] == (1e-2, 1e-2)
-    assert _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions(engine_atol=0.5, engine_rtol=0.5))[:2] == (0.5, 0.5)
+    assert _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions(engine_atol=0.5, engine_rtol=0.5))[:2] == (
+        0.5,
+        0.5,
+    )
     (tmp_path / "e.plan.json").write_text(json.dumps({"options": {"fp16": True}}))  # a sidecar from before the record
     with pytest.raises(ToolchainError, match="not a toolchain engine record"):
         _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions())

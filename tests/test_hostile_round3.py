@@ -74,13 +74,20 @@ def _npz(d: Path, **arrays: np.ndarray) -> Path:
 
 def _one_class(d: Path) -> list[str]:
     rng = np.random.default_rng(0)
-    path = _npz(d, X=rng.standard_normal((40, 6, 32)).astype(np.float32), y=np.zeros(40, np.int64), subject=np.repeat([1, 2], 20))
+    path = _npz(
+        d,
+        X=rng.standard_normal((40, 6, 32)).astype(np.float32),
+        y=np.zeros(40, np.int64),
+        subject=np.repeat([1, 2], 20),
+    )
     return ["pretrain", "--data", str(path), "--out", str(d / "x.pt"), "--epochs", "1", "--no-progress"]
 
 
 def _short_windows(d: Path) -> list[str]:
     rng = np.random.default_rng(0)
-    path = _npz(d, X=rng.standard_normal((40, 6, 2)).astype(np.float32), y=np.tile([0, 1], 20), subject=np.repeat([1, 2], 20))
+    path = _npz(
+        d, X=rng.standard_normal((40, 6, 2)).astype(np.float32), y=np.tile([0, 1], 20), subject=np.repeat([1, 2], 20)
+    )
     return ["pretrain", "--data", str(path), "--out", str(d / "x.pt"), "--epochs", "1", "--no-progress"]
 
 
@@ -110,7 +117,9 @@ def _npy_with_shape(data: bytes, shape: tuple[int, ...]) -> bytes:
 
 def _same_in_out(d: Path) -> list[str]:
     rng = np.random.default_rng(0)
-    path = _npz(d, X=rng.standard_normal((40, 6, 32)).astype(np.float32), y=np.tile([0, 1], 20), subject=np.repeat([1, 2], 20))
+    path = _npz(
+        d, X=rng.standard_normal((40, 6, 32)).astype(np.float32), y=np.tile([0, 1], 20), subject=np.repeat([1, 2], 20)
+    )
     return ["pretrain", "--data", str(path), "--out", str(path), "--force", "--epochs", "1", "--no-progress"]
 
 
@@ -123,34 +132,98 @@ def _compare_onto_user_folder(d: Path) -> list[str]:
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "R2 compare onto a user's folder": (_compare_onto_user_folder, "not a compare folder"),
     "R3 weight is a graph output": (_weight_as_output, "is also a graph output"),
-    "R4 alpha_pattern invalid regex": (lambda d: _peft(d, {"alpha_pattern": {"conv(": 8}}), "not a valid regular expression"),
-    "R4 alpha_pattern null value": (lambda d: _peft(d, {"alpha_pattern": {"conv": None}}), "alpha_pattern values must be a finite number"),
-    "R4 alpha_pattern list value": (lambda d: _peft(d, {"alpha_pattern": {"conv": [8]}}), "alpha_pattern values must be a finite number"),
-    "R30 alpha_pattern value as a string": (lambda d: _peft(d, {"alpha_pattern": {"conv": "32"}}), "alpha_pattern values must be a finite number"),
-    "R30 rank_pattern value zero": (lambda d: _peft(d, {"rank_pattern": {"conv": 0}}), "rank_pattern values must be an integer >= 1"),
+    "R4 alpha_pattern invalid regex": (
+        lambda d: _peft(d, {"alpha_pattern": {"conv(": 8}}),
+        "not a valid regular expression",
+    ),
+    "R4 alpha_pattern null value": (
+        lambda d: _peft(d, {"alpha_pattern": {"conv": None}}),
+        "alpha_pattern values must be a finite number",
+    ),
+    "R4 alpha_pattern list value": (
+        lambda d: _peft(d, {"alpha_pattern": {"conv": [8]}}),
+        "alpha_pattern values must be a finite number",
+    ),
+    "R30 alpha_pattern value as a string": (
+        lambda d: _peft(d, {"alpha_pattern": {"conv": "32"}}),
+        "alpha_pattern values must be a finite number",
+    ),
+    "R30 rank_pattern value zero": (
+        lambda d: _peft(d, {"rank_pattern": {"conv": 0}}),
+        "rank_pattern values must be an integer >= 1",
+    ),
     "R5 catastrophic alpha_pattern": (lambda d: _peft(d, {"alpha_pattern": {"(a+)+$": 8}}), "exponential time"),
     "R6 rank-0 tensors": (
-        lambda d: _peft(d, {}, {"base_model.model.conv.lora_A.weight": np.array(1.0, np.float32), "base_model.model.conv.lora_B.weight": np.array(1.0, np.float32)}),
+        lambda d: _peft(
+            d,
+            {},
+            {
+                "base_model.model.conv.lora_A.weight": np.array(1.0, np.float32),
+                "base_model.model.conv.lora_B.weight": np.array(1.0, np.float32),
+            },
+        ),
         "no dimensions",
     ),
-    "R7 NUL in external data location (fuse)": (lambda d: _nul_location(d, "fuse"), "relative path inside the model's folder"),
-    "R7 NUL in external data location (inspect)": (lambda d: _nul_location(d, "inspect"), "relative path inside the model's folder"),
+    "R7 NUL in external data location (fuse)": (
+        lambda d: _nul_location(d, "fuse"),
+        "relative path inside the model's folder",
+    ),
+    "R7 NUL in external data location (inspect)": (
+        lambda d: _nul_location(d, "inspect"),
+        "relative path inside the model's folder",
+    ),
     "R13 windows too short for the model": (_short_windows, "cannot run on the data"),
-    "R15 seed past 2**32": (lambda d: ["pretrain", "--seed", str(2**40), "--out", str(d / "x.pt")], "--seed must be an integer from 0 to 4294967295"),
-    "R15 negative seed (finetune)": (lambda d: ["finetune", "--seed", "-1", "--out", str(d / "x.safetensors")], "--seed must be an integer"),
-    "R16 adapter reduction 0": (lambda d: ["finetune", "--method", "adapter", "--reduction", "0", "--out", str(d / "x.safetensors")], "--reduction must be an integer from 1"),
-    "R17 verify --real huge": (lambda d: ["verify", "a.onnx", "--reference", "b.onnx", "--real", "1000000000"], "--real must be an integer from 0 to 10000"),
-    "R17 verify --random huge": (lambda d: ["verify", "a.onnx", "--reference", "b.onnx", "--random", "100000000"], "--random must be an integer from 1 to 10000"),
-    "R18 manifest nested 100,000 deep": (lambda d: _manifest(d, "[" * 100_000 + "]" * 100_000), "nested deeper than 64 levels"),
-    "R24 fleet user named cache": (lambda d: _manifest(d, json.dumps({"data": "watch", "users": [{"name": "cache"}]})), "none of ['cache', 'fleet.json', 'summary.csv', 'summary.md']"),
+    "R15 seed past 2**32": (
+        lambda d: ["pretrain", "--seed", str(2**40), "--out", str(d / "x.pt")],
+        "--seed must be an integer from 0 to 4294967295",
+    ),
+    "R15 negative seed (finetune)": (
+        lambda d: ["finetune", "--seed", "-1", "--out", str(d / "x.safetensors")],
+        "--seed must be an integer",
+    ),
+    "R16 adapter reduction 0": (
+        lambda d: ["finetune", "--method", "adapter", "--reduction", "0", "--out", str(d / "x.safetensors")],
+        "--reduction must be an integer from 1",
+    ),
+    "R17 verify --real huge": (
+        lambda d: ["verify", "a.onnx", "--reference", "b.onnx", "--real", "1000000000"],
+        "--real must be an integer from 0 to 10000",
+    ),
+    "R17 verify --random huge": (
+        lambda d: ["verify", "a.onnx", "--reference", "b.onnx", "--random", "100000000"],
+        "--random must be an integer from 1 to 10000",
+    ),
+    "R18 manifest nested 100,000 deep": (
+        lambda d: _manifest(d, "[" * 100_000 + "]" * 100_000),
+        "nested deeper than 64 levels",
+    ),
+    "R24 fleet user named cache": (
+        lambda d: _manifest(d, json.dumps({"data": "watch", "users": [{"name": "cache"}]})),
+        "none of ['cache', 'fleet.json', 'summary.csv', 'summary.md']",
+    ),
     "R25 pretrain output is its data": (_same_in_out, "must not be one of the inputs"),
     "R28 npz header declares a huge array": (_huge_npz_header, "declares"),
     "R31 one-class data": (_one_class, "at least two classes"),
-    "R33 scaling inf": (lambda d: ["finetune", "--scaling", "inf", "--out", str(d / "x.safetensors")], "--scaling must be a finite number"),
-    "R34 manifest with two users keys": (lambda d: _manifest(d, '{"data": "watch", "users": [{"name": "a"}], "users": [{"name": "b"}]}'), "duplicate key 'users'"),
-    "R35 fleet --layers regex checked first": (lambda d: [*_manifest(d, json.dumps({"data": "watch", "users": [{"name": "a"}]})), "--layers", "("], "not a valid regular expression"),
-    "R36 compare --steps 0": (lambda d: ["compare", "--steps", "0", "--out", str(d / "c")], "--steps must be an integer from 1"),
-    "R36 compare --eval-every -1": (lambda d: ["compare", "--eval-every", "-1", "--out", str(d / "c")], "--eval-every must be an integer from 1"),
+    "R33 scaling inf": (
+        lambda d: ["finetune", "--scaling", "inf", "--out", str(d / "x.safetensors")],
+        "--scaling must be a finite number",
+    ),
+    "R34 manifest with two users keys": (
+        lambda d: _manifest(d, '{"data": "watch", "users": [{"name": "a"}], "users": [{"name": "b"}]}'),
+        "duplicate key 'users'",
+    ),
+    "R35 fleet --layers regex checked first": (
+        lambda d: [*_manifest(d, json.dumps({"data": "watch", "users": [{"name": "a"}]})), "--layers", "("],
+        "not a valid regular expression",
+    ),
+    "R36 compare --steps 0": (
+        lambda d: ["compare", "--steps", "0", "--out", str(d / "c")],
+        "--steps must be an integer from 1",
+    ),
+    "R36 compare --eval-every -1": (
+        lambda d: ["compare", "--eval-every", "-1", "--out", str(d / "c")],
+        "--eval-every must be an integer from 1",
+    ),
     "R37 opset 99 base": (_opset, "opset is outside what this onnx knows"),
 }
 
@@ -171,7 +244,18 @@ def test_r38_manifest_errors_name_the_field_not_the_content(tmp_path, capsys):
 def test_r40_tolerance_for_an_output_the_model_lacks(tmp_path, capsys):
     base, adapter = _good(tmp_path)
     assert main(["fuse", str(base), str(adapter), "-o", str(tmp_path / "f.onnx")]) == 0
-    argv = ["verify", str(tmp_path / "f.onnx"), "--reference", str(base), "--data", "none", "--atol", "nosuchoutput:1", "--out-dir", str(tmp_path / "v")]
+    argv = [
+        "verify",
+        str(tmp_path / "f.onnx"),
+        "--reference",
+        str(base),
+        "--data",
+        "none",
+        "--atol",
+        "nosuchoutput:1",
+        "--out-dir",
+        str(tmp_path / "v"),
+    ]
     assert main(argv) == 2
     assert "names an output the model does not have" in capsys.readouterr().err and not (tmp_path / "v").exists()
 
@@ -182,7 +266,21 @@ def test_r8_verify_refuses_models_with_other_outputs_before_writing(tmp_path, ca
     model.graph.output[0].name = "renamed"
     model.graph.node[-1].output[0] = "renamed"
     onnx.save(model, tmp_path / "other.onnx")
-    assert main(["verify", str(tmp_path / "other.onnx"), "--reference", str(base), "--data", "none", "--out-dir", str(tmp_path / "v")]) == 2
+    assert (
+        main(
+            [
+                "verify",
+                str(tmp_path / "other.onnx"),
+                "--reference",
+                str(base),
+                "--data",
+                "none",
+                "--out-dir",
+                str(tmp_path / "v"),
+            ]
+        )
+        == 2
+    )
     assert "different outputs" in capsys.readouterr().err and not (tmp_path / "v").exists()
 
 
@@ -195,7 +293,21 @@ def test_r9_sigterm_during_verify_leaves_nothing_and_never_passes(tmp_path, dela
     assert main(["fuse", str(base), str(adapter), "-o", str(tmp_path / "f.onnx")]) == 0
     out = tmp_path / "v"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "toolchain.cli", "verify", str(tmp_path / "f.onnx"), "--reference", str(tmp_path / "f.onnx"), "--data", "none", "--random", "50", "--out-dir", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "toolchain.cli",
+            "verify",
+            str(tmp_path / "f.onnx"),
+            "--reference",
+            str(tmp_path / "f.onnx"),
+            "--data",
+            "none",
+            "--random",
+            "50",
+            "--out-dir",
+            str(out),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -217,18 +329,32 @@ def test_r9_sigterm_during_verify_leaves_nothing_and_never_passes(tmp_path, dela
 
 @pytest.mark.parametrize(
     ("labels", "message"),
-    [("1 1 5 x 1232\n", "must hold numbers only"), (b"1 1 5 \xff\xfe 1232\n", "must hold numbers only"), ("1 1 5 250.5 1232\n", "whole numbers"), ("1 1 5 -3 1232\n", "whole numbers"),
-     ("1 1 5 1232 250\n", "first sample <= last"), ("1 1 5 nan 1232\n", "NaN or Inf")],
-)  # fmt: skip
+    [
+        ("1 1 5 x 1232\n", "must hold numbers only"),
+        (b"1 1 5 \xff\xfe 1232\n", "must hold numbers only"),
+        ("1 1 5 250.5 1232\n", "whole numbers"),
+        ("1 1 5 -3 1232\n", "whole numbers"),
+        ("1 1 5 1232 250\n", "first sample <= last"),
+        ("1 1 5 nan 1232\n", "NaN or Inf"),
+    ],
+)
 def test_r10_r32_hapt_labels_are_refused_not_coerced(tmp_path, capsys, labels, message):
     raw = tmp_path / "hapt" / "RawData"
     raw.mkdir(parents=True)
     (raw / "labels.txt").write_bytes(labels if isinstance(labels, bytes) else labels.encode())
-    run_refused(lambda d: ["pretrain", "--data", f"hapt:{tmp_path / 'hapt'}", "--out", str(d / "x.pt")], message, tmp_path, capsys)
+    run_refused(
+        lambda d: ["pretrain", "--data", f"hapt:{tmp_path / 'hapt'}", "--out", str(d / "x.pt")],
+        message,
+        tmp_path,
+        capsys,
+    )
 
 
 def test_r14_pretrain_on_everything(tmp_path, capsys):
-    assert main(["pretrain", "--target-subjects", "", "--epochs", "1", "--out", str(tmp_path / "all.pt"), "--no-progress"]) == 0
+    assert (
+        main(["pretrain", "--target-subjects", "", "--epochs", "1", "--out", str(tmp_path / "all.pt"), "--no-progress"])
+        == 0
+    )
     assert "no target subjects held out" in capsys.readouterr().out and (tmp_path / "all.pt").is_file()
 
 
@@ -236,7 +362,10 @@ def test_r26_a_full_disk_while_writing_a_checkpoint_is_one_line(tmp_path, capsys
     import torch
 
     def full(*args, **kwargs):
-        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file "
+            "write failed"
+        )
 
     monkeypatch.setattr(torch, "save", full)
     assert main(["pretrain", "--epochs", "1", "--out", str(tmp_path / "x.pt"), "--no-progress"]) == 2
@@ -269,7 +398,20 @@ def test_r11_a_png_text_chunk_past_pillows_limit_is_one_line(tmp_path, capsys):
     info = PngImagePlugin.PngInfo()
     info.add_text("comment", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 10), zip=True)  # inflates past the limit
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / "a" / "bomb.png", pnginfo=info)
-    run_refused(lambda d: ["pretrain", "--model", "resnet18", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", str(d / "x.pt")], "cannot read an image", tmp_path, capsys)
+    run_refused(
+        lambda d: [
+            "pretrain",
+            "--model",
+            "resnet18",
+            "--data",
+            f"imagefolder:{tmp_path / 'imgs'}",
+            "--out",
+            str(d / "x.pt"),
+        ],
+        "cannot read an image",
+        tmp_path,
+        capsys,
+    )
 
 
 def test_r42_fleet_on_a_full_disk_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):

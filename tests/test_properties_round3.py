@@ -15,7 +15,11 @@ from toolchain.graphs.peft import _check_config
 from toolchain.grid.runner import Task, read_record, write_record
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
@@ -52,7 +56,11 @@ def test_any_text_parses_strictly_or_is_refused(text):
 
 
 @BOUNDED
-@given(record=st.dictionaries(st.sampled_from(["format", "fn", "inputs", "status", "result", "files", "digest", "seconds"]), JSON, max_size=8))
+@given(
+    record=st.dictionaries(
+        st.sampled_from(["format", "fn", "inputs", "status", "result", "files", "digest", "seconds"]), JSON, max_size=8
+    )
+)
 def test_no_forged_cache_record_is_trusted(tmp_path_factory, record):
     d = tmp_path_factory.mktemp("rec")
     task = Task("tests.toolchain.grid.fns:square", {"x": 3})

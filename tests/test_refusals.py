@@ -93,33 +93,76 @@ def _pickle_ckpt(d: Path) -> list[str]:
 
 
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
-    "output equals input": (lambda d: ["fuse", *map(str, _good(d)), "-o", str(d / "base.onnx")], "must not be one of the inputs"),
-    "existing output without --force": (lambda d: (d / "out.onnx").write_bytes(b"x") and _fuse(*_good(d), d), "pass --force"),
-    "truncated adapter": (lambda d: (lambda b, a: (a.write_bytes(a.read_bytes()[:-40]), _fuse(b, a, d))[1])(*_good(d)), "truncated or corrupt"),
-    "bit-flipped adapter data": (lambda d: (lambda b, a: (_patch(a, 5, b"\x01"), _fuse(b, a, d))[1])(*_good(d)), "does not match its checksum"),
+    "output equals input": (
+        lambda d: ["fuse", *map(str, _good(d)), "-o", str(d / "base.onnx")],
+        "must not be one of the inputs",
+    ),
+    "existing output without --force": (
+        lambda d: (d / "out.onnx").write_bytes(b"x") and _fuse(*_good(d), d),
+        "pass --force",
+    ),
+    "truncated adapter": (
+        lambda d: (lambda b, a: (a.write_bytes(a.read_bytes()[:-40]), _fuse(b, a, d))[1])(*_good(d)),
+        "truncated or corrupt",
+    ),
+    "bit-flipped adapter data": (
+        lambda d: (lambda b, a: (_patch(a, 5, b"\x01"), _fuse(b, a, d))[1])(*_good(d)),
+        "does not match its checksum",
+    ),
     "adapter that is an ONNX file": (lambda d: (lambda b, a: _fuse(b, b, d))(*_good(d)), "not an adapter"),
     "ONNX that is an adapter file": (lambda d: (lambda b, a: _fuse(a, a, d))(*_good(d)), "not an ONNX model"),
     "header declares a 100 GB tensor": (
-        lambda d: (lambda b, a: (_edit_header(a, b'"shape":[6,', b'"shape":[6000000000,'), _fuse(b, a, d))[1])(*_good(d)),
+        lambda d: (lambda b, a: (_edit_header(a, b'"shape":[6,', b'"shape":[6000000000,'), _fuse(b, a, d))[1])(
+            *_good(d)
+        ),
         "list of at most 8 integers in 0..2147483648",
     ),
-    "header declares a negative size": (lambda d: (lambda b, a: (_edit_header(a, b'"shape":[6,', b'"shape":[-6,'), _fuse(b, a, d))[1])(*_good(d)), "list of at most 8 integers in 0..2147483648"),
-    "NaN in the adapter": (lambda d: (lambda b, a: (_patch(a, 0, np.float32(np.nan).tobytes()), _fuse(b, a, d))[1])(*_good(d)), "NaN or Inf"),
-    "dtype that is not float32": (lambda d: (lambda b, a: (_edit_header(a, b'"F32"', b'"F64"'), _fuse(b, a, d))[1])(*_good(d)), "must be float32"),
-    "metadata that is not JSON": (lambda d: (lambda b, a: (_edit_header(a, b'"extras":"[]"', b'"extras":"[[["'), _fuse(b, a, d))[1])(*_good(d)), "'extras' is not valid JSON"),
+    "header declares a negative size": (
+        lambda d: (lambda b, a: (_edit_header(a, b'"shape":[6,', b'"shape":[-6,'), _fuse(b, a, d))[1])(*_good(d)),
+        "list of at most 8 integers in 0..2147483648",
+    ),
+    "NaN in the adapter": (
+        lambda d: (lambda b, a: (_patch(a, 0, np.float32(np.nan).tobytes()), _fuse(b, a, d))[1])(*_good(d)),
+        "NaN or Inf",
+    ),
+    "dtype that is not float32": (
+        lambda d: (lambda b, a: (_edit_header(a, b'"F32"', b'"F64"'), _fuse(b, a, d))[1])(*_good(d)),
+        "must be float32",
+    ),
+    "metadata that is not JSON": (
+        lambda d: (lambda b, a: (_edit_header(a, b'"extras":"[]"', b'"extras":"[[["'), _fuse(b, a, d))[1])(*_good(d)),
+        "'extras' is not valid JSON",
+    ),
     "adapter for a different layer shape": (_other_shape, "shape does not fit the adapter layer"),
     "wrong base model": (lambda d: [*_fuse(_good(d / "other", seed=9)[0], _good(d)[1], d)], "is not the base weight"),
     "already fused": (lambda d: _fuse(_fused_model(d), d / "adapter.safetensors", d), "already fused"),
-    "non-finite value in the ONNX model": (lambda d: _fuse(*_good(d, bias_fill=float("inf")), d), "the ONNX model has NaN or Inf"),
-    "external data with an absolute path": (lambda d: _fuse(_external(d, "/etc/hostname"), d / "adapter.safetensors", d), "must be a relative path"),
-    "external data leaving the folder": (lambda d: _fuse(_external(d, "../w.bin"), d / "adapter.safetensors", d), "leaves the model's folder"),
-    "external data through a symlink": (lambda d: _fuse(_external(d, "link.bin", _symlink_out), d / "adapter.safetensors", d), "leaves the model's folder"),
-    "truncated ONNX": (lambda d: (lambda b, a: (b.write_bytes(b.read_bytes()[:100]), _fuse(b, a, d))[1])(*_good(d)), "not an ONNX model"),
+    "non-finite value in the ONNX model": (
+        lambda d: _fuse(*_good(d, bias_fill=float("inf")), d),
+        "the ONNX model has NaN or Inf",
+    ),
+    "external data with an absolute path": (
+        lambda d: _fuse(_external(d, "/etc/hostname"), d / "adapter.safetensors", d),
+        "must be a relative path",
+    ),
+    "external data leaving the folder": (
+        lambda d: _fuse(_external(d, "../w.bin"), d / "adapter.safetensors", d),
+        "leaves the model's folder",
+    ),
+    "external data through a symlink": (
+        lambda d: _fuse(_external(d, "link.bin", _symlink_out), d / "adapter.safetensors", d),
+        "leaves the model's folder",
+    ),
+    "truncated ONNX": (
+        lambda d: (lambda b, a: (b.write_bytes(b.read_bytes()[:100]), _fuse(b, a, d))[1])(*_good(d)),
+        "not an ONNX model",
+    ),
     "pickled checkpoint": (lambda d: _pickle_ckpt(d), "cannot read checkpoint"),
 }
 
 
-def run_refused(setup: Callable[[Path], list[str]], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> pytest.CaptureResult[str]:
+def run_refused(
+    setup: Callable[[Path], list[str]], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> pytest.CaptureResult[str]:
     """Run the command ``setup`` builds; assert exit 2, ``message`` on stderr, no traceback, no new
     file and no input changed. Returns what was printed, for further checks."""
     (tmp_path / "x").mkdir()

@@ -22,7 +22,8 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 def test_core_kernels_graphs_import_without_torch():
     code = (
         "import toolchain, toolchain.core.methods, toolchain.core.adapter_file, toolchain.core.fileio\n"
-        "import toolchain.kernels, toolchain.graphs, toolchain.graphs.fuse, toolchain.graphs.diff, toolchain.graphs.fold, toolchain.cli\n"
+        "import toolchain.kernels, toolchain.graphs, toolchain.graphs.fuse, toolchain.graphs.diff, "
+        "toolchain.graphs.fold, toolchain.cli\n"
         "import toolchain.trt.check, toolchain.trt.record, toolchain.trt.engine, toolchain.inspect_file\n"
         "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
     )

@@ -42,7 +42,17 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["METHODS", "Adaptation", "Adapter", "ToolchainError", "adapt", "export_onnx", "fuse", "load_adapter", "verify"]
+__all__ = [
+    "METHODS",
+    "Adaptation",
+    "Adapter",
+    "ToolchainError",
+    "adapt",
+    "export_onnx",
+    "fuse",
+    "load_adapter",
+    "verify",
+]
 
 
 @dataclass
@@ -112,10 +122,26 @@ class Adaptation:
     def _config(self) -> Any:
         from toolchain.peft.inject import AdaptConfig
 
-        return AdaptConfig(method=self.method, rank=self.rank, scaling=self.scaling, layers=self.layers, train=self.train_groups, update_bn_stats=self.update_bn_stats)
+        return AdaptConfig(
+            method=self.method,
+            rank=self.rank,
+            scaling=self.scaling,
+            layers=self.layers,
+            train=self.train_groups,
+            update_bn_stats=self.update_bn_stats,
+        )
 
 
-def adapt(model: nn.Module, method: str = "lora-edge", rank: int = 4, *, layers: str = "all", scaling: float = 1.0, train: Sequence[str] = (), update_bn_stats: bool = False) -> Adaptation:
+def adapt(
+    model: nn.Module,
+    method: str = "lora-edge",
+    rank: int = 4,
+    *,
+    layers: str = "all",
+    scaling: float = 1.0,
+    train: Sequence[str] = (),
+    update_bn_stats: bool = False,
+) -> Adaptation:
     """Put ``method`` into ``model`` in place and freeze the rest (``toolchain finetune``'s step).
 
     layers: "all" convs, "pointwise" (1x1) convs or a regex on module names. scaling: ΔW scale
@@ -130,12 +156,18 @@ def adapt(model: nn.Module, method: str = "lora-edge", rank: int = 4, *, layers:
     if not isinstance(model, nn.Module):
         raise ToolchainError("adapt takes a torch.nn.Module", seen=type(model).__name__, remedy="pass your model")
     if any(isinstance(m, LoRAEdgeConv | LoRAConv | BottleneckAdapter) for m in model.modules()):
-        raise ToolchainError("the model is already adapted", seen=type(model).__name__, remedy="adapt a fresh copy of the base model (Adaptation.base_model())")
+        raise ToolchainError(
+            "the model is already adapted",
+            seen=type(model).__name__,
+            remedy="adapt a fresh copy of the base model (Adaptation.base_model())",
+        )
     spec = get_method(method)
     state = model.state_dict()
     base_state = OrderedDict((k, v.detach().clone()) for k, v in state.items())
     base_state._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]  # version info some modules' loaders need (torchvision's MNASNet)
-    cfg = AdaptConfig(method=spec.name, rank=rank, scaling=scaling, layers=layers, train=tuple(train), update_bn_stats=update_bn_stats)
+    cfg = AdaptConfig(
+        method=spec.name, rank=rank, scaling=scaling, layers=layers, train=tuple(train), update_bn_stats=update_bn_stats
+    )
     wrapped = inject(model, cfg)
     return Adaptation(model, spec.name, rank, scaling, layers, tuple(train), update_bn_stats, wrapped, base_state)
 
@@ -167,7 +199,9 @@ def export_onnx(
     return out
 
 
-def fuse(base: str | os.PathLike[str], adapter: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False) -> dict[str, str]:
+def fuse(
+    base: str | os.PathLike[str], adapter: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False
+) -> dict[str, str]:
     """``toolchain fuse``: a toolchain adapter file or a PEFT adapter folder into base.onnx's Conv weights."""
     from toolchain.graphs.fuse import fuse_files
 
@@ -196,6 +230,18 @@ def verify(
     if inputs is not None:
         inputs = np.asarray(inputs)
         if inputs.dtype.kind not in "fiu" or inputs.ndim < 2 or len(inputs) == 0:
-            raise ToolchainError("verify inputs must be a numeric array (N, ...) with N >= 1", seen=f"dtype {inputs.dtype}, shape {inputs.shape}", remedy="pass real windows or images as float32")
-    opts = VerifyOptions(data=data, real=real if (data or inputs is not None) else 0, random=random, atol=atol, rtol=rtol, force=force, inputs=inputs)
+            raise ToolchainError(
+                "verify inputs must be a numeric array (N, ...) with N >= 1",
+                seen=f"dtype {inputs.dtype}, shape {inputs.shape}",
+                remedy="pass real windows or images as float32",
+            )
+    opts = VerifyOptions(
+        data=data,
+        real=real if (data or inputs is not None) else 0,
+        random=random,
+        atol=atol,
+        rtol=rtol,
+        force=force,
+        inputs=inputs,
+    )
     return run(str(model), str(reference), str(out_dir), engine=engine, opts=opts)

@@ -65,7 +65,14 @@ def grid(job: CompareJob) -> list[tuple[str, int]]:
 
 def base_inputs(job: CompareJob) -> dict[str, Any]:
     """Everything the pretrained base depends on."""
-    return {"backbone": job.backbone, "data": job.data, "pretrain_epochs": job.pretrain_epochs, "seed": job.seed, "exclude_classes": list(job.exclude_classes), "version": __version__}
+    return {
+        "backbone": job.backbone,
+        "data": job.data,
+        "pretrain_epochs": job.pretrain_epochs,
+        "seed": job.seed,
+        "exclude_classes": list(job.exclude_classes),
+        "version": __version__,
+    }
 
 
 def run_inputs(job: CompareJob, method: str, rank: int) -> dict[str, Any]:
@@ -87,7 +94,15 @@ def ensure_base(job: CompareJob, out: Path) -> Path:
     ckpt = out / f"base_{job.backbone}_{cache_key(base_inputs(job))}.pt"
     if not ckpt.is_file():
         pretrain_cfg = TrainConfig(lr=2e-3, epochs=job.pretrain_epochs, seed=job.seed, progress=False)
-        pretrain(PretrainJob(out=str(ckpt), model=job.backbone, data=job.data, train=pretrain_cfg, exclude_classes=job.exclude_classes))
+        pretrain(
+            PretrainJob(
+                out=str(ckpt),
+                model=job.backbone,
+                data=job.data,
+                train=pretrain_cfg,
+                exclude_classes=job.exclude_classes,
+            )
+        )
     return ckpt
 
 
@@ -101,7 +116,14 @@ def compare_tasks(job: CompareJob) -> list[Task]:
         ckpt = ensure_base(sjob, out)
         for method, rank in grid(sjob):
             adapter = out / "adapters" / f"{job.backbone}_{method}_r{rank}_s{seed}.safetensors"
-            tasks.append(Task("toolchain.compare:compare_task", run_inputs(sjob, method, rank), {"checkpoint": str(ckpt), "adapter": str(adapter)}, (str(adapter),)))
+            tasks.append(
+                Task(
+                    "toolchain.compare:compare_task",
+                    run_inputs(sjob, method, rank),
+                    {"checkpoint": str(ckpt), "adapter": str(adapter)},
+                    (str(adapter),),
+                )
+            )
     return tasks
 
 
@@ -116,9 +138,16 @@ def _check_out(job: CompareJob) -> Path:
         raise ToolchainError("the compare output must be a folder", seen=str(out), remedy="choose a new folder name")
     ours = (out / MARKER).is_file() or (out / "runs").is_dir()
     if out.is_dir() and any(out.iterdir()) and not ours and not job.force:
-        raise ToolchainError("the compare output folder is not empty and is not a compare folder, so its files are left alone", seen=str(out), remedy="choose a new folder, or pass --force")
+        raise ToolchainError(
+            "the compare output folder is not empty and is not a compare folder, so its files are left alone",
+            seen=str(out),
+            remedy="choose a new folder, or pass --force",
+        )
     out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out / MARKER, json.dumps({"backbone": job.backbone, "data": job.data, "methods": list(job.methods)}, indent=1).encode())
+    write_bytes_atomic(
+        out / MARKER,
+        json.dumps({"backbone": job.backbone, "data": job.data, "methods": list(job.methods)}, indent=1).encode(),
+    )
     return out
 
 
@@ -149,27 +178,58 @@ def compare_task(inputs: dict[str, Any]) -> dict[str, Any]:
     if grows:  # unseen classes: a head for all of them (known rows kept), trained by every method
         seed_everything(inputs["seed"])
         expand_head(base, list(payload["classes"]), list(ds.classes))
-    _, target = split_subjects(ds, (payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds))
+    _, target = split_subjects(
+        ds, (payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds)
+    )
     adapt, test = time_split(target)
     return run_one(base, adapt, test, inputs, Path(inputs["adapter"]), grows)
 
 
-def run_one(base: torch.nn.Module, adapt: Any, test: Any, inputs: dict[str, Any], adapter_path: Path, train_head: bool = False) -> dict[str, Any]:
-    """Train one method on ``adapt`` (the lean path where it applies), profile a step on both paths, save the adapter."""
+def run_one(
+    base: torch.nn.Module, adapt: Any, test: Any, inputs: dict[str, Any], adapter_path: Path, train_head: bool = False
+) -> dict[str, Any]:
+    """Train one method on ``adapt`` (the lean path where it applies), profile a step on both paths,
+    save the adapter."""
     method, rank, batch = inputs["method"], inputs["rank"], inputs["batch_size"]
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    done = adapt_once(base, adapt, test, method, rank, seed=inputs["seed"], steps=inputs["steps"], eval_every=inputs["eval_every"], batch_size=batch, layers=inputs["layers"], train_head=train_head)
+    done = adapt_once(
+        base,
+        adapt,
+        test,
+        method,
+        rank,
+        seed=inputs["seed"],
+        steps=inputs["steps"],
+        eval_every=inputs["eval_every"],
+        batch_size=batch,
+        layers=inputs["layers"],
+        train_head=train_head,
+    )
     x, y = torch.from_numpy(adapt.X[:batch]), torch.from_numpy(adapt.y[:batch])
     lean = get_method(method).base_frozen  # the path finetune trains on
-    probes = {path: copy.deepcopy(base) for path in ("lean", "reference")}  # profiled on fresh copies: the trained model stays as trained
+    probes = {
+        path: copy.deepcopy(base) for path in ("lean", "reference")
+    }  # profiled on fresh copies: the trained model stays as trained
     for probe in probes.values():
         inject(probe, done.config)
     with lean_training(probes["lean"], lean):
-        prof = profile_step(probes["lean"], make_optimizer(probes["lean"], done.config, get_method(method).lr), x, y, lambda m: set_train_mode(m, False))
+        prof = profile_step(
+            probes["lean"],
+            make_optimizer(probes["lean"], done.config, get_method(method).lr),
+            x,
+            y,
+            lambda m: set_train_mode(m, False),
+        )
     set_train_mode(probes["reference"], False)
     reference_activations = activation_bytes(probes["reference"], x)
     save_adapter(extract_adapter(done.model, state, done.config, {"compare": True}), adapter_path)
-    return {"backbone": inputs["backbone"], **done.row, "adapter_bytes": adapter_path.stat().st_size, "activation_bytes_reference": reference_activations, **prof.as_dict()}
+    return {
+        "backbone": inputs["backbone"],
+        **done.row,
+        "adapter_bytes": adapter_path.stat().st_size,
+        "activation_bytes_reference": reference_activations,
+        **prof.as_dict(),
+    }
 
 
 def add_time_to_target(rows: list[dict[str, Any]]) -> None:
@@ -218,14 +278,20 @@ def write_reports(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| method | rank | trainable | % | adapter KiB | F1 start | F1 final | steps to target | s to target | MFLOP/step | memory MiB (param/grad/opt/act) | act. MiB reference path | fusable |\n"
+    head = (
+        "| method | rank | trainable | % | adapter KiB | F1 start | F1 final | steps to target | s to target "
+        "| MFLOP/step | memory MiB (param/grad/opt/act) | act. MiB reference path | fusable |\n"
+    )
     head += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     mib = 1 / (1 << 20)
     lines = [
-        f"| {r['method']} | {r['rank'] or '-'} | {r['trainable_params']} | {100 * r['trainable_fraction']:.2f} | {r['adapter_bytes'] / 1024:.1f} | {r['f1_start']:.3f} | "
-        f"{r['f1_final']:.3f} | {r.get('steps_to_target') if r.get('steps_to_target') is not None else 'not reached'} | "
+        f"| {r['method']} | {r['rank'] or '-'} | {r['trainable_params']} | {100 * r['trainable_fraction']:.2f} "
+        f"| {r['adapter_bytes'] / 1024:.1f} | {r['f1_start']:.3f} | "
+        f"{r['f1_final']:.3f} | "
+        f"{r.get('steps_to_target') if r.get('steps_to_target') is not None else 'not reached'} | "
         f"{_fmt(r.get('seconds_to_target'))} | {r['total_flops'] / 1e6:.1f} | "
-        f"{r['param_bytes'] * mib:.2f}/{r['grad_bytes'] * mib:.2f}/{r['optimizer_bytes'] * mib:.2f}/{r['activation_bytes'] * mib:.2f} | "
+        f"{r['param_bytes'] * mib:.2f}/{r['grad_bytes'] * mib:.2f}/"
+        f"{r['optimizer_bytes'] * mib:.2f}/{r['activation_bytes'] * mib:.2f} | "
         f"{r.get('activation_bytes_reference', r['activation_bytes']) * mib:.2f} | {'yes' if r['fusable'] else 'no'} |"
         for r in rows
     ]
@@ -262,9 +328,23 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     bottom = np.zeros(len(rows))
     for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes"):
         vals = np.array([r[key] for r in rows]) / (1 << 20)
-        ax.bar(pos - 0.2, vals, 0.4, bottom=bottom, label=key.replace("_bytes", "") + (" (lean path)" if key == "activation_bytes" else ""))
+        ax.bar(
+            pos - 0.2,
+            vals,
+            0.4,
+            bottom=bottom,
+            label=key.replace("_bytes", "") + (" (lean path)" if key == "activation_bytes" else ""),
+        )
         bottom += vals
-    ref = np.array([r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"] + r.get("activation_bytes_reference", r["activation_bytes"]) for r in rows]) / (1 << 20)
+    ref = np.array(
+        [
+            r["param_bytes"]
+            + r["grad_bytes"]
+            + r["optimizer_bytes"]
+            + r.get("activation_bytes_reference", r["activation_bytes"])
+            for r in rows
+        ]
+    ) / (1 << 20)
     ax.bar(pos + 0.2, ref, 0.4, color="none", edgecolor="k", hatch="//", label="total on the reference path")
     full = [r for r in rows if r["method"] == "full"]
     if full:

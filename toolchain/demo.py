@@ -34,16 +34,43 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
 
     d = Path(out)
     if d.exists() and not d.is_dir():
-        raise ToolchainError("--out names a file, not a folder", seen=str(d), remedy="choose a folder path for the demo's outputs")
+        raise ToolchainError(
+            "--out names a file, not a folder", seen=str(d), remedy="choose a folder path for the demo's outputs"
+        )
     if d.exists() and any(d.iterdir()) and not force:
-        raise ToolchainError("the demo folder is not empty", seen=str(d), remedy="pass --force to overwrite its files, or choose another --out")
+        raise ToolchainError(
+            "the demo folder is not empty",
+            seen=str(d),
+            remedy="pass --force to overwrite its files, or choose another --out",
+        )
     d.mkdir(parents=True, exist_ok=True)
-    p = {k: str(d / v) for k, v in dict(ckpt="base.pt", adapter="adapter.safetensors", base="base.onnx", unfused="unfused.onnx", fused="fused.onnx").items()}
+    p = {
+        k: str(d / v)
+        for k, v in dict(
+            ckpt="base.pt", adapter="adapter.safetensors", base="base.onnx", unfused="unfused.onnx", fused="fused.onnx"
+        ).items()
+    }
     print(f"1/6 pretrain {backbone} on the {data} dataset's source {'domain' if images else 'subjects'}")
-    pre = pretrain(PretrainJob(out=p["ckpt"], model=backbone, data=data, train=TrainConfig(lr=2e-3, epochs=(1 if images else 2) if quick else pre_epochs, progress=not quick), force=True))
+    pre = pretrain(
+        PretrainJob(
+            out=p["ckpt"],
+            model=backbone,
+            data=data,
+            train=TrainConfig(lr=2e-3, epochs=(1 if images else 2) if quick else pre_epochs, progress=not quick),
+            force=True,
+        )
+    )
     print(f"2/6 finetune with LoRA-Edge (rank 4) on the target {'domains' if images else 'subjects'}")
-    train_cfg = TrainConfig(lr=5e-3, batch_size=batch, epochs=2 if quick else ft_epochs, steps=10 if quick and images else 0, progress=not quick)
-    ft = finetune(FinetuneJob(checkpoint=p["ckpt"], out=p["adapter"], adapt=AdaptConfig(rank=4), train=train_cfg, force=True))
+    train_cfg = TrainConfig(
+        lr=5e-3,
+        batch_size=batch,
+        epochs=2 if quick else ft_epochs,
+        steps=10 if quick and images else 0,
+        progress=not quick,
+    )
+    ft = finetune(
+        FinetuneJob(checkpoint=p["ckpt"], out=p["adapter"], adapt=AdaptConfig(rank=4), train=train_cfg, force=True)
+    )
     print("3/6 export base, unfused and fused ONNX")
     exports = {
         "base": export(p["ckpt"], p["base"], force=True, check_data=data),
@@ -52,7 +79,9 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
     }
     export_checks = {k: {**asdict(v["check"]), "notes": v["notes"]} for k, v in exports.items()}
     print("4/6 verify fused against unfused with Polygraphy")
-    ver = verify(p["fused"], p["unfused"], str(d / "verify"), opts=VerifyOptions(data=data, real=8 if quick else 16, force=True))
+    ver = verify(
+        p["fused"], p["unfused"], str(d / "verify"), opts=VerifyOptions(data=data, real=8 if quick else 16, force=True)
+    )
     print("5/6 bench base, fused and unfused with ONNX Runtime")
     lat = bench([p["base"], p["fused"], p["unfused"]], warmup=10, runs=50 if quick else 300)
     missing = tensorrt_status()
@@ -63,7 +92,14 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
 
         record, _ = build_engine(p["fused"], str(d / "fused.plan"), BuildOptions(fp16=True, refit=True), force=True)
         build = asdict(record)
-    report = {"pretrain": pre, "finetune": ft, "export_checks": export_checks, "verify": ver, "bench": lat, "build": build}
+    report = {
+        "pretrain": pre,
+        "finetune": ft,
+        "export_checks": export_checks,
+        "verify": ver,
+        "bench": lat,
+        "build": build,
+    }
     write_bytes_atomic(d / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     print(summary(report))
     return 0 if ver["passed"] else 1
@@ -76,21 +112,33 @@ def summary(report: dict[str, Any]) -> str:
     rows = [
         ("macro-F1 before -> after", f"{ft['f1_before']:.3f} -> {ft['f1_after']:.3f}"),
         ("accuracy before -> after", f"{ft['accuracy_before']:.3f} -> {ft['accuracy_after']:.3f}"),
-        ("trainable parameters", f"{ft['trainable_params']} / {ft['total_params']} ({100 * ft['trainable_fraction']:.2f}%)"),
+        (
+            "trainable parameters",
+            f"{ft['trainable_params']} / {ft['total_params']} ({100 * ft['trainable_fraction']:.2f}%)",
+        ),
         ("ONNX vs PyTorch (export)", _export_line(report["export_checks"])),
-        ("parity fused vs unfused", f"max abs err {worst:.2e} ({'PASSED' if comp['passed'] else 'FAILED'}, atol {comp['atol']})"),
+        (
+            "parity fused vs unfused",
+            f"max abs err {worst:.2e} ({'PASSED' if comp['passed'] else 'FAILED'}, atol {comp['atol']})",
+        ),
         ("latency median base", f"{lat[0]['median_ms']:.4f} ms"),
         ("latency fused / base", f"{lat[1]['ratio_to_first']:.3f}"),
         ("latency unfused / base", f"{lat[2]['ratio_to_first']:.3f}"),
         ("TensorRT engine", report["build"].get("skipped") or _engine_line(report["build"])),
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(["", f"{'step'.ljust(width)} | result", f"{'-' * width}-|-{'-' * 40}"] + [f"{k.ljust(width)} | {v}" for k, v in rows])
+    return "\n".join(
+        ["", f"{'step'.ljust(width)} | result", f"{'-' * width}-|-{'-' * 40}"]
+        + [f"{k.ljust(width)} | {v}" for k, v in rows]
+    )
 
 
 def _engine_line(build: dict[str, Any]) -> str:
     check = build.get("engine_check") or {}
-    return f"built ({build['precision']}, TensorRT {build['tensorrt_version']}), engine vs fused max abs {check.get('max_abs', float('nan')):.2e} (PASSED, atol {check.get('tolerance')})"
+    return (
+        f"built ({build['precision']}, TensorRT {build['tensorrt_version']}), engine vs fused max abs "
+        f"{check.get('max_abs', float('nan')):.2e} (PASSED, atol {check.get('tolerance')})"
+    )
 
 
 def _export_line(checks: dict[str, Any]) -> str:

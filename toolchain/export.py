@@ -47,7 +47,9 @@ class Exported:
     notes: list[str]
 
 
-def to_onnx(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions, *, real: np.ndarray | None = None) -> Exported:
+def to_onnx(
+    model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions, *, real: np.ndarray | None = None
+) -> Exported:
     """Export, fold build-time constants into initializers (so that TensorRT's parser accepts the
     model; conv weights keep their names), and check the result against ``model`` in ONNX Runtime.
 
@@ -58,13 +60,25 @@ def to_onnx(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions,
     *under the same names*; the per-channel scales are recorded.
     """
     if opts.exporter not in EXPORTERS:
-        raise ToolchainError("--exporter must be auto, dynamo or torchscript", seen=opts.exporter, remedy="pass --exporter auto")
+        raise ToolchainError(
+            "--exporter must be auto, dynamo or torchscript", seen=opts.exporter, remedy="pass --exporter auto"
+        )
     if opts.fold_bn and opts.exporter == "torchscript":
-        raise ToolchainError("--fold-bn needs the dynamo exporter (it keeps weight names while folding)", seen="--exporter torchscript", remedy="drop --fold-bn or use --exporter dynamo")
+        raise ToolchainError(
+            "--fold-bn needs the dynamo exporter (it keeps weight names while folding)",
+            seen="--exporter torchscript",
+            remedy="drop --fold-bn or use --exporter dynamo",
+        )
     model = model.eval().cpu()
     batch = _batch(opts)
     feeds = check_inputs(batch, input_shape, real)
-    order = ["dynamo"] if opts.fold_bn or opts.exporter == "dynamo" else ["torchscript"] if opts.exporter == "torchscript" else ["dynamo", "torchscript"]
+    order = (
+        ["dynamo"]
+        if opts.fold_bn or opts.exporter == "dynamo"
+        else ["torchscript"]
+        if opts.exporter == "torchscript"
+        else ["dynamo", "torchscript"]
+    )
     failures: list[str] = []
     for name in order:
         try:
@@ -111,10 +125,27 @@ def _dynamo(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions,
     x = torch.randn(batch, *input_shape)
     dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if opts.dynamic_batch else None
     if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
-        raise ToolchainError("this torch has no dynamo ONNX exporter", seen=torch.__version__, remedy="use --exporter torchscript, or torch 2.5 or newer")
-    kwargs = _kwargs(dynamo=True, optimize=opts.fold_bn, opset_version=OPSET, dynamic_shapes=dyn, input_names=["x"], output_names=["logits"], verbose=False, external_data=False)
+        raise ToolchainError(
+            "this torch has no dynamo ONNX exporter",
+            seen=torch.__version__,
+            remedy="use --exporter torchscript, or torch 2.5 or newer",
+        )
+    kwargs = _kwargs(
+        dynamo=True,
+        optimize=opts.fold_bn,
+        opset_version=OPSET,
+        dynamic_shapes=dyn,
+        input_names=["x"],
+        output_names=["logits"],
+        verbose=False,
+        external_data=False,
+    )
     if opts.fold_bn and "optimize" not in kwargs:
-        raise ToolchainError("--fold-bn needs torch.onnx.export's optimize option (torch 2.6 or newer)", seen=torch.__version__, remedy="export without --fold-bn")
+        raise ToolchainError(
+            "--fold-bn needs torch.onnx.export's optimize option (torch 2.6 or newer)",
+            seen=torch.__version__,
+            remedy="export without --fold-bn",
+        )
     with _quiet():
         program = torch.onnx.export(model, (x,), **kwargs)
     if program is None:
@@ -126,7 +157,14 @@ def _torchscript(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOpt
     x = torch.randn(batch, *input_shape)
     buffer = io.BytesIO()
     axes = {"x": {0: "batch"}, "logits": {0: "batch"}} if opts.dynamic_batch else None
-    kwargs = _kwargs(dynamo=False, opset_version=OPSET, input_names=["x"], output_names=["logits"], dynamic_axes=axes, do_constant_folding=False)
+    kwargs = _kwargs(
+        dynamo=False,
+        opset_version=OPSET,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes=axes,
+        do_constant_folding=False,
+    )
     with _quiet():
         torch.onnx.export(model, (x,), buffer, **kwargs)  # type: ignore[arg-type]  # no constant folding in torch: it would fold BatchNorm and rename weights
     return onnx.load_from_string(buffer.getvalue())
@@ -173,8 +211,16 @@ def fold_scales(model: nn.Module, proto: onnx.ModelProto) -> dict[str, dict[str,
         flat_b, flat_g = base.reshape(len(base), -1).astype(np.float64), got.reshape(len(got), -1).astype(np.float64)
         scale = (flat_b * flat_g).sum(1) / np.maximum((flat_b * flat_b).sum(1), 1e-30)
         if not np.allclose(flat_g, scale[:, None] * flat_b, rtol=1e-4, atol=1e-6 * float(np.abs(flat_g).max() or 1)):
-            raise ToolchainError("the exporter changed a conv weight by more than a per-channel scale", seen=name, remedy="export without --fold-bn")
-        out[name] = {"base_sha256": weight_sha256(base), "folded_sha256": weight_sha256(got), "scale": [float(s) for s in scale]}
+            raise ToolchainError(
+                "the exporter changed a conv weight by more than a per-channel scale",
+                seen=name,
+                remedy="export without --fold-bn",
+            )
+        out[name] = {
+            "base_sha256": weight_sha256(base),
+            "folded_sha256": weight_sha256(got),
+            "scale": [float(s) for s in scale],
+        }
     return out
 
 
@@ -185,18 +231,28 @@ def _export_shape(net: nn.Module, payload: dict, override: tuple[int, ...] | Non
     recorded = payload.get("input_shape")
     if override is None:
         if recorded is None:
-            raise ToolchainError("a plain state_dict does not record its input shape", seen="no input_shape", remedy="pass --input-shape C,T or C,H,W")
+            raise ToolchainError(
+                "a plain state_dict does not record its input shape",
+                seen="no input_shape",
+                remedy="pass --input-shape C,T or C,H,W",
+            )
         return tuple(recorded)
     shape = check_input_shape(list(override), "--input-shape")
     if recorded is not None and (len(shape) != len(recorded) or shape[0] != recorded[0]):
         raise ToolchainError(
-            "--input-shape must keep the checkpoint's channels and number of dims", seen=(list(shape), recorded), remedy=f"pass {recorded[0]} channels and {len(recorded) - 1} spatial dims"
+            "--input-shape must keep the checkpoint's channels and number of dims",
+            seen=(list(shape), recorded),
+            remedy=f"pass {recorded[0]} channels and {len(recorded) - 1} spatial dims",
         )
     try:
         with torch.no_grad():
             net.eval()(torch.zeros(1, *shape))
     except Exception as err:  # the model's own shape rules (a flatten to a fixed size, a too-short input)
-        raise ToolchainError("the model does not run at --input-shape", seen=f"{list(shape)}: {type(err).__name__}: {str(err)[:120]}", remedy=f"use the shape it was trained on, {recorded}") from None
+        raise ToolchainError(
+            "the model does not run at --input-shape",
+            seen=f"{list(shape)}: {type(err).__name__}: {str(err)[:120]}",
+            remedy=f"use the shape it was trained on, {recorded}",
+        ) from None
     return shape
 
 
@@ -237,7 +293,12 @@ def export(
         kind = "unfused"
     exported = to_onnx(net, shape, opts, real=real)
     proto, check = exported.proto, exported.check
-    meta = {"toolchain.kind": kind, "toolchain.checkpoint_sha256": sha256_file(checkpoint), "toolchain.version": __version__, "toolchain.classes": json.dumps(payload["classes"])}
+    meta = {
+        "toolchain.kind": kind,
+        "toolchain.checkpoint_sha256": sha256_file(checkpoint),
+        "toolchain.version": __version__,
+        "toolchain.classes": json.dumps(payload["classes"]),
+    }
     if ad is not None and not fuse:
         meta["toolchain.adapter_sha256"] = sha256_file(str(adapter))
     for k, v in meta.items():
@@ -264,11 +325,17 @@ def _real_inputs(spec: str | None, shape: tuple[int, ...]) -> np.ndarray | None:
 
     x = load_data(spec).X
     if tuple(x.shape[1:]) != tuple(shape):
-        raise ToolchainError("--check-data does not fit the model's input shape", seen=(list(x.shape[1:]), list(shape)), remedy="pass data of the model's input shape, or leave --check-data out")
+        raise ToolchainError(
+            "--check-data does not fit the model's input shape",
+            seen=(list(x.shape[1:]), list(shape)),
+            remedy="pass data of the model's input shape, or leave --check-data out",
+        )
     return x
 
 
-def _check_fused(net: nn.Module, adapter: Any, proto: onnx.ModelProto, exporter: str, feeds: list[np.ndarray]) -> ExportCheck:
+def _check_fused(
+    net: nn.Module, adapter: Any, proto: onnx.ModelProto, exporter: str, feeds: list[np.ndarray]
+) -> ExportCheck:
     """The fused ONNX model against the adapted PyTorch module (the aux path, unmerged)."""
     import copy
 

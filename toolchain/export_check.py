@@ -49,7 +49,10 @@ class ExportCheck:
 
     def line(self) -> str:
         name, err, bound = self.worst
-        return f"ONNX Runtime vs PyTorch ({self.exporter} exporter, {self.real_inputs} real + {self.random_inputs} random inputs): output {name} max abs {err:.3g} (bound {bound:.3g})"
+        return (
+            f"ONNX Runtime vs PyTorch ({self.exporter} exporter, {self.real_inputs} real + "
+            f"{self.random_inputs} random inputs): output {name} max abs {err:.3g} (bound {bound:.3g})"
+        )
 
 
 def check_inputs(batch: int, shape: tuple[int, ...], real: np.ndarray | None = None, seed: int = 0) -> list[np.ndarray]:
@@ -60,7 +63,9 @@ def check_inputs(batch: int, shape: tuple[int, ...], real: np.ndarray | None = N
     return sample_batches(batch, shape, real, REAL_INPUTS, RANDOM_INPUTS, seed)
 
 
-def against_torch(model: nn.Module, proto: onnx.ModelProto, feeds: list[np.ndarray], exporter: str, real: int) -> ExportCheck:
+def against_torch(
+    model: nn.Module, proto: onnx.ModelProto, feeds: list[np.ndarray], exporter: str, real: int
+) -> ExportCheck:
     """Run ``proto`` in ONNX Runtime and ``model`` in PyTorch on ``feeds``; compare every output."""
     import onnxruntime as ort
     import torch
@@ -84,7 +89,9 @@ def against_torch(model: nn.Module, proto: onnx.ModelProto, feeds: list[np.ndarr
             if a.shape != b.shape:
                 raise ValueError(f"output {name} has shape {list(a.shape)} in ONNX, {list(b.shape)} in PyTorch")
             diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-            errors[name] = max(errors[name], float(diff.max()) if diff.size else 0.0, float("inf") if not np.isfinite(a).all() else 0.0)
+            errors[name] = max(
+                errors[name], float(diff.max()) if diff.size else 0.0, float("inf") if not np.isfinite(a).all() else 0.0
+            )
             peaks[name] = max(peaks[name], float(np.abs(b).max()) if b.size else 0.0)
     bound = {k: EXPORT_ATOL + EXPORT_RTOL * peaks[k] for k in names}
     passed = all(errors[k] <= bound[k] for k in names)

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def sample_batches(batch: int, shape: Sequence[int], real: np.ndarray | None, n_real: int, n_random: int, seed: int = 0) -> list[np.ndarray]:
+def sample_batches(
+    batch: int, shape: Sequence[int], real: np.ndarray | None, n_real: int, n_random: int, seed: int = 0
+) -> list[np.ndarray]:
     """``n_real`` batches of ``batch`` rows spread evenly over ``real`` (N, *shape), then ``n_random``
     standard-normal batches scaled by the real data's standard deviation (1 without real data)."""
     out: list[np.ndarray] = []

@@ -35,7 +35,13 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 USER_KEYS = {"name", "data", "subjects"}
 MARKER = "fleet.json"
 RESERVED = {"cache", "summary.md", "summary.csv", MARKER}  # names in OUT that are not users' folders
-PRODUCED = ("adapter.safetensors", "base.onnx", "unfused.onnx", "fused.onnx", "verify/verify.json")  # checked by size and SHA-256 on a rerun
+PRODUCED = (
+    "adapter.safetensors",
+    "base.onnx",
+    "unfused.onnx",
+    "fused.onnx",
+    "verify/verify.json",
+)  # checked by size and SHA-256 on a rerun
 MAX_MANIFEST_BYTES = 1 << 20
 
 
@@ -63,29 +69,52 @@ def read_manifest(path: str) -> list[dict[str, Any]]:
     Errors name the user (by index) and the field, never echo the file's content."""
     doc = read_json(path, "the fleet manifest", _MANIFEST_REMEDY, limit=MAX_MANIFEST_BYTES)
     if not isinstance(doc, dict) or not isinstance(doc.get("users"), list) or not doc["users"]:
-        raise ToolchainError("the fleet manifest needs a non-empty list 'users'", seen=type(doc).__name__, remedy='{"users": [{"name": "wearer-08", "subjects": [8]}]}')
+        raise ToolchainError(
+            "the fleet manifest needs a non-empty list 'users'",
+            seen=type(doc).__name__,
+            remedy='{"users": [{"name": "wearer-08", "subjects": [8]}]}',
+        )
     if set(doc) - {"data", "users"}:
-        raise ToolchainError("the fleet manifest has keys other than data and users", seen=sorted(set(doc) - {"data", "users"})[:3], remedy=_MANIFEST_REMEDY)
+        raise ToolchainError(
+            "the fleet manifest has keys other than data and users",
+            seen=sorted(set(doc) - {"data", "users"})[:3],
+            remedy=_MANIFEST_REMEDY,
+        )
     default = doc.get("data")
     users, seen = [], set()
     for i, u in enumerate(doc["users"]):
         if not isinstance(u, dict) or set(u) - USER_KEYS or "name" not in u:
             keys = sorted(u)[:5] if isinstance(u, dict) else type(u).__name__
-            raise ToolchainError(f"manifest user {i} must be an object with name and optionally data, subjects", seen=f"keys {keys}", remedy=f"use only the keys {sorted(USER_KEYS)}")
+            raise ToolchainError(
+                f"manifest user {i} must be an object with name and optionally data, subjects",
+                seen=f"keys {keys}",
+                remedy=f"use only the keys {sorted(USER_KEYS)}",
+            )
         name = u["name"]
         if not isinstance(name, str) or not NAME.match(name) or name in seen or name in RESERVED:
             raise ToolchainError(
-                f"manifest user {i}: names must be unique, 1-64 of A-Z a-z 0-9 . _ - (they become folder names), and none of {sorted(RESERVED)}",
+                f"manifest user {i}: names must be unique, 1-64 of A-Z a-z 0-9 . _ - (they become folder "
+                f"names), and none of {sorted(RESERVED)}",
                 seen=f"field name of user {i}",
                 remedy="rename the user",
             )
         seen.add(name)
         data = u.get("data", default)
         if not isinstance(data, str) or not data:
-            raise ToolchainError(f"manifest user {name!r} has no data (and the manifest no default 'data')", seen=f"field data of user {i}", remedy="add 'data' to the user or the manifest")
+            raise ToolchainError(
+                f"manifest user {name!r} has no data (and the manifest no default 'data')",
+                seen=f"field data of user {i}",
+                remedy="add 'data' to the user or the manifest",
+            )
         subjects = u.get("subjects")
-        if subjects is not None and (not isinstance(subjects, list) or not subjects or not all(type(s) is int for s in subjects)):
-            raise ToolchainError(f"manifest user {name!r}: subjects must be a non-empty list of integers", seen=f"field subjects of user {i}", remedy="e.g. [8, 9]")
+        if subjects is not None and (
+            not isinstance(subjects, list) or not subjects or not all(type(s) is int for s in subjects)
+        ):
+            raise ToolchainError(
+                f"manifest user {name!r}: subjects must be a non-empty list of integers",
+                seen=f"field subjects of user {i}",
+                remedy="e.g. [8, 9]",
+            )
         users.append({"name": name, "data": data, "subjects": subjects})
     return users
 
@@ -95,7 +124,11 @@ def _check_out(job: FleetJob) -> Path:
     if out.exists() and not out.is_dir():
         raise ToolchainError("the fleet output must be a folder", seen=str(out), remedy="choose a new folder name")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not job.force:
-        raise ToolchainError("the fleet output folder is not empty and is not a fleet folder, so it is left alone", seen=str(out), remedy="choose a new folder, or pass --force")
+        raise ToolchainError(
+            "the fleet output folder is not empty and is not a fleet folder, so it is left alone",
+            seen=str(out),
+            remedy="choose a new folder, or pass --force",
+        )
     return out
 
 
@@ -104,7 +137,9 @@ def run_fleet(job: FleetJob) -> tuple[list[dict[str, Any]], GridResult]:
     users = read_manifest(job.manifest)
     check_rank(job.method, job.rank)
     if not Path(job.checkpoint).is_file():
-        raise ToolchainError("the checkpoint is not a file", seen=job.checkpoint, remedy="pass the .pt that pretrain wrote")
+        raise ToolchainError(
+            "the checkpoint is not a file", seen=job.checkpoint, remedy="pass the .pt that pretrain wrote"
+        )
     if job.layers not in ("all", "pointwise"):
         from toolchain.core.patterns import compile_user_pattern
 
@@ -114,13 +149,26 @@ def run_fleet(job: FleetJob) -> tuple[list[dict[str, Any]], GridResult]:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        write_bytes_atomic(out / MARKER, json.dumps({"manifest": str(job.manifest), "checkpoint": str(job.checkpoint), "users": users}, indent=1).encode())
+        write_bytes_atomic(
+            out / MARKER,
+            json.dumps(
+                {"manifest": str(job.manifest), "checkpoint": str(job.checkpoint), "users": users}, indent=1
+            ).encode(),
+        )
     except BaseException:
         if created:  # a full disk or a signal: no empty folder stays behind
             shutil.rmtree(out, ignore_errors=True)
         raise
     digest = sha256_file(job.checkpoint)
-    settings = {"method": job.method, "rank": job.rank, "layers": job.layers, "epochs": job.epochs, "seed": job.seed, "verify_real": job.verify_real, "verify_random": job.verify_random}
+    settings = {
+        "method": job.method,
+        "rank": job.rank,
+        "layers": job.layers,
+        "epochs": job.epochs,
+        "seed": job.seed,
+        "verify_real": job.verify_real,
+        "verify_random": job.verify_random,
+    }
     tasks = [
         Task(
             "toolchain.fleet:fleet_task",
@@ -156,14 +204,24 @@ def fleet_task(inputs: dict[str, Any]) -> dict[str, Any]:
     try:
         ck, ad = inputs["checkpoint"], str(d / "adapter.safetensors")
         spec = get_method(inputs["method"])
-        job = FinetuneJob(checkpoint=ck, out=ad, adapt=AdaptConfig(method=inputs["method"], rank=inputs["rank"], layers=inputs["layers"]), data=inputs["data"])
+        job = FinetuneJob(
+            checkpoint=ck,
+            out=ad,
+            adapt=AdaptConfig(method=inputs["method"], rank=inputs["rank"], layers=inputs["layers"]),
+            data=inputs["data"],
+        )
         job.subjects = tuple(inputs["subjects"]) if inputs["subjects"] else None
         job.train = TrainConfig(lr=spec.lr, batch_size=32, epochs=inputs["epochs"], seed=inputs["seed"], progress=False)
         m = finetune(job)
         export(ck, str(d / "base.onnx"))
         export(ck, str(d / "unfused.onnx"), adapter=ad)
         fuse_files(d / "base.onnx", ad, d / "fused.onnx")
-        report = verify(str(d / "fused.onnx"), str(d / "unfused.onnx"), str(d / "verify"), opts=VerifyOptions(data=inputs["data"], real=inputs["verify_real"], random=inputs["verify_random"]))
+        report = verify(
+            str(d / "fused.onnx"),
+            str(d / "unfused.onnx"),
+            str(d / "verify"),
+            opts=VerifyOptions(data=inputs["data"], real=inputs["verify_real"], random=inputs["verify_random"]),
+        )
     except BaseException:
         shutil.rmtree(d, ignore_errors=True)
         raise
@@ -183,16 +241,35 @@ def fleet_task(inputs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-COLUMNS = ["name", "status", "subjects", "f1_before", "f1_after", "trainable_fraction", "adapter_bytes", "train_seconds", "verify_passed", "max_abs_error", "fused", "error"]
+COLUMNS = [
+    "name",
+    "status",
+    "subjects",
+    "f1_before",
+    "f1_after",
+    "trainable_fraction",
+    "adapter_bytes",
+    "train_seconds",
+    "verify_passed",
+    "max_abs_error",
+    "fused",
+    "error",
+]
 
 
 def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
     write_csv(out / "summary.csv", rows, COLUMNS)
-    lines = ["| user | status | F1 before | F1 after | trained % | adapter KiB | parity (fused vs unfused) | error |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| user | status | F1 before | F1 after | trained % | adapter KiB | parity (fused vs unfused) | error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["status"] == "ok":
             parity = f"{'passed' if r['verify_passed'] else 'FAILED'}, max abs {r['max_abs_error']:.1e}"
-            lines.append(f"| {r['name']} | ok | {r['f1_before']:.3f} | {r['f1_after']:.3f} | {100 * r['trainable_fraction']:.2f} | {r['adapter_bytes'] / 1024:.1f} | {parity} | |")
+            lines.append(
+                f"| {r['name']} | ok | {r['f1_before']:.3f} | {r['f1_after']:.3f} | "
+                f"{100 * r['trainable_fraction']:.2f} | {r['adapter_bytes'] / 1024:.1f} | {parity} | |"
+            )
         else:
             lines.append(f"| {r['name']} | failed | | | | | | {r['error'][:200].replace('|', '/')} |")
     write_bytes_atomic(out / "summary.md", ("\n".join(lines) + "\n").encode())

@@ -37,7 +37,15 @@ def _adapter(p: Path) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "info": a.info,
         "layers": [
-            {"name": x.name, "param": x.param, "ranks": list(x.ranks), "weight_shape": list(x.geometry.weight_shape), "groups": x.geometry.groups, "base_sha256": x.base_sha256} for x in a.layers
+            {
+                "name": x.name,
+                "param": x.param,
+                "ranks": list(x.ranks),
+                "weight_shape": list(x.geometry.weight_shape),
+                "groups": x.geometry.groups,
+                "base_sha256": x.base_sha256,
+            }
+            for x in a.layers
         ],
         "extras": [e.param for e in a.extras],
         "trained_values": int(sum(t.size for k, t in a.tensors.items() if ".core" not in k)),
@@ -71,7 +79,16 @@ def _onnx(p: Path) -> dict[str, Any]:
     inits = {t.name for t in m.graph.initializer}
 
     def io(values: Any) -> list[dict[str, Any]]:
-        return [{"name": v.name, "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]} for v in values if v.name not in inits]
+        return [
+            {
+                "name": v.name,
+                "shape": [
+                    d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim
+                ],
+            }
+            for v in values
+            if v.name not in inits
+        ]
 
     return {
         "kind": "onnx",
@@ -109,5 +126,6 @@ def _engine(p: Path) -> dict[str, Any]:
         "record": asdict(record) if record is not None else None,
         "record_file": str(side) if side.is_file() else None,
         "record_error": problem,
-        "note": "the TensorRT version is read from the plan's header (bytes 24-26); a plan loads only in that TensorRT release",
+        "note": "the TensorRT version is read from the plan's header (bytes 24-26); a plan loads only in that "
+        "TensorRT release",
     }

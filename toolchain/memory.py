@@ -22,14 +22,30 @@ from toolchain.peft.lean import lean_training
 from toolchain.profile import step_memory
 
 MIB = 1 << 20
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": MIB, "mb": MIB, "g": 1 << 30, "gb": 1 << 30, "kib": 1 << 10, "mib": MIB, "gib": 1 << 30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "m": MIB,
+    "mb": MIB,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "kib": 1 << 10,
+    "mib": MIB,
+    "gib": 1 << 30,
+}
 
 
 def parse_size(text: str) -> int:
     """``512MB``, ``1.5GiB``, ``800m`` -> bytes (binary units)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise ToolchainError("a memory size is a positive number with an optional unit (KB, MB, GB)", seen=text, remedy="pass e.g. --memory-budget 512MB")
+        raise ToolchainError(
+            "a memory size is a positive number with an optional unit (KB, MB, GB)",
+            seen=text,
+            remedy="pass e.g. --memory-budget 512MB",
+        )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -46,7 +62,9 @@ class MemoryAccount:
 OptFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
-def account(model: nn.Module, make_opt: OptFactory, data: WindowDataset, set_mode: Callable[[nn.Module], None], lean: bool) -> MemoryAccount:
+def account(
+    model: nn.Module, make_opt: OptFactory, data: WindowDataset, set_mode: Callable[[nn.Module], None], lean: bool
+) -> MemoryAccount:
     """Probe one training step at batch 1 and 2 on copies of ``model`` (the model is not changed)."""
     sizes = []
     for batch in (1, 2):

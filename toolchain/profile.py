@@ -73,7 +73,9 @@ def conv_backward_flops(
 
 def count_flops(fn: Any) -> int:
     """FLOPs of the convs and matmuls ``fn`` runs (2 per multiply-add), groups counted correctly."""
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as counter:
+    with FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}
+    ) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -123,7 +125,9 @@ def step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tens
     )
 
 
-def profile_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, set_mode: Any = None) -> StepProfile:
+def profile_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, set_mode: Any = None
+) -> StepProfile:
     """Run one real training step on (x, y) and account its cost. The model and optimizer are updated."""
     (set_mode or nn.Module.train)(model)
     loss_fn = nn.CrossEntropyLoss()

@@ -52,7 +52,11 @@ def check_config(cfg: TrainConfig) -> None:
     """Refuse settings that cannot train: a non-finite or non-positive learning rate, empty batches."""
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ToolchainError("--lr must be a finite number > 0", seen=cfg.lr, remedy="pass e.g. --lr 1e-3")
-    for name, value, low in (("--batch-size", cfg.batch_size, 1), ("--epochs", cfg.epochs, 1), ("--steps", cfg.steps, 0)):
+    for name, value, low in (
+        ("--batch-size", cfg.batch_size, 1),
+        ("--epochs", cfg.epochs, 1),
+        ("--steps", cfg.steps, 0),
+    ):
         if type(value) is not int or value < low:
             raise ToolchainError(f"{name} must be an integer >= {low}", seen=value)
 
@@ -61,7 +65,11 @@ def check_finite_params(model: nn.Module) -> None:
     """After training: every parameter finite, or the run diverged and nothing may be written."""
     bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
     if bad:
-        raise ToolchainError("training diverged: parameters became NaN or Inf, so nothing was written", seen=bad[:3], remedy="lower --lr and run again")
+        raise ToolchainError(
+            "training diverged: parameters became NaN or Inf, so nothing was written",
+            seen=bad[:3],
+            remedy="lower --lr and run again",
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,7 +77,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ToolchainError("--device cuda asked for, but no CUDA GPU is visible to PyTorch", seen=name, remedy="use --device cpu, or install a CUDA build of torch on a GPU machine")
+            raise ToolchainError(
+                "--device cuda asked for, but no CUDA GPU is visible to PyTorch",
+                seen=name,
+                remedy="use --device cpu, or install a CUDA build of torch on a GPU machine",
+            )
         return torch.device(name)
     raise ToolchainError("--device must be cpu or cuda[:N]", seen=name)
 
@@ -77,7 +89,10 @@ def resolve_device(name: str) -> torch.device:
 @torch.no_grad()
 def predict(model: nn.Module, ds: WindowDataset, device: torch.device, batch: int = 512) -> np.ndarray:
     model.eval()
-    out = [model(torch.from_numpy(ds.X[i : i + batch]).to(device)).argmax(1).cpu().numpy() for i in range(0, len(ds), batch)]
+    out = [
+        model(torch.from_numpy(ds.X[i : i + batch]).to(device)).argmax(1).cpu().numpy()
+        for i in range(0, len(ds), batch)
+    ]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -134,7 +149,9 @@ def train(
                 eval_seconds += time.perf_counter() - t_eval
     bar.close()
     check_finite_params(model)
-    return TrainResult(steps=step, seconds=time.perf_counter() - start - eval_seconds, history=history, history_seconds=history_seconds)
+    return TrainResult(
+        steps=step, seconds=time.perf_counter() - start - eval_seconds, history=history, history_seconds=history_seconds
+    )
 
 
 def _progress(total: int, enabled: bool):  # type: ignore[no-untyped-def]

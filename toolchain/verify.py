@@ -38,14 +38,24 @@ class VerifyOptions:
 
     def check(self) -> None:
         if type(self.real) is not int or self.real < 0:
-            raise ToolchainError("--real must be an integer >= 0", seen=self.real, remedy="pass the number of real-data batches, e.g. --real 16")
+            raise ToolchainError(
+                "--real must be an integer >= 0",
+                seen=self.real,
+                remedy="pass the number of real-data batches, e.g. --real 16",
+            )
         if type(self.random) is not int or self.random < 1:
-            raise ToolchainError("--random must be an integer >= 1: random inputs probe the model beyond the data", seen=self.random, remedy="pass --random 8 or more")
+            raise ToolchainError(
+                "--random must be an integer >= 1: random inputs probe the model beyond the data",
+                seen=self.random,
+                remedy="pass --random 8 or more",
+            )
         for name in ("atol", "rtol", "engine_atol", "engine_rtol"):
             value = getattr(self, name)
             for v in value.values() if isinstance(value, dict) else [value]:
                 if v is not None and not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
-                    raise ToolchainError(f"--{name.replace('_', '-')} must be a finite number >= 0", seen=v, remedy="pass e.g. 1e-4")
+                    raise ToolchainError(
+                        f"--{name.replace('_', '-')} must be a finite number >= 0", seen=v, remedy="pass e.g. 1e-4"
+                    )
 
 
 def make_feeds(name: str, shape: list[int | None], opts: VerifyOptions) -> list[dict[str, np.ndarray]]:
@@ -60,7 +70,9 @@ def make_feeds(name: str, shape: list[int | None], opts: VerifyOptions) -> list[
         real = load_data(opts.data).X
     if real is not None and opts.real and list(np.shape(real)[1:]) != list(shape[1:]):
         raise ToolchainError(
-            "the data's window or image shape does not fit the model input", seen=(list(np.shape(real)[1:]), shape[1:]), remedy="verify with data of the model's input shape, or --data none"
+            "the data's window or image shape does not fit the model input",
+            seen=(list(np.shape(real)[1:]), shape[1:]),
+            remedy="verify with data of the model's input shape, or --data none",
         )
     dims = [d or 1 for d in shape[1:]]
     return [{name: x} for x in sample_batches(batch, dims, real, opts.real, opts.random, opts.seed)]
@@ -78,7 +90,11 @@ def _tolerance(value: float | dict[str, float] | None, default: float) -> float 
 def parse_tolerance(text: str) -> float | dict[str, float]:
     """``1e-4`` or ``logits:1e-4,aux:1e-3`` (per output)."""
     try:
-        value: float | dict[str, float] = float(text) if ":" not in text else {k.strip(): float(v) for k, v in (item.rsplit(":", 1) for item in text.split(",") if item)}
+        value: float | dict[str, float] = (
+            float(text)
+            if ":" not in text
+            else {k.strip(): float(v) for k, v in (item.rsplit(":", 1) for item in text.split(",") if item)}
+        )
     except ValueError:
         raise ToolchainError("a tolerance is a number or NAME:NUMBER[,NAME:NUMBER...]", seen=text) from None
     for v in value.values() if isinstance(value, dict) else [value]:
@@ -118,10 +134,14 @@ def _create(d: Path) -> None:
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ToolchainError("cannot create --out-dir", seen=f"{d}: {err.strerror or err}", remedy="choose a folder you can write to") from None
+        raise ToolchainError(
+            "cannot create --out-dir", seen=f"{d}: {err.strerror or err}", remedy="choose a folder you can write to"
+        ) from None
 
 
-def _engine_tolerance(engine: str, opts: VerifyOptions) -> tuple[float | dict[str, float], float | dict[str, float], str]:
+def _engine_tolerance(
+    engine: str, opts: VerifyOptions
+) -> tuple[float | dict[str, float], float | dict[str, float], str]:
     """(atol, rtol, precision) for engine vs reference: fp16 engines get FP16_TOL unless given."""
     from toolchain.trt.record import read_record
 
@@ -135,7 +155,8 @@ def _engine_tolerance(engine: str, opts: VerifyOptions) -> tuple[float | dict[st
     precision = record.precision if record is not None else None
     if precision is None and (opts.engine_atol is None or opts.engine_rtol is None):
         raise ToolchainError(
-            "the engine's precision is unknown (it has no sidecar ENGINE.plan.json from `toolchain build`), so no default tolerance is safe",
+            "the engine's precision is unknown (it has no sidecar ENGINE.plan.json from `toolchain build`), so "
+            "no default tolerance is safe",
             seen=engine,
             remedy="pass --engine-atol and --engine-rtol (1e-2 for fp16 engines), or rebuild it with `toolchain build`",
         )
@@ -143,7 +164,9 @@ def _engine_tolerance(engine: str, opts: VerifyOptions) -> tuple[float | dict[st
     return _tolerance(opts.engine_atol, default), _tolerance(opts.engine_rtol, default), precision or "given"
 
 
-def verify(model: str, reference: str, out_dir: str, *, engine: str | None = None, opts: VerifyOptions | None = None) -> dict[str, Any]:
+def verify(
+    model: str, reference: str, out_dir: str, *, engine: str | None = None, opts: VerifyOptions | None = None
+) -> dict[str, Any]:
     """Run the reference, the model (and the engine) on the same inputs; judge model vs reference at
     fp32 tolerances and engine vs reference at the engine's own, each pair separately."""
     opts = opts or VerifyOptions()
@@ -180,8 +203,17 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
     stats = _per_output(results)
     comparisons = {}
     for runner, (index, atol, rtol, precision) in pairs.items():
-        ok = Comparator.compare_accuracy(results, comparisons=[(0, index)], compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
-        comparisons[runner] = {"against": "reference", "atol": atol, "rtol": rtol, "precision": precision, "passed": bool(ok), "outputs": stats[runner]}
+        ok = Comparator.compare_accuracy(
+            results, comparisons=[(0, index)], compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)
+        )
+        comparisons[runner] = {
+            "against": "reference",
+            "atol": atol,
+            "rtol": rtol,
+            "precision": precision,
+            "passed": bool(ok),
+            "outputs": stats[runner],
+        }
     report = {
         "reference": str(reference),
         "model": str(model),
@@ -197,7 +229,11 @@ def verify(model: str, reference: str, out_dir: str, *, engine: str | None = Non
     created = not outdir.exists()
     _create(outdir)
     try:
-        with atomic_paths([outdir / f for f in OUTPUT_FILES], force=opts.force) as (t_report, t_inputs, t_outputs):  # all three or none
+        with atomic_paths([outdir / f for f in OUTPUT_FILES], force=opts.force) as (
+            t_report,
+            t_inputs,
+            t_outputs,
+        ):  # all three or none
             t_report.write_bytes((json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
             save_json(feeds, str(t_inputs))
             results.save(str(t_outputs))
@@ -216,7 +252,9 @@ def _same_outputs(model: Any, reference: Any) -> list[str]:
     got, want = outputs_of(model), outputs_of(reference)
     if got != want:
         raise ToolchainError(
-            "the model and the reference have different outputs (names, count or shapes)", seen=f"{got[:3]} vs {want[:3]}", remedy="compare a fused model with the unfused export of the same model"
+            "the model and the reference have different outputs (names, count or shapes)",
+            seen=f"{got[:3]} vs {want[:3]}",
+            remedy="compare a fused model with the unfused export of the same model",
         )
     return [n for n, _ in want]
 
@@ -226,7 +264,11 @@ def _check_tolerance_names(opts: VerifyOptions, outputs: list[str]) -> None:
         value = getattr(opts, option)
         unknown = sorted(set(value) - set(outputs)) if isinstance(value, dict) else []
         if unknown:
-            raise ToolchainError(f"--{option.replace('_', '-')} names an output the model does not have", seen=unknown[:3], remedy=f"the outputs are {outputs}")
+            raise ToolchainError(
+                f"--{option.replace('_', '-')} names an output the model does not have",
+                seen=unknown[:3],
+                remedy=f"the outputs are {outputs}",
+            )
 
 
 def _per_output(results: Any) -> dict[str, dict[str, dict[str, float]]]:
@@ -242,4 +284,7 @@ def _per_output(results: Any) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def _merge(stats: list[dict[str, float]]) -> dict[str, float]:
-    return {k: (max(s[k] for s in stats) if k.startswith(("max", "min")) else float(np.mean([s[k] for s in stats]))) for k in stats[0]}
+    return {
+        k: (max(s[k] for s in stats) if k.startswith(("max", "min")) else float(np.mean([s[k] for s in stats])))
+        for k in stats[0]
+    }

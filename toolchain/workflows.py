@@ -72,7 +72,11 @@ def probe(model: nn.Module, x: np.ndarray, spec: str) -> None:
             model.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
     except Exception as err:  # the model's own shape rules
         seen = f"{spec} on input {list(x.shape[1:])}: {type(err).__name__}: {' '.join(str(err).split())[:120]}"
-        raise ToolchainError("the model cannot run on the data", seen=seen, remedy="choose a model for this input shape, or longer windows") from None
+        raise ToolchainError(
+            "the model cannot run on the data",
+            seen=seen,
+            remedy="choose a model for this input shape, or longer windows",
+        ) from None
 
 
 def pretrain(job: PretrainJob) -> dict[str, Any]:
@@ -85,7 +89,11 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
         ds = drop_classes(ds, job.exclude_classes)
     source, target = split_subjects(ds, subjects)
     if len(np.unique(source.y)) < 2:
-        raise ToolchainError("pretraining needs at least two classes in the source subjects' data", seen=f"classes present: {sorted(set(source.y.tolist()))}", remedy="add windows of other classes")
+        raise ToolchainError(
+            "pretraining needs at least two classes in the source subjects' data",
+            seen=f"classes present: {sorted(set(source.y.tolist()))}",
+            remedy="add windows of other classes",
+        )
     model = build_model(job.model, ds.X.shape[1], len(ds.classes), ds.X.ndim - 2)
     probe(model, source.X[:2], job.model)
     mean, std = fit_standardization(source)
@@ -107,7 +115,14 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
         "f1_target": f1_tgt,
         "accuracy_target": acc_tgt,
     }
-    save_checkpoint(model.cpu(), job.out, spec=job.model, classes=ds.classes, input_shape=tuple(ds.X.shape[1:]), extra={"data": job.data, "pretrain": metrics})
+    save_checkpoint(
+        model.cpu(),
+        job.out,
+        spec=job.model,
+        classes=ds.classes,
+        input_shape=tuple(ds.X.shape[1:]),
+        extra={"data": job.data, "pretrain": metrics},
+    )
     return metrics
 
 
@@ -116,7 +131,11 @@ def drop_classes(ds: WindowDataset, names: tuple[str, ...]) -> WindowDataset:
     drop = {ds.classes[int(n)] if n.isdigit() and int(n) < len(ds.classes) else n for n in names}
     unknown = drop - set(ds.classes)
     if unknown or len(drop) >= len(ds.classes) - 1:
-        raise ToolchainError("--exclude-classes must name existing classes and leave at least two", seen=sorted(unknown) or sorted(drop), remedy=f"choose from {ds.classes}")
+        raise ToolchainError(
+            "--exclude-classes must name existing classes and leave at least two",
+            seen=sorted(unknown) or sorted(drop),
+            remedy=f"choose from {ds.classes}",
+        )
     keep = [c for c in ds.classes if c not in drop]
     remap = np.array([keep.index(c) if c in keep else -1 for c in ds.classes])
     mask = remap[ds.y] >= 0
@@ -162,9 +181,13 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     new_classes = old_classes != list(ds.classes)
     if new_classes and not set(old_classes) < set(ds.classes):
         raise ToolchainError(
-            "the data's classes are neither the checkpoint's nor a superset of them", seen=(ds.classes, old_classes), remedy="finetune on data with the classes the base model was trained on (or more)"
+            "the data's classes are neither the checkpoint's nor a superset of them",
+            seen=(ds.classes, old_classes),
+            remedy="finetune on data with the classes the base model was trained on (or more)",
         )
-    subjects = job.subjects or tuple((payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds))
+    subjects = job.subjects or tuple(
+        (payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds)
+    )
     _, target = split_subjects(ds, subjects)
     adapt_set, test_set = time_split(target, job.adapt_fraction)
     dev = resolve_device(job.train.device)
@@ -181,11 +204,15 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     trainable, total = count_params(model)
     lean = job.lean and get_method(adapt_cfg.method).base_frozen
     set_mode = lambda m: set_train_mode(m, adapt_cfg.update_bn_stats)  # noqa: E731
-    acc = account(model, lambda m: make_optimizer(m, adapt_cfg, job.train.lr, job.train.weight_decay), adapt_set, set_mode, lean)
+    acc = account(
+        model, lambda m: make_optimizer(m, adapt_cfg, job.train.lr, job.train.weight_decay), adapt_set, set_mode, lean
+    )
     train_cfg = job.train
     if job.memory_budget is not None:
         train_cfg = dataclasses.replace(train_cfg, batch_size=batch_for_budget(acc, job.memory_budget, len(adapt_set)))
-    opt = make_optimizer(model, adapt_cfg, job.train.lr, job.train.weight_decay)  # finetune used to drop TrainConfig.weight_decay
+    opt = make_optimizer(
+        model, adapt_cfg, job.train.lr, job.train.weight_decay
+    )  # finetune used to drop TrainConfig.weight_decay
     with lean_training(model, lean):
         result = train(model, adapt_set, train_cfg, set_mode=set_mode, optimizer=opt)
     f1_after, acc_after = evaluate(model, test_set, dev)
@@ -214,7 +241,12 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
         "checkpoint": str(job.checkpoint),
         "train_config": asdict(train_cfg),
     }
-    info = {"rank": job.adapt.rank, "layers": job.adapt.layers, "checkpoint_model": payload["model"], "classes": list(ds.classes)}
+    info = {
+        "rank": job.adapt.rank,
+        "layers": job.adapt.layers,
+        "checkpoint_model": payload["model"],
+        "classes": list(ds.classes),
+    }
     adapter = extract_adapter(model.cpu(), {k: v.cpu() for k, v in base_state.items()}, adapt_cfg, info)
     save_adapter(adapter, out)
     metrics["adapter_bytes"] = out.stat().st_size
@@ -222,13 +254,18 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     return metrics
 
 
-def make_optimizer(model: torch.nn.Module, cfg: AdaptConfig, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam over the trainable parameters (with ``weight_decay``, TrainConfig's); GaLore's projected Adam for ``galore``."""
+def make_optimizer(
+    model: torch.nn.Module, cfg: AdaptConfig, lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters (with ``weight_decay``, TrainConfig's); GaLore's projected Adam
+    for ``galore``."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ToolchainError("nothing to train: every parameter is frozen", seen=cfg.method)
     if get_method(cfg.method).optimizer == "galore":
         if weight_decay:
-            raise ToolchainError("galore's optimizer has no weight decay", seen=weight_decay, remedy="train galore with weight_decay 0")
+            raise ToolchainError(
+                "galore's optimizer has no weight decay", seen=weight_decay, remedy="train galore with weight_decay 0"
+            )
         return GaLoreAdam(params, lr=lr, rank=cfg.rank)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

@@ -21,7 +21,12 @@ from toolchain.cli import main
 
 ADAPTERS = {"le_all": [], "le_bn": ["--train", "bn"], "bitfit": ["--method", "bitfit"]}
 EXPORTS = {"default": [], "foldbn": ["--fold-bn"]}
-EXPECT = {("le_all", "default"): "individual", ("le_all", "foldbn"): "individual", ("le_bn", "default"): "all", ("bitfit", "default"): "all"}
+EXPECT = {
+    ("le_all", "default"): "individual",
+    ("le_all", "foldbn"): "individual",
+    ("le_bn", "default"): "all",
+    ("bitfit", "default"): "all",
+}
 
 
 def _run(argv: list[str]) -> None:
@@ -40,7 +45,23 @@ def prepare(out: Path, epochs: int, steps: int, only: set[str] | None = None) ->
         tensors = out / "adapters" / adapter
         tensors.mkdir(parents=True)
         for seed in (1, 2):
-            _run(["finetune", "--checkpoint", str(ckpt), "--out", str(tensors / f"adapter{seed}.safetensors"), "--steps", str(steps), "--seed", str(seed), "--lr", "1e-2", *a_args, "--no-progress"])
+            _run(
+                [
+                    "finetune",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--out",
+                    str(tensors / f"adapter{seed}.safetensors"),
+                    "--steps",
+                    str(steps),
+                    "--seed",
+                    str(seed),
+                    "--lr",
+                    "1e-2",
+                    *a_args,
+                    "--no-progress",
+                ]
+            )
         for export, e_args in EXPORTS.items():
             if only is not None and f"{adapter}-{export}" not in only:
                 continue
@@ -49,7 +70,17 @@ def prepare(out: Path, epochs: int, steps: int, only: set[str] | None = None) ->
             _run(["export", "--checkpoint", str(ckpt), *e_args, "-o", str(case / "base.onnx")])
             for seed in (1, 2):
                 shutil.copy(tensors / f"adapter{seed}.safetensors", case / f"adapter{seed}.safetensors")
-                _run(["export", "--checkpoint", str(ckpt), "--adapter", str(tensors / f"adapter{seed}.safetensors"), "-o", str(case / f"unfused{seed}.onnx")])
+                _run(
+                    [
+                        "export",
+                        "--checkpoint",
+                        str(ckpt),
+                        "--adapter",
+                        str(tensors / f"adapter{seed}.safetensors"),
+                        "-o",
+                        str(case / f"unfused{seed}.onnx"),
+                    ]
+                )
             (case / "expect").write_text(EXPECT.get((adapter, export), "refused-at-fuse") + "\n")
             cases.append(case.name)
     shutil.rmtree(out / "adapters")
@@ -62,6 +93,8 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="orin_bundle")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--only", default=None, help="comma-separated case names, e.g. le_all-default,bitfit-default (default: all six)")
+    ap.add_argument(
+        "--only", default=None, help="comma-separated case names, e.g. le_all-default,bitfit-default (default: all six)"
+    )
     a = ap.parse_args()
     print("\n".join(prepare(Path(a.out), a.epochs, a.steps, set(a.only.split(",")) if a.only else None)))

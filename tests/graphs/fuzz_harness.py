@@ -39,7 +39,14 @@ def _header_edit(data: bytes, rng: random.Random) -> bytes:
     elif edit == "meta":
         key = rng.choice(["layers", "extras", "info", "format_version", "method"])
         header["__metadata__"][key] = rng.choice(
-            ["{", "[]", "null", '[{"name": 1}]', "9" * 400, '[{"name":"a","param":"b","method":"lora-edge","geometry":{},"ranks":[1],"scaling":1,"base_sha256":"x"}]']
+            [
+                "{",
+                "[]",
+                "null",
+                '[{"name": 1}]',
+                "9" * 400,
+                '[{"name":"a","param":"b","method":"lora-edge","geometry":{},"ranks":[1],"scaling":1,"base_sha256":"x"}]',
+            ]
         )
     elif edit == "drop":
         header.pop(name)
@@ -61,7 +68,9 @@ def mutate(data: bytes, rng: random.Random, safetensors: bool) -> tuple[str, byt
         return kind, bytes(b)
     if kind == "splice":
         i = rng.randrange(len(data))
-        return kind, data[:i] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64))) + data[i + rng.randint(0, 64) :]
+        return kind, data[:i] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64))) + data[
+            i + rng.randint(0, 64) :
+        ]
     return kind, _header_edit(data, rng)
 
 
@@ -83,19 +92,39 @@ def run(outdir: Path, cases: int, seed: int) -> dict:
         bad = outdir / f"bad{i}{src.suffix}"
         bad.write_bytes(data)
         out = outdir / f"out{i}.onnx"
-        for argv in (["fuse", str(good_onnx), str(bad), "-o", str(out)] if target_adapter else ["fuse", str(bad), str(good_adapter), "-o", str(out)], ["inspect", str(bad)]):
+        for argv in (
+            ["fuse", str(good_onnx), str(bad), "-o", str(out)]
+            if target_adapter
+            else ["fuse", str(bad), str(good_adapter), "-o", str(out)],
+            ["inspect", str(bad)],
+        ):
             t0 = time.perf_counter()
             try:
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     rc = main(argv)
             except BaseException as err:
-                failures.append({"case": i, "file": bad.name, "kind": kind, "argv": argv[0], "error": f"{type(err).__name__}: {err}"[:300]})
+                failures.append(
+                    {
+                        "case": i,
+                        "file": bad.name,
+                        "kind": kind,
+                        "argv": argv[0],
+                        "error": f"{type(err).__name__}: {err}"[:300],
+                    }
+                )
                 rc = -1
             worst = max(worst, time.perf_counter() - t0)
-            counts[f"{'adapter' if target_adapter else 'onnx'}:{kind}:{argv[0]}:{'ok' if rc == 0 else 'refused' if rc == 2 else 'escaped'}"] += 1
+            outcome = "ok" if rc == 0 else "refused" if rc == 2 else "escaped"
+            counts[f"{'adapter' if target_adapter else 'onnx'}:{kind}:{argv[0]}:{outcome}"] += 1
         out.unlink(missing_ok=True)
         bad.unlink()
-    return {"cases": cases, "seed": seed, "counts": dict(sorted(counts.items())), "worst_seconds": worst, "failures": failures}
+    return {
+        "cases": cases,
+        "seed": seed,
+        "counts": dict(sorted(counts.items())),
+        "worst_seconds": worst,
+        "failures": failures,
+    }
 
 
 if __name__ == "__main__":

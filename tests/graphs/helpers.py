@@ -18,13 +18,19 @@ class OneConv(nn.Module):
     def __init__(self, conv: nn.Module, bn: bool = False) -> None:
         super().__init__()
         self.conv = conv
-        self.bn = (nn.BatchNorm1d if isinstance(conv, nn.Conv1d) else nn.BatchNorm2d)(conv.out_channels) if bn else nn.Identity()
+        self.bn = (
+            (nn.BatchNorm1d if isinstance(conv, nn.Conv1d) else nn.BatchNorm2d)(conv.out_channels)
+            if bn
+            else nn.Identity()
+        )
 
     def forward(self, x):
         return self.bn(self.conv(x))
 
 
-def adapted_pair(geom_id: str, *, bn: bool = False, seed: int = 0) -> tuple[nn.Module, nn.Module, Adapter, torch.Tensor]:
+def adapted_pair(
+    geom_id: str, *, bn: bool = False, seed: int = 0
+) -> tuple[nn.Module, nn.Module, Adapter, torch.Tensor]:
     """(base model, adapted model with non-zero ΔG1, its adapter, an input)."""
     conv, x, rank = make_conv(geom_id, seed)
     base = OneConv(conv, bn).eval()

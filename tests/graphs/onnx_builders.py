@@ -13,10 +13,18 @@ from toolchain.kernels import suffix_kernel, tt_svd, weight_sha256
 
 def conv_attrs(g: ConvGeometry) -> dict:
     pads = list(g.padding) * 2 if not isinstance(g.padding, str) else None
-    return {"strides": list(g.stride), "dilations": list(g.dilation), "group": g.groups, "pads": pads, "kernel_shape": list(g.kernel_size)}
+    return {
+        "strides": list(g.stride),
+        "dilations": list(g.dilation),
+        "group": g.groups,
+        "pads": pads,
+        "kernel_shape": list(g.kernel_size),
+    }
 
 
-def build_pair(g: ConvGeometry, w: np.ndarray, bias: np.ndarray | None, rank: int, delta_scale: float, seed: int) -> tuple[onnx.ModelProto, onnx.ModelProto, Adapter]:
+def build_pair(
+    g: ConvGeometry, w: np.ndarray, bias: np.ndarray | None, rank: int, delta_scale: float, seed: int
+) -> tuple[onnx.ModelProto, onnx.ModelProto, Adapter]:
     """(base model, unfused model with the auxiliary path as nodes, adapter) for one conv."""
     cores = tt_svd(w, rank)
     r1 = cores[0].shape[2]
@@ -28,14 +36,22 @@ def build_pair(g: ConvGeometry, w: np.ndarray, bias: np.ndarray | None, rank: in
     up = dg1.reshape(g.out_channels, r1, *([1] * len(g.kernel_size)))
     attrs = {k: v for k, v in conv_attrs(g).items() if v is not None}
     base_inputs = ["x", "conv.weight"] + (["conv.bias"] if bias is not None else [])
-    inits = [numpy_helper.from_array(w, "conv.weight")] + ([numpy_helper.from_array(bias, "conv.bias")] if bias is not None else [])
+    inits = [numpy_helper.from_array(w, "conv.weight")] + (
+        [numpy_helper.from_array(bias, "conv.bias")] if bias is not None else []
+    )
     spatial = [16] * len(g.kernel_size)
     x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, g.in_channels, *spatial])
-    out_sp = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(spatial, g.padding, g.dilation, g.kernel_size, g.stride, strict=True)]
+    out_sp = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip(spatial, g.padding, g.dilation, g.kernel_size, g.stride, strict=True)
+    ]
     y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, g.out_channels, *out_sp])
 
     def model(nodes: list, extra_inits: list) -> onnx.ModelProto:
-        m = helper.make_model(helper.make_graph(nodes, "g", [x_info], [y_info], inits + extra_inits), opset_imports=[helper.make_opsetid("", 18)])
+        m = helper.make_model(
+            helper.make_graph(nodes, "g", [x_info], [y_info], inits + extra_inits),
+            opset_imports=[helper.make_opsetid("", 18)],
+        )
         m.ir_version = 10
         return m
 

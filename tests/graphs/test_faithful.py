@@ -21,7 +21,12 @@ from toolchain.graphs.onnx_io import save_onnx
 from toolchain.models.backbones import BACKBONES, SPATIAL_DIMS
 from toolchain.peft.inject import AdaptConfig, extract_adapter, inject
 
-PROV = {"toolchain.fused": "true", "toolchain.base_sha256": "b" * 64, "toolchain.adapter_sha256": "a" * 64, "toolchain.version": "test"}
+PROV = {
+    "toolchain.fused": "true",
+    "toolchain.base_sha256": "b" * 64,
+    "toolchain.adapter_sha256": "a" * 64,
+    "toolchain.version": "test",
+}
 
 
 def _adapted_backbone(name: str) -> tuple[onnx.ModelProto, nn.Module, object, torch.Tensor]:
@@ -52,8 +57,13 @@ def test_fused_differs_from_base_only_in_fused_weights_and_metadata(name):
     for section in ("nodes", "inputs", "outputs", "value_info"):
         assert not any(report[section][k] for k in ("added", "removed", "changed")), (section, report[section])
     assert not report["nodes"]["order_changed"]
-    assert set(report["metadata"]["added"]) >= {"toolchain.fused", "toolchain.fused_weights"} and not report["metadata"]["removed"]
-    assert [n.SerializeToString() for n in fused.graph.node] == [n.SerializeToString() for n in base.graph.node]  # node metadata and doc strings too
+    assert (
+        set(report["metadata"]["added"]) >= {"toolchain.fused", "toolchain.fused_weights"}
+        and not report["metadata"]["removed"]
+    )
+    assert [n.SerializeToString() for n in fused.graph.node] == [
+        n.SerializeToString() for n in base.graph.node
+    ]  # node metadata and doc strings too
     np.testing.assert_allclose(run(fused, x), adapted(x).detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -109,7 +119,10 @@ def test_old_opset_model_fuses_into_a_valid_model_or_is_refused(tmp_path, capsys
 
 def test_exclusive_create_loses_to_a_file_that_appeared_meanwhile(tmp_path):
     target = tmp_path / "out.onnx"
-    with pytest.raises(ToolchainError, match="appeared while this command ran"), atomic_path(target, force=False) as tmp:
+    with (
+        pytest.raises(ToolchainError, match="appeared while this command ran"),
+        atomic_path(target, force=False) as tmp,
+    ):
         tmp.write_bytes(b"mine")
         target.write_bytes(b"theirs")  # another run finished first
     assert target.read_bytes() == b"theirs"
@@ -131,4 +144,6 @@ def test_external_data_save_is_atomic_and_repeatable(tmp_path, monkeypatch):
     assert (tmp_path / "big.onnx.data").is_file()
     assert list(tmp_path.glob(".*partial*")) == []
     loaded = onnx.load(out)
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(loaded.graph.initializer[0]), onnx.numpy_helper.to_array(model.graph.initializer[0]))
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(loaded.graph.initializer[0]), onnx.numpy_helper.to_array(model.graph.initializer[0])
+    )

@@ -57,7 +57,12 @@ CASES = {
         ["Conv"],
     ),
     "shape from Concat(Constant, Constant)": (
-        [_const("p", np.array([1], np.int64)), _const("q", np.array([8], np.int64)), helper.make_node("Concat", ["p", "q"], ["shape"], axis=0), helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [
+            _const("p", np.array([1], np.int64)),
+            _const("q", np.array([8], np.int64)),
+            helper.make_node("Concat", ["p", "q"], ["shape"], axis=0),
+            helper.make_node("Reshape", ["x", "shape"], ["y"]),
+        ],
         {},
         [1, 8],
         ["Reshape"],
@@ -70,7 +75,10 @@ CASES = {
     ),
     "nothing to fold": ([helper.make_node("Relu", ["x"], ["y"])], {}, [1, 2, 4], ["Relu"]),
     "random ops stay": (
-        [helper.make_node("RandomNormal", [], ["r"], shape=[1, 2, 4], seed=1.0), helper.make_node("Mul", ["x", "r"], ["y"])],
+        [
+            helper.make_node("RandomNormal", [], ["r"], shape=[1, 2, 4], seed=1.0),
+            helper.make_node("Mul", ["x", "r"], ["y"]),
+        ],
         {},
         [1, 2, 4],
         ["RandomNormal", "Mul"],
@@ -107,7 +115,11 @@ def test_weight_constant_becomes_initializer_of_that_name():
 
 
 def test_a_graph_output_is_never_folded():
-    nodes = [_const("c", np.ones((1, 2, 4), np.float32)), helper.make_node("Add", ["x", "c"], ["y"]), helper.make_node("Identity", ["c"], ["k"])]
+    nodes = [
+        _const("c", np.ones((1, 2, 4), np.float32)),
+        helper.make_node("Add", ["x", "c"], ["y"]),
+        helper.make_node("Identity", ["c"], ["k"]),
+    ]
     model = _model(nodes, {}, [1, 2, 4], outputs=("y", "k"))
     folded = fold_constants(model)
     assert "Identity" in [n.op_type for n in folded.graph.node]

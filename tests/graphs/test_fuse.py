@@ -12,7 +12,12 @@ from toolchain.core.errors import ToolchainError
 from toolchain.graphs.fuse import fuse_model, layer_delta
 from toolchain.kernels import delta_weight, suffix_kernel
 
-PROV = {"toolchain.fused": "true", "toolchain.base_sha256": "b" * 64, "toolchain.adapter_sha256": "a" * 64, "toolchain.version": "test"}
+PROV = {
+    "toolchain.fused": "true",
+    "toolchain.base_sha256": "b" * 64,
+    "toolchain.adapter_sha256": "a" * 64,
+    "toolchain.version": "test",
+}
 
 
 @pytest.mark.parametrize("geom_id", list(GEOMETRIES))
@@ -148,7 +153,9 @@ def test_wrong_base_is_refused_with_hashes():
 
 def test_missing_layer_is_refused():
     base, _, adapter, x = adapted_pair("1d-plain")
-    adapter.layers[0] = type(adapter.layers[0])(**{**adapter.layers[0].__dict__, "param": "nowhere.weight", "base_sha256": "0" * 64})
+    adapter.layers[0] = type(adapter.layers[0])(
+        **{**adapter.layers[0].__dict__, "param": "nowhere.weight", "base_sha256": "0" * 64}
+    )
     with pytest.raises(ToolchainError, match="no Conv weight in the model matches"):
         fuse_model(export_proto(base, x), adapter, PROV)
 

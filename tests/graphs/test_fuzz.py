@@ -11,7 +11,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fuzz(tmp_path, cases: int, seed: int) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "tests.graphs.fuzz_harness", str(tmp_path), str(cases), str(seed)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.graphs.fuzz_harness", str(tmp_path), str(cases), str(seed)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert proc.returncode in (0, 1), f"the harness crashed (signal?) rc={proc.returncode}: {proc.stderr[-2000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["failures"] == [], result["failures"][:5]
@@ -27,7 +33,13 @@ def test_mutated_files_only_raise_toolchain_errors_quick(tmp_path):
 
 @pytest.mark.slow
 def test_mutated_files_only_raise_toolchain_errors(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tests.graphs.fuzz_harness", str(tmp_path), "600", "1234"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.graphs.fuzz_harness", str(tmp_path), "600", "1234"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert proc.returncode in (0, 1), f"the harness crashed (signal?) rc={proc.returncode}: {proc.stderr[-2000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["failures"] == [], result["failures"][:5]

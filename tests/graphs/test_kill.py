@@ -26,17 +26,29 @@ def _chain(tmp_path, layers=12, ch=192):
         cur = f"y{i}"
         cores = tt_svd(w, 4)
         g = ConvGeometry("conv2d", w.shape[1], ch, (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros", False)
-        rec = LayerRecord(f"c{i}", f"c{i}.weight", "lora-edge", g, (1, *(c.shape[2] for c in cores)), 1.0, weight_sha256(w))
+        rec = LayerRecord(
+            f"c{i}", f"c{i}.weight", "lora-edge", g, (1, *(c.shape[2] for c in cores)), 1.0, weight_sha256(w)
+        )
         recs.append(rec)
-        tensors.update(dict(zip(rec.tensor_names(), [np.full((ch, cores[0].shape[2]), 0.01, np.float32), *cores[1:]], strict=True)))
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [1, ch, 8, 8])], inits)
+        tensors.update(
+            dict(zip(rec.tensor_names(), [np.full((ch, cores[0].shape[2]), 0.01, np.float32), *cores[1:]], strict=True))
+        )
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [1, ch, 8, 8])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     onnx.save(model, tmp_path / "base.onnx")
     save_adapter(Adapter("lora-edge", recs, [], tensors, {}), tmp_path / "adapter.safetensors")
 
 
-def _start_and_wait_for_partial(cmd: list[str], folder, target_name: str, timeout: float = 60.0) -> tuple[subprocess.Popen, bool]:
+def _start_and_wait_for_partial(
+    cmd: list[str], folder, target_name: str, timeout: float = 60.0
+) -> tuple[subprocess.Popen, bool]:
     """Start ``cmd``; return once its temporary ``.partial`` output exists (mid-write), or it ended."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout

@@ -21,7 +21,13 @@ peft = pytest.importorskip("peft", reason="peft is in the dev extra")
 class Net1d(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv1d(6, 16, 5, padding=2), nn.ReLU(), nn.Conv1d(16, 24, 3, stride=2, padding=1), nn.ReLU(), nn.Conv1d(24, 24, 1))
+        self.features = nn.Sequential(
+            nn.Conv1d(6, 16, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(16, 24, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(24, 24, 1),
+        )
         self.head = nn.Linear(24, 5)
 
     def forward(self, x):
@@ -32,7 +38,9 @@ class Net2d(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 12, (3, 5), padding=(1, 2))
-        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(12, 16, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Conv2d(16, 16, 1))
+        self.block = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(12, 16, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Conv2d(16, 16, 1)
+        )
         self.head = nn.Linear(16, 4)
 
     def forward(self, x):
@@ -42,7 +50,12 @@ class Net2d(nn.Module):
 CASES = {
     "conv1d-lora": (Net1d, (2, 6, 40), ["features.0", "features.2", "features.4"], {}),
     "conv1d-dora-rslora": (Net1d, (2, 6, 40), ["features.0", "features.2"], {"use_dora": True, "use_rslora": True}),
-    "conv2d-lora-alpha-pattern": (Net2d, (2, 3, 12, 16), ["stem", "block.1", "block.3"], {"alpha_pattern": {"block.1": 32}}),
+    "conv2d-lora-alpha-pattern": (
+        Net2d,
+        (2, 3, 12, 16),
+        ["stem", "block.1", "block.3"],
+        {"alpha_pattern": {"block.1": 32}},
+    ),
     "conv2d-dora": (Net2d, (2, 3, 12, 16), ["stem", "block.3"], {"use_dora": True}),
 }
 
@@ -74,13 +87,37 @@ def test_peft_adapter_fuses_like_peft_merges(case, tmp_path, capsys):
     described = json.loads(capsys.readouterr().out)
     assert described["kind"] == "peft-adapter" and sorted(described["modules"]) == sorted(CASES[case][2])
     meta = {p.key: p.value for p in onnx.load(tmp_path / "fused.onnx").metadata_props}
-    assert meta["toolchain.adapter_format"] == "peft" and len(json.loads(meta["toolchain.fused_weights"])) == len(CASES[case][2])
+    assert meta["toolchain.adapter_format"] == "peft" and len(json.loads(meta["toolchain.fused_weights"])) == len(
+        CASES[case][2]
+    )
     capsys.readouterr()
-    argv = ["verify", str(tmp_path / "fused.onnx"), "--reference", str(tmp_path / "merged.onnx"), "--data", "none", "--random", "8", "--out-dir", str(tmp_path / "v")]
+    argv = [
+        "verify",
+        str(tmp_path / "fused.onnx"),
+        "--reference",
+        str(tmp_path / "merged.onnx"),
+        "--data",
+        "none",
+        "--random",
+        "8",
+        "--out-dir",
+        str(tmp_path / "v"),
+    ]
     assert main(argv) == 0, capsys.readouterr()
     report = json.loads((tmp_path / "v" / "verify.json").read_text())
     assert report["comparisons"]["model"]["atol"] == 1e-4 and report["passed"]
-    base_err = main(["verify", str(tmp_path / "base.onnx"), "--reference", str(tmp_path / "merged.onnx"), "--data", "none", "--out-dir", str(tmp_path / "w")])
+    base_err = main(
+        [
+            "verify",
+            str(tmp_path / "base.onnx"),
+            "--reference",
+            str(tmp_path / "merged.onnx"),
+            "--data",
+            "none",
+            "--out-dir",
+            str(tmp_path / "w"),
+        ]
+    )
     assert base_err == 1, "the adapter must change the model, or the check above proves nothing"
 
 
@@ -91,7 +128,9 @@ def test_peft_on_a_grouped_conv_is_refused(tmp_path, capsys):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        pm = peft.get_peft_model(
+            copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+        )
     pm.save_pretrained(tmp_path / "peft")
     onnx.save(export_proto(base, torch.randn(1, 8, 16)), tmp_path / "base.onnx")
     assert main(["fuse", str(tmp_path / "base.onnx"), str(tmp_path / "peft"), "-o", str(tmp_path / "f.onnx")]) == 2

@@ -9,7 +9,12 @@ from tests.graphs.onnx_builders import build_pair
 from toolchain.core.adapter_file import ConvGeometry, load_adapter, save_adapter
 from toolchain.graphs.fuse import fuse_model
 
-PROV = {"toolchain.fused": "true", "toolchain.base_sha256": "0" * 64, "toolchain.adapter_sha256": "1" * 64, "toolchain.version": "t"}
+PROV = {
+    "toolchain.fused": "true",
+    "toolchain.base_sha256": "0" * 64,
+    "toolchain.adapter_sha256": "1" * 64,
+    "toolchain.version": "t",
+}
 
 
 @st.composite
@@ -25,7 +30,9 @@ def conv_cases(draw):
     stride = tuple(draw(st.integers(1, 2)) for _ in range(dims))
     dil = tuple(draw(st.integers(1, 2)) for _ in range(dims))
     pad = tuple(draw(st.integers(0, 2)) for _ in range(dims))
-    geom = ConvGeometry("conv1d" if dims == 1 else "conv2d", cin, cout, k, stride, pad, dil, groups, "zeros", draw(st.booleans()))
+    geom = ConvGeometry(
+        "conv1d" if dims == 1 else "conv2d", cin, cout, k, stride, pad, dil, groups, "zeros", draw(st.booleans())
+    )
     rank = draw(st.integers(1, 10))
     seed = draw(st.integers(0, 2**31 - 1))
     scale = draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0]))

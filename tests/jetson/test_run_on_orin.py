@@ -24,7 +24,9 @@ sys.modules["tensorrt"] = fake_tensorrt.install()
 import toolchain.trt.engine as _engine
 _engine.runner_from_bytes = fake_tensorrt.engine_runner
 """
-BROKEN_REFIT = SITE + "\nfake_tensorrt.Refitter.refit_cuda_engine = lambda self: True  # reports success, changes nothing\n"
+BROKEN_REFIT = (
+    SITE + "\nfake_tensorrt.Refitter.refit_cuda_engine = lambda self: True  # reports success, changes nothing\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +44,14 @@ def bundle(tmp_path_factory):
 def _run(bundle: Path, tmp_path: Path, site: str) -> tuple[subprocess.CompletedProcess, list[dict[str, str]]]:
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(site)
-    env = {**os.environ, "PATH": f"{STUBS}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}"}
-    run = subprocess.run(["bash", str(SCRIPT), str(bundle), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PATH": f"{STUBS}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}",
+    }
+    run = subprocess.run(
+        ["bash", str(SCRIPT), str(bundle), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600
+    )
     lines = (tmp_path / "out" / "summary.tsv").read_text().splitlines()
     header = lines[0].split("\t")
     return run, [dict(zip(header, line.split("\t"), strict=False)) for line in lines[1:]]
@@ -59,7 +67,9 @@ def test_the_orin_script_runs_the_matrix(bundle, tmp_path):
         assert r["engine_vs_fused"] == r["engine_vs_unfused"] == r["refit"] == r["refit_vs_unfused2"] == "PASSED", r
         assert r["negative_control"] == "FAILED", r
         assert all(float(r[k]) > 0 for k in ("base_ms", "fused_ms", "unfused_ms", "refit_ms")), r
-    assert by["le_bn-foldbn"]["expect"] == "refused-at-fuse" and by["le_bn-foldbn"]["status"].startswith("ok: refused at fuse")
+    assert by["le_bn-foldbn"]["expect"] == "refused-at-fuse" and by["le_bn-foldbn"]["status"].startswith(
+        "ok: refused at fuse"
+    )
     env = (tmp_path / "out" / "environment.txt").read_text()
     assert "tensorrt: 10.3.0" in env and "NV Power Mode" in env and "MaxFreq" in env
     assert (tmp_path / "out" / "le_all-default" / "fused1.plan.json").is_file()

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from toolchain.core.errors import ToolchainError
-from toolchain.kernels import delta_weight, suffix_kernel, tt_ranks, tt_reconstruct, tt_svd, validate_cores, weight_sha256
+from toolchain.kernels import (
+    delta_weight,
+    suffix_kernel,
+    tt_ranks,
+    tt_reconstruct,
+    tt_svd,
+    validate_cores,
+    weight_sha256,
+)
 
 SHAPES = [(8, 6, 3), (12, 1, 3), (16, 4, 3, 3), (5, 7, 1), (3, 2, 5, 2), (64, 64, 1)]
 

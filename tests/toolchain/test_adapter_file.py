@@ -75,13 +75,25 @@ def _set_first_tensor(header, **kw):
         (lambda p: p.write_bytes(p.read_bytes()[:5]), "shorter than its 8-byte header"),
         (lambda p: p.write_bytes(p.read_bytes()[:200]), "header length is larger than the file"),
         (lambda p: p.write_bytes(p.read_bytes()[:-16]), "bytes no tensor owns, or is too short"),
-        (lambda p: _rewrite_header(p, lambda h: _set_first_tensor(h, shape=[100_000, 100_000, 10])), "does not match its shape"),
+        (
+            lambda p: _rewrite_header(p, lambda h: _set_first_tensor(h, shape=[100_000, 100_000, 10])),
+            "does not match its shape",
+        ),
         (lambda p: _rewrite_header(p, lambda h: _set_first_tensor(h, shape=[-4])), "list of at most 8 integers"),
         (lambda p: _rewrite_header(p, lambda h: _set_first_tensor(h, dtype="F64")), "must be float32"),
-        (lambda p: _rewrite_header(p, lambda h: h["__metadata__"].update(layers="{not json")), "'layers' is not valid JSON"),
+        (
+            lambda p: _rewrite_header(p, lambda h: h["__metadata__"].update(layers="{not json")),
+            "'layers' is not valid JSON",
+        ),
         (lambda p: _rewrite_header(p, lambda h: h["__metadata__"].update(format="other")), "not a toolchain adapter"),
-        (lambda p: _rewrite_header(p, lambda h: h["__metadata__"].update(format_version="99")), "unsupported adapter format version"),
-        (lambda p: _rewrite_header(p, lambda h: h.pop(next(k for k in h if k.endswith("delta_g1")))), "overlaps another tensor or leaves a gap"),
+        (
+            lambda p: _rewrite_header(p, lambda h: h["__metadata__"].update(format_version="99")),
+            "unsupported adapter format version",
+        ),
+        (
+            lambda p: _rewrite_header(p, lambda h: h.pop(next(k for k in h if k.endswith("delta_g1")))),
+            "overlaps another tensor or leaves a gap",
+        ),
     ],
 )
 def test_corrupt_adapters_are_refused(tmp_path, mutate, message):

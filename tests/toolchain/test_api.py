@@ -17,7 +17,14 @@ class UserNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+        )
         self.fc = nn.Linear(16, 3)
 
     def forward(self, x):
@@ -45,13 +52,17 @@ def test_adapt_train_save_fuse_verify(tmp_path, method):
             opt.step()
     assert not model.training
     base = adaptation.base_model()
-    assert all(torch.equal(base.state_dict()[k], v) for k, v in original.items()), "base_model() is the model before adapt"
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in original.items()), (
+        "base_model() is the model before adapt"
+    )
     adaptation.save(tmp_path / "a.safetensors")
     example = x[:1]
     tc.export_onnx(base, example, tmp_path / "base.onnx")
     tc.export_onnx(model, example, tmp_path / "unfused.onnx")
     tc.fuse(tmp_path / "base.onnx", tmp_path / "a.safetensors", tmp_path / "fused.onnx")
-    report = tc.verify(tmp_path / "fused.onnx", tmp_path / "unfused.onnx", tmp_path / "v", inputs=x.numpy(), real=8, random=2)
+    report = tc.verify(
+        tmp_path / "fused.onnx", tmp_path / "unfused.onnx", tmp_path / "v", inputs=x.numpy(), real=8, random=2
+    )
     assert report["passed"] and report["real_batches"] == 8
     assert tc.load_adapter(tmp_path / "a.safetensors").method == method
     with pytest.raises(tc.ToolchainError, match="pass --force"):

@@ -9,7 +9,15 @@ from toolchain.compare import CompareJob, run_compare
 
 
 def test_compare_writes_reports_and_resumes(tmp_path):
-    job = CompareJob(out=str(tmp_path), methods=("lora-edge", "adapter", "full"), ranks=(2,), steps=6, eval_every=3, pretrain_epochs=1, progress=False)
+    job = CompareJob(
+        out=str(tmp_path),
+        methods=("lora-edge", "adapter", "full"),
+        ranks=(2,),
+        steps=6,
+        eval_every=3,
+        pretrain_epochs=1,
+        progress=False,
+    )
     rows = run_compare(job)
     assert [(r["method"], r["rank"]) for r in rows] == [("lora-edge", 2), ("adapter", 0), ("full", 0)]
     for name in ("results.md", "results.csv", "f1_vs_step.png", "memory.png", "params_vs_f1.png"):
@@ -34,17 +42,30 @@ def test_compare_cache_is_keyed_on_every_input():
 
     job = CompareJob(out="x")
     key = cache_key(run_inputs(job, "lora-edge", 4))
-    for change in ({"steps": 301}, {"data": "hapt:../HAPT"}, {"layers": "pointwise"}, {"batch_size": 64}, {"seed": 1}, {"eval_every": 5}, {"pretrain_epochs": 2}):
+    for change in (
+        {"steps": 301},
+        {"data": "hapt:../HAPT"},
+        {"layers": "pointwise"},
+        {"batch_size": 64},
+        {"seed": 1},
+        {"eval_every": 5},
+        {"pretrain_epochs": 2},
+    ):
         assert cache_key(run_inputs(replace(job, **change), "lora-edge", 4)) != key, change
     assert cache_key(run_inputs(job, "lora-edge", 2)) != key and cache_key(run_inputs(job, "lora", 4)) != key
     assert cache_key(base_inputs(replace(job, data="other.npz"))) != cache_key(base_inputs(job))
-    assert cache_key(base_inputs(replace(job, steps=5))) == cache_key(base_inputs(job)), "the base does not depend on adaptation steps"
+    assert cache_key(base_inputs(replace(job, steps=5))) == cache_key(base_inputs(job)), (
+        "the base does not depend on adaptation steps"
+    )
 
 
 def test_unseen_classes_reach_the_fused_model(tmp_path):
     ck, ad = tmp_path / "base.pt", tmp_path / "a.safetensors"
     assert main(["pretrain", "--out", str(ck), "--exclude-classes", "ROW,TRAP", "--epochs", "1", "--no-progress"]) == 0
-    assert main(["finetune", "--checkpoint", str(ck), "--out", str(ad), "--rank", "2", "--steps", "30", "--no-progress"]) == 0
+    assert (
+        main(["finetune", "--checkpoint", str(ck), "--out", str(ad), "--rank", "2", "--steps", "30", "--no-progress"])
+        == 0
+    )
     metrics = json.loads((tmp_path / "a.metrics.json").read_text())
     assert metrics["test_windows"] > 0
     paths = {k: tmp_path / f"{k}.onnx" for k in ("base", "unfused", "fused")}
@@ -53,4 +74,20 @@ def test_unseen_classes_reach_the_fused_model(tmp_path):
     assert main(["fuse", str(paths["base"]), str(ad), "-o", str(paths["fused"])]) == 0
     dims = lambda p: [d.dim_value for d in onnx.load(p).graph.output[0].type.tensor_type.shape.dim]  # noqa: E731
     assert dims(paths["base"]) == [1, 5] and dims(paths["fused"]) == [1, 7] == dims(paths["unfused"])
-    assert main(["verify", str(paths["fused"]), "--reference", str(paths["unfused"]), "--out-dir", str(tmp_path / "v"), "--real", "4", "--random", "2"]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                str(paths["fused"]),
+                "--reference",
+                str(paths["unfused"]),
+                "--out-dir",
+                str(tmp_path / "v"),
+                "--real",
+                "4",
+                "--random",
+                "2",
+            ]
+        )
+        == 0
+    )

@@ -70,7 +70,12 @@ def test_npz_roundtrip(tmp_path):
         (lambda p: str(p / "nothing.npz"), "does not exist"),
         (lambda p: "csv:whatever", "unknown data spec"),
         (lambda p: np.savez(p / "x.npz", X=np.zeros((2, 6, 128))) or str(p / "x.npz"), "needs arrays X, y and subject"),
-        (lambda p: np.savez(p / "o.npz", X=np.array([None, 1], dtype=object), y=[0, 1], subject=[0, 0]) or str(p / "o.npz"), "pickled arrays are refused"),
+        (
+            lambda p: (
+                np.savez(p / "o.npz", X=np.array([None, 1], dtype=object), y=[0, 1], subject=[0, 0]) or str(p / "o.npz")
+            ),
+            "pickled arrays are refused",
+        ),
     ],
 )
 def test_bad_data_specs(tmp_path, make, message):

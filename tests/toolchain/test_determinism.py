@@ -28,7 +28,20 @@ def test_pretrain_twice_gives_identical_weights(tmp_path):
 def test_finetune_with_random_init_twice_gives_identical_adapters(tmp_path):
     assert main(["pretrain", "--steps", "5", "--out", str(tmp_path / "base.pt"), "--no-progress"]) == 0
     for name in ("a", "b"):
-        argv = ["finetune", "--checkpoint", str(tmp_path / "base.pt"), "--method", "lora", "--rank", "2", "--steps", "5", "--out", str(tmp_path / f"{name}.safetensors"), "--no-progress"]
+        argv = [
+            "finetune",
+            "--checkpoint",
+            str(tmp_path / "base.pt"),
+            "--method",
+            "lora",
+            "--rank",
+            "2",
+            "--steps",
+            "5",
+            "--out",
+            str(tmp_path / f"{name}.safetensors"),
+            "--no-progress",
+        ]
         assert main(argv) == 0
     a, b = load_adapter(tmp_path / "a.safetensors"), load_adapter(tmp_path / "b.safetensors")
     assert a.tensors.keys() == b.tensors.keys()
@@ -54,9 +67,25 @@ def test_lora_edge_forward_applies_the_scaling():
 def test_finetune_twice_writes_byte_identical_adapters(tmp_path):
     assert main(["pretrain", "--steps", "5", "--out", str(tmp_path / "base.pt"), "--no-progress"]) == 0
     for name in ("a", "b"):
-        assert main(["finetune", "--checkpoint", str(tmp_path / "base.pt"), "--steps", "3", "--out", str(tmp_path / f"{name}.safetensors"), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "finetune",
+                    "--checkpoint",
+                    str(tmp_path / "base.pt"),
+                    "--steps",
+                    "3",
+                    "--out",
+                    str(tmp_path / f"{name}.safetensors"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     from safetensors.numpy import load_file
 
     ours = load_adapter(tmp_path / "a.safetensors").tensors
-    assert {k: v.shape for k, v in load_file(tmp_path / "a.safetensors").items()} == {k: v.shape for k, v in ours.items()}, "the safetensors library reads it too"
+    assert {k: v.shape for k, v in load_file(tmp_path / "a.safetensors").items()} == {
+        k: v.shape for k, v in ours.items()
+    }, "the safetensors library reads it too"

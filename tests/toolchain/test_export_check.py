@@ -19,7 +19,9 @@ from toolchain.export import ExportOptions, to_onnx
 def test_a_wrong_translation_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(ToolchainError, match="no exporter wrote an ONNX model that matches") as err:
         tc.export_onnx(custom_ops.Net("twice_wrong"), torch.randn(1, 2, 16), tmp_path / "m.onnx")
-    assert "torchscript exporter: output logits differs from PyTorch" in str(err.value) and "dynamo exporter failed" in str(err.value)
+    assert "torchscript exporter: output logits differs from PyTorch" in str(
+        err.value
+    ) and "dynamo exporter failed" in str(err.value)
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -27,15 +29,36 @@ def test_the_cli_refuses_a_wrong_export_in_one_line(tmp_path, capsys):
     ck = tmp_path / "wrong.pt"
     torch.save(custom_ops.wrong().state_dict(), ck)
     model = f"{custom_ops.__file__}:wrong"
-    assert main(["export", "--checkpoint", str(ck), "--model", model, "--input-shape", "2,16", "-o", str(tmp_path / "m.onnx")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(ck),
+                "--model",
+                model,
+                "--input-shape",
+                "2,16",
+                "-o",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "differs from PyTorch by" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+    assert (
+        "differs from PyTorch by" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+    )
 
 
 def test_a_failing_exporter_falls_back_and_says_so():
     exported = to_onnx(custom_ops.Net("twice_right"), (2, 16), ExportOptions())
     assert exported.check.exporter == "torchscript" and exported.check.passed
-    assert len(exported.notes) == 1 and "dynamo exporter failed" in exported.notes[0] and "used the torchscript exporter" in exported.notes[0]
+    assert (
+        len(exported.notes) == 1
+        and "dynamo exporter failed" in exported.notes[0]
+        and "used the torchscript exporter" in exported.notes[0]
+    )
 
 
 def test_a_chosen_exporter_does_not_fall_back():
@@ -49,7 +72,21 @@ def test_a_chosen_exporter_does_not_fall_back():
 def pipeline(tmp_path_factory):
     d = tmp_path_factory.mktemp("xc")
     assert main(["pretrain", "--out", str(d / "b.pt"), "--epochs", "1", "--no-progress"]) == 0
-    assert main(["finetune", "--checkpoint", str(d / "b.pt"), "--out", str(d / "a.safetensors"), "--steps", "10", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--checkpoint",
+                str(d / "b.pt"),
+                "--out",
+                str(d / "a.safetensors"),
+                "--steps",
+                "10",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return d
 
 
@@ -57,7 +94,22 @@ def pipeline(tmp_path_factory):
 def test_both_exporters_write_models_tensorrt_and_fusion_accept(pipeline, tmp_path, capsys, exporter):
     d = pipeline
     base, fused = tmp_path / "base.onnx", tmp_path / "fused.onnx"
-    assert main(["export", "--checkpoint", str(d / "b.pt"), "--exporter", exporter, "--check-data", "watch", "-o", str(base)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(d / "b.pt"),
+                "--exporter",
+                exporter,
+                "--check-data",
+                "watch",
+                "-o",
+                str(base),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"({exporter} exporter, 8 real + 4 random inputs)" in out
     meta = {p.key: p.value for p in onnx.load(base).metadata_props}
@@ -69,7 +121,21 @@ def test_both_exporters_write_models_tensorrt_and_fusion_accept(pipeline, tmp_pa
 
 def test_the_fused_export_is_checked_against_the_adapted_module(pipeline, tmp_path, monkeypatch, capsys):
     d = pipeline
-    assert main(["export", "--checkpoint", str(d / "b.pt"), "--adapter", str(d / "a.safetensors"), "--fuse", "-o", str(tmp_path / "f.onnx")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(d / "b.pt"),
+                "--adapter",
+                str(d / "a.safetensors"),
+                "--fuse",
+                "-o",
+                str(tmp_path / "f.onnx"),
+            ]
+        )
+        == 0
+    )
     real_fuse = __import__("toolchain.graphs.fuse", fromlist=["fuse_model"]).fuse_model
 
     def wrong_fuse(proto, adapter, prov):  # a fusion bug: ΔW added twice
@@ -82,6 +148,20 @@ def test_the_fused_export_is_checked_against_the_adapted_module(pipeline, tmp_pa
 
     monkeypatch.setattr("toolchain.graphs.fuse.fuse_model", wrong_fuse)
     capsys.readouterr()
-    assert main(["export", "--checkpoint", str(d / "b.pt"), "--adapter", str(d / "a.safetensors"), "--fuse", "-o", str(tmp_path / "g.onnx")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(d / "b.pt"),
+                "--adapter",
+                str(d / "a.safetensors"),
+                "--fuse",
+                "-o",
+                str(tmp_path / "g.onnx"),
+            ]
+        )
+        == 2
+    )
     assert "the fused ONNX model differs from the adapted PyTorch module" in capsys.readouterr().err
     assert not (tmp_path / "g.onnx").exists()

@@ -18,7 +18,11 @@ def base(tmp_path_factory):
 
 def test_fleet_adapts_fuses_verifies_and_reports_failures(tmp_path, base, capsys):
     manifest = tmp_path / "m.json"
-    users = [{"name": "wearer-08", "subjects": [8]}, {"name": "ghost", "subjects": [99]}, {"name": "wearer-10", "subjects": [10]}]
+    users = [
+        {"name": "wearer-08", "subjects": [8]},
+        {"name": "ghost", "subjects": [99]},
+        {"name": "wearer-10", "subjects": [10]},
+    ]
     manifest.write_text(json.dumps({"data": "watch", "users": users}))
     out = tmp_path / "fleet"
     args = ["fleet", str(manifest), "--checkpoint", str(base), "--out", str(out), "--epochs", "2", "--no-progress"]
@@ -29,14 +33,22 @@ def test_fleet_adapts_fuses_verifies_and_reports_failures(tmp_path, base, capsys
     for name in ("wearer-08", "wearer-10"):
         report = json.loads((out / name / "verify" / "verify.json").read_text())
         assert report["passed"] and report["comparisons"]["model"]["outputs"]
-        assert {p.name for p in (out / name).iterdir()} >= {"adapter.safetensors", "fused.onnx", "unfused.onnx", "base.onnx", "verify"}
+        assert {p.name for p in (out / name).iterdir()} >= {
+            "adapter.safetensors",
+            "fused.onnx",
+            "unfused.onnx",
+            "base.onnx",
+            "verify",
+        }
     rows = (out / "summary.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["wearer-08", "ghost", "wearer-10"], "manifest order"
     stamp = (out / "wearer-08" / "fused.onnx").stat().st_mtime_ns
     assert main(args) == 1
     assert (out / "wearer-08" / "fused.onnx").stat().st_mtime_ns == stamp, "finished users come from the cache"
     assert "(2 from the cache)" in capsys.readouterr().out
-    (out / "wearer-10" / "fused.onnx").write_bytes(b"truncated")  # R23: a damaged output is not "verified (from the cache)"
+    (out / "wearer-10" / "fused.onnx").write_bytes(
+        b"truncated"
+    )  # R23: a damaged output is not "verified (from the cache)"
     (out / "wearer-08" / "fused.onnx").unlink()
     assert main(args) == 1
     assert "(0 from the cache)" in capsys.readouterr().out
@@ -48,7 +60,9 @@ def test_fleet_leaves_a_foreign_folder_alone(tmp_path, base):
     manifest.write_text(json.dumps({"data": "watch", "users": [{"name": "a", "subjects": [8]}]}))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    assert main(["fleet", str(manifest), "--checkpoint", str(base), "--out", str(tmp_path / "mine"), "--no-progress"]) == 2
+    assert (
+        main(["fleet", str(manifest), "--checkpoint", str(base), "--out", str(tmp_path / "mine"), "--no-progress"]) == 2
+    )
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
@@ -73,7 +87,14 @@ def test_bad_manifests_are_refused(tmp_path, doc, message):
         read_manifest(str(p))
 
 
-@pytest.mark.parametrize("argv", [["fleet", "M", "--checkpoint", "CK", "--rank", "0"], ["fleet", "M", "--checkpoint", "CK", "--rank", "-3"], ["compare", "--ranks", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["fleet", "M", "--checkpoint", "CK", "--rank", "0"],
+        ["fleet", "M", "--checkpoint", "CK", "--rank", "-3"],
+        ["compare", "--ranks", "0"],
+    ],
+)
 def test_a_rank_no_layer_can_use_is_refused_before_any_output(tmp_path, base, argv, capsys):
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"data": "watch", "users": [{"name": "a", "subjects": [8]}]}))

@@ -40,7 +40,9 @@ def test_image_folder_with_domains(tmp_path):
         for cls in ("cat", "dog"):
             (tmp_path / domain / cls).mkdir(parents=True)
             for i in range(3):
-                Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(tmp_path / domain / cls / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(
+                    tmp_path / domain / cls / f"{i}.png"
+                )
     ds = load_image_folder(tmp_path, 16)
     assert ds.X.shape == (12, 3, 16, 16) and ds.classes == ["cat", "dog"]
     assert sorted(set(ds.subject.tolist())) == [0, 1]
@@ -55,25 +57,106 @@ def _npz(path, shape, n=96, classes=3, subjects=4):
     return str(path)
 
 
-@pytest.mark.parametrize(("shape", "model"), [((6, 200), "cnn1d"), ((3, 20, 28), "resnet18"), ((1, 24, 16), "mobilenetv2")])
+@pytest.mark.parametrize(
+    ("shape", "model"), [((6, 200), "cnn1d"), ((3, 20, 28), "resnet18"), ((1, 24, 16), "mobilenetv2")]
+)
 def test_other_input_shapes_through_pretrain_export_verify(tmp_path, shape, model):
     data = _npz(tmp_path / "d.npz", shape)
     ck, ad = tmp_path / "b.pt", tmp_path / "a.safetensors"
-    assert main(["pretrain", "--model", model, "--data", data, "--out", str(ck), "--steps", "3", "--batch-size", "16", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--model",
+                model,
+                "--data",
+                data,
+                "--out",
+                str(ck),
+                "--steps",
+                "3",
+                "--batch-size",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert torch.load(ck, weights_only=True)["input_shape"] == list(shape)
-    assert main(["finetune", "--checkpoint", str(ck), "--out", str(ad), "--steps", "3", "--batch-size", "8", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--checkpoint",
+                str(ck),
+                "--out",
+                str(ad),
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     for kind, extra in (("base", []), ("unfused", ["--adapter", str(ad)]), ("fused", ["--adapter", str(ad), "--fuse"])):
         assert main(["export", "--checkpoint", str(ck), *extra, "-o", str(tmp_path / f"{kind}.onnx")]) == 0
     dims = [d.dim_value for d in onnx.load(tmp_path / "fused.onnx").graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, *shape]
-    assert main(["verify", str(tmp_path / "fused.onnx"), "--reference", str(tmp_path / "unfused.onnx"), "--data", data, "--out-dir", str(tmp_path / "v"), "--real", "4", "--random", "2"]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                str(tmp_path / "fused.onnx"),
+                "--reference",
+                str(tmp_path / "unfused.onnx"),
+                "--data",
+                data,
+                "--out-dir",
+                str(tmp_path / "v"),
+                "--real",
+                "4",
+                "--random",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "v" / "verify.json").read_text())["real_batches"] == 4
 
 
 def test_finetune_refuses_data_of_another_shape(tmp_path, capsys):
     ck = tmp_path / "b.pt"
-    assert main(["pretrain", "--data", _npz(tmp_path / "d.npz", (6, 200)), "--out", str(ck), "--steps", "2", "--no-progress"]) == 0
-    rc = main(["finetune", "--checkpoint", str(ck), "--data", _npz(tmp_path / "e.npz", (6, 150)), "--out", str(tmp_path / "a.safetensors"), "--steps", "1", "--no-progress"])
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                _npz(tmp_path / "d.npz", (6, 200)),
+                "--out",
+                str(ck),
+                "--steps",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    rc = main(
+        [
+            "finetune",
+            "--checkpoint",
+            str(ck),
+            "--data",
+            _npz(tmp_path / "e.npz", (6, 150)),
+            "--out",
+            str(tmp_path / "a.safetensors"),
+            "--steps",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "differs from the shape the model was trained on" in capsys.readouterr().err
     rc = main(["export", "--checkpoint", str(ck), "--input-shape", "6,150", "-o", str(tmp_path / "m.onnx")])
     assert rc == 0, "cnn1d pools globally, so another length is a valid explicit override"
@@ -83,16 +166,54 @@ def test_finetune_refuses_data_of_another_shape(tmp_path, capsys):
 @pytest.mark.slow
 def test_digits_pipeline_with_real_images_as_verify_feeds(tmp_path):
     ck, ad = tmp_path / "b.pt", tmp_path / "a.safetensors"
-    assert main(["pretrain", "--model", "resnet18", "--data", "digits", "--exclude-classes", "8,9", "--out", str(ck), "--steps", "20", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--model",
+                "resnet18",
+                "--data",
+                "digits",
+                "--exclude-classes",
+                "8,9",
+                "--out",
+                str(ck),
+                "--steps",
+                "20",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["finetune", "--checkpoint", str(ck), "--out", str(ad), "--steps", "10", "--no-progress"]) == 0
     for kind, extra in (("unfused", ["--adapter", str(ad)]), ("fused", ["--adapter", str(ad), "--fuse"])):
         assert main(["export", "--checkpoint", str(ck), *extra, "-o", str(tmp_path / f"{kind}.onnx")]) == 0
     out = onnx.load(tmp_path / "fused.onnx").graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in out] == [1, 10], "unseen classes 8 and 9 reach the fused model"
-    assert main(["verify", str(tmp_path / "fused.onnx"), "--reference", str(tmp_path / "unfused.onnx"), "--data", "digits", "--out-dir", str(tmp_path / "v"), "--real", "6", "--random", "2"]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                str(tmp_path / "fused.onnx"),
+                "--reference",
+                str(tmp_path / "unfused.onnx"),
+                "--data",
+                "digits",
+                "--out-dir",
+                str(tmp_path / "v"),
+                "--real",
+                "6",
+                "--random",
+                "2",
+            ]
+        )
+        == 0
+    )
 
 
-@pytest.mark.parametrize(("mode", "dark", "bright", "peak"), [("I;16", 1000, 60000, 65535), ("I", 300, 40000, 65535), ("L", 10, 250, 255)])
+@pytest.mark.parametrize(
+    ("mode", "dark", "bright", "peak"), [("I;16", 1000, 60000, 65535), ("I", 300, 40000, 65535), ("L", 10, 250, 255)]
+)
 def test_high_bit_depth_images_keep_their_range(tmp_path, mode, dark, bright, peak):
     """16-bit PNGs used to be clipped to 255 by convert("L"): two classes became identical (R1)."""
     from PIL import Image
@@ -104,10 +225,14 @@ def test_high_bit_depth_images_keep_their_range(tmp_path, mode, dark, bright, pe
         dtype = {"I;16": np.uint16, "I": np.int32, "L": np.uint8}[mode]
         im = Image.fromarray(np.full((8, 8), value, dtype))
         assert im.mode == mode
-        im.save(tmp_path / cls / "a.png", format="TIFF" if mode == "I" else "PNG")  # PNG cannot hold mode I; the loader reads content, not names
+        im.save(
+            tmp_path / cls / "a.png", format="TIFF" if mode == "I" else "PNG"
+        )  # PNG cannot hold mode I; the loader reads content, not names
     ds = load_image_folder(tmp_path, size=8)
     by_class = {ds.classes[c]: float(ds.X[ds.y == c].mean()) for c in range(2)}
-    assert by_class["dark"] == pytest.approx(dark / peak, abs=1e-4) and by_class["bright"] == pytest.approx(bright / peak, abs=1e-4)
+    assert by_class["dark"] == pytest.approx(dark / peak, abs=1e-4) and by_class["bright"] == pytest.approx(
+        bright / peak, abs=1e-4
+    )
 
 
 def test_float_images_outside_unit_range_are_refused(tmp_path):

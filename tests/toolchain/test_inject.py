@@ -10,7 +10,13 @@ from toolchain.peft.inject import AdaptConfig, adapter_layers, inject, select_la
 class TinyConv2dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8, padding=1), nn.Conv2d(8, 16, 1))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, groups=8, padding=1),
+            nn.Conv2d(8, 16, 1),
+        )
         self.head = nn.Linear(16, 5)
 
     def forward(self, x):
@@ -32,7 +38,13 @@ def test_target_selection(targets, expected):
 
 @pytest.mark.parametrize(
     ("targets", "message"),
-    [("head", "must be a Conv1d or Conv2d"), ("nomatch", "no conv layer matches"), ("(", "not a valid regular expression"), ("(a+)+$", "exponential time"), (".*.*.*.*x", "more than 3 repeats")],
+    [
+        ("head", "must be a Conv1d or Conv2d"),
+        ("nomatch", "no conv layer matches"),
+        ("(", "not a valid regular expression"),
+        ("(a+)+$", "exponential time"),
+        (".*.*.*.*x", "more than 3 repeats"),
+    ],
 )
 def test_bad_targets(targets, message):
     with pytest.raises(ToolchainError, match=message):
@@ -48,7 +60,13 @@ def test_inject_conv2d_model_freezes_all_but_delta_and_head():
     assert names == ["features.0", "features.3", "features.4"]
     assert torch.equal(model.eval()(x), before)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == ["features.0.delta_g1", "features.3.delta_g1", "features.4.delta_g1", "head.bias", "head.weight"]
+    assert trainable == [
+        "features.0.delta_g1",
+        "features.3.delta_g1",
+        "features.4.delta_g1",
+        "head.bias",
+        "head.weight",
+    ]
 
 
 def test_bn_stats_frozen_unless_asked():

@@ -85,7 +85,10 @@ def _backbone(name: str, method: str) -> tuple[nn.Module, torch.Tensor]:
     channels = 6 if SPATIAL_DIMS[name] == 1 else 3
     model = BACKBONES[name](in_channels=channels, num_classes=5)
     layers = "pointwise" if name.startswith("mobilenet") and method in ("lora-edge", "lora") else "all"
-    inject(model, AdaptConfig(method=method, rank=4, scaling=0.5, layers=layers, train=("head",) if method != "bitfit" else ()))
+    inject(
+        model,
+        AdaptConfig(method=method, rank=4, scaling=0.5, layers=layers, train=("head",) if method != "bitfit" else ()),
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad and ("delta_g1" in n or "lora_B" in n or ".up." in n):
@@ -110,20 +113,40 @@ def test_lean_training_reaches_the_reference_weights():
     from toolchain.train import TrainConfig, train
 
     rng = np.random.default_rng(0)
-    ds = WindowDataset(rng.standard_normal((64, 6, 64)).astype(np.float32), rng.integers(0, 5, 64), np.zeros(64, int), np.zeros(64, int), [str(i) for i in range(5)])
+    ds = WindowDataset(
+        rng.standard_normal((64, 6, 64)).astype(np.float32),
+        rng.integers(0, 5, 64),
+        np.zeros(64, int),
+        np.zeros(64, int),
+        [str(i) for i in range(5)],
+    )
     model, _ = _backbone("resnet1d", "lora-edge")
     results = []
     for lean in (False, True):
         m = copy.deepcopy(model)
         with lean_training(m, lean):
-            train(m, ds, TrainConfig(lr=5e-3, batch_size=16, steps=6, progress=False), set_mode=lambda mm: set_train_mode(mm, False))
+            train(
+                m,
+                ds,
+                TrainConfig(lr=5e-3, batch_size=16, steps=6, progress=False),
+                set_mode=lambda mm: set_train_mode(mm, False),
+            )
         results.append({n: p.detach() for n, p in m.named_parameters() if p.requires_grad})
     for k in results[0]:
-        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-4, atol=2e-5)  # float32 Adam: 1 thread or 2 reorder sums
+        torch.testing.assert_close(
+            results[1][k], results[0][k], rtol=1e-4, atol=2e-5
+        )  # float32 Adam: 1 thread or 2 reorder sums
 
 
 @pytest.mark.parametrize(
-    ("name", "layers", "bound"), [("cnn1d", "all", 0.4), ("resnet1d", "all", 0.4), ("mobilenet1d", "pointwise", 0.5), ("resnet18", "all", 0.55), ("mobilenetv2", "pointwise", 0.5)]
+    ("name", "layers", "bound"),
+    [
+        ("cnn1d", "all", 0.4),
+        ("resnet1d", "all", 0.4),
+        ("mobilenet1d", "pointwise", 0.5),
+        ("resnet18", "all", 0.55),
+        ("mobilenetv2", "pointwise", 0.5),
+    ],
 )
 def test_lean_lora_edge_keeps_a_fraction_of_full_finetuning_activations(name, layers, bound):
     torch.manual_seed(0)

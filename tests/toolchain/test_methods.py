@@ -20,7 +20,12 @@ from toolchain.peft.lora import LoRAConv
 from toolchain.profile import activation_bytes, count_flops, profile_step
 from toolchain.workflows import make_optimizer
 
-PROV = {"toolchain.fused": "true", "toolchain.base_sha256": "0" * 64, "toolchain.adapter_sha256": "1" * 64, "toolchain.version": "t"}
+PROV = {
+    "toolchain.fused": "true",
+    "toolchain.base_sha256": "0" * 64,
+    "toolchain.adapter_sha256": "1" * 64,
+    "toolchain.version": "t",
+}
 
 
 class Tiny(nn.Module):
@@ -167,7 +172,9 @@ def test_torch_lora_matches_numpy_reference(geom_id, dora):
     np.testing.assert_allclose(layer.delta_weight().detach().numpy(), ref, rtol=1e-5, atol=1e-5)
     if dora:
         got = layer.dora_weight().detach().numpy()
-        np.testing.assert_allclose(got, dora_weight(w, a, b, layer.magnitude.detach().numpy(), conv.groups, 2.0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            got, dora_weight(w, a, b, layer.magnitude.detach().numpy(), conv.groups, 2.0), rtol=1e-5, atol=1e-5
+        )
     unmerged = layer(x)
     layer.merge()
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-4, atol=1e-4)
@@ -190,7 +197,9 @@ def test_galore_keeps_low_rank_state_and_learns():
     assert losses[-1] < 0.85 * losses[0]
 
 
-@pytest.mark.parametrize(("cin", "cout", "k", "stride", "length", "groups"), [(6, 16, 5, 1, 50, 1), (8, 8, 3, 2, 41, 8), (4, 6, 1, 1, 10, 2)])
+@pytest.mark.parametrize(
+    ("cin", "cout", "k", "stride", "length", "groups"), [(6, 16, 5, 1, 50, 1), (8, 8, 3, 2, 41, 8), (4, 6, 1, 1, 10, 2)]
+)
 def test_flop_count_of_one_conv_equals_the_formula(cin, cout, k, stride, length, groups):
     conv = nn.Conv1d(cin, cout, k, stride=stride, groups=groups, bias=False)
     x = torch.randn(3, cin, length)

@@ -21,14 +21,20 @@ from toolchain.core.errors import ToolchainError
 
 def _hf(name: str) -> nn.Module:
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    if name == "mobilenet_v2_tf_padding":  # reads its conv's stride/kernel_size/dilation at run time (TF "same" padding)
+    if (
+        name == "mobilenet_v2_tf_padding"
+    ):  # reads its conv's stride/kernel_size/dilation at run time (TF "same" padding)
         config = transformers.MobileNetV2Config(num_labels=10, image_size=32, depth_multiplier=0.35, tf_padding=True)
         model = transformers.MobileNetV2ForImageClassification(config)
     elif name == "resnet":
-        config = transformers.ResNetConfig(num_labels=10, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic")
+        config = transformers.ResNetConfig(
+            num_labels=10, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic"
+        )
         model = transformers.ResNetForImageClassification(config)
     else:
-        config = transformers.ConvNextConfig(num_labels=10, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=32)
+        config = transformers.ConvNextConfig(
+            num_labels=10, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=32
+        )
         model = transformers.ConvNextForImageClassification(config)
 
     class Logits(nn.Module):  # the toolchain's models return a tensor
@@ -87,7 +93,9 @@ class StdConv2d(nn.Conv2d):
         return super()._conv_forward(x, w, bias)
 
 
-@pytest.mark.parametrize("conv", [SameConv2d(3, 4, 3, stride=2), StdConv2d(3, 4, 3)], ids=["dynamic-same-padding", "weight-standardisation"])
+@pytest.mark.parametrize(
+    "conv", [SameConv2d(3, 4, 3, stride=2), StdConv2d(3, 4, 3)], ids=["dynamic-same-padding", "weight-standardisation"]
+)
 def test_a_conv_subclass_with_its_own_forward_is_refused_by_class(conv):
     model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(4, 4, 1))
     with pytest.raises(ToolchainError, match=type(conv).__name__):
@@ -129,7 +137,14 @@ def test_wrapped_conv_answers_conv_attributes():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1, groups=1))
     tc.adapt(model, "lora", rank=2)
     wrapped = model[0]
-    assert (wrapped.stride, wrapped.padding, wrapped.kernel_size, wrapped.in_channels, wrapped.out_channels, wrapped.groups) == ((2, 2), (1, 1), (3, 3), 3, 4, 1)
+    assert (
+        wrapped.stride,
+        wrapped.padding,
+        wrapped.kernel_size,
+        wrapped.in_channels,
+        wrapped.out_channels,
+        wrapped.groups,
+    ) == ((2, 2), (1, 1), (3, 3), 3, 4, 1)
     assert wrapped.weight is wrapped.base.weight and wrapped.padding_mode == "zeros"
 
 
@@ -139,7 +154,9 @@ from torch import nn
 class Net(nn.Module):
     def __init__(self, num_classes=1000, width=8):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.classifier = nn.Linear(width, num_classes)
 
     def forward(self, x):
@@ -157,15 +174,49 @@ def fixed():  # takes nothing: a 3-channel, 1000-class model
 def test_a_kwargs_builder_from_the_cli_is_fitted_to_the_data(tmp_path, capsys, callable_name):
     (tmp_path / "zoo.py").write_text(BUILDER)
     out = tmp_path / "m.pt"
-    assert main(["pretrain", "--model", f"{tmp_path / 'zoo.py'}:{callable_name}", "--data", "digits", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--model",
+                f"{tmp_path / 'zoo.py'}:{callable_name}",
+                "--data",
+                "digits",
+                "--epochs",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "filters summed over the colour channels" in err  # 3-channel first conv on 1-channel digits
     if callable_name == "fixed":
         assert "classifier 1000 -> 10 outputs" in err
-    assert main(["export", "--checkpoint", str(out), "--model", f"{tmp_path / 'zoo.py'}:{callable_name}", "-o", str(tmp_path / "m.onnx")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(out),
+                "--model",
+                f"{tmp_path / 'zoo.py'}:{callable_name}",
+                "-o",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_a_first_conv_that_cannot_be_fitted_is_refused(tmp_path, capsys):
     (tmp_path / "zoo.py").write_text(BUILDER)
-    assert main(["pretrain", "--model", f"{tmp_path / 'zoo.py'}:fixed", "--data", "watch", "--out", str(tmp_path / "m.pt")]) == 2
+    assert (
+        main(
+            ["pretrain", "--model", f"{tmp_path / 'zoo.py'}:fixed", "--data", "watch", "--out", str(tmp_path / "m.pt")]
+        )
+        == 2
+    )
     assert "first conv takes 3 channels; the data has 6" in capsys.readouterr().err

@@ -40,7 +40,12 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     """(N, H, W) float -> (N, size, size) by bilinear interpolation (Pillow)."""
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(im.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)) for im in images])
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(im.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR))
+            for im in images
+        ]
+    )
 
 
 def corrupt(images: np.ndarray, kind: str, severity: int, seed: int) -> np.ndarray:
@@ -52,7 +57,10 @@ def corrupt(images: np.ndarray, kind: str, severity: int, seed: int) -> np.ndarr
     images = np.asarray(images, dtype=np.float32)
     if kind == "rotate":
         angles = rng.uniform(-1, 1, len(images)) * _ROTATE_DEG[s]
-        out = [np.asarray(Image.fromarray(im).rotate(a, resample=Image.Resampling.BILINEAR)) for im, a in zip(images, angles, strict=True)]
+        out = [
+            np.asarray(Image.fromarray(im).rotate(a, resample=Image.Resampling.BILINEAR))
+            for im, a in zip(images, angles, strict=True)
+        ]
         return np.clip(np.stack(out), 0, 1)
     if kind == "blur":
         return gaussian_blur(images, _BLUR_SIGMA[s])
@@ -79,11 +87,17 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
 def load_digits_shift(severity: int = 3, seed: int = 0) -> WindowDataset:
     """The digits source (subject 0, clean) and corrupted target (subjects 1-4); see the module doc."""
     if not 1 <= severity <= 5:
-        raise ToolchainError("digits severity must be 1..5", seen=severity, remedy="use digits, or digits:1 .. digits:5")
+        raise ToolchainError(
+            "digits severity must be 1..5", seen=severity, remedy="use digits, or digits:1 .. digits:5"
+        )
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ToolchainError("the digits image default needs scikit-learn", seen="sklearn not installed", remedy="pip install 'toolchain[images]'") from None
+        raise ToolchainError(
+            "the digits image default needs scikit-learn",
+            seen="sklearn not installed",
+            remedy="pip install 'toolchain[images]'",
+        ) from None
     d = load_digits()
     images = _resize(d.images.astype(np.float32) / 16.0, DIGITS_SIZE).astype(np.float32)
     labels = d.target.astype(np.int64)
@@ -96,7 +110,9 @@ def load_digits_shift(severity: int = 3, seed: int = 0) -> WindowDataset:
         parts_s.append(np.full(len(tgt), k, np.int64))
     X = np.concatenate(parts_x)[:, None]
     y, subject = np.concatenate(parts_y), np.concatenate(parts_s)
-    return WindowDataset(np.ascontiguousarray(X, dtype=np.float32), y, subject, subject * 100 + y, [str(i) for i in range(10)], "digits")
+    return WindowDataset(
+        np.ascontiguousarray(X, dtype=np.float32), y, subject, subject * 100 + y, [str(i) for i in range(10)], "digits"
+    )
 
 
 def load_image_folder(root: str | Path, size: int = 32) -> WindowDataset:
@@ -105,7 +121,11 @@ def load_image_folder(root: str | Path, size: int = 32) -> WindowDataset:
 
     base = Path(root)
     if not base.is_dir():
-        raise ToolchainError("image folder does not exist", seen=str(base), remedy="pass imagefolder:ROOT with ROOT/CLASS/*.png or ROOT/DOMAIN/CLASS/*.png")
+        raise ToolchainError(
+            "image folder does not exist",
+            seen=str(base),
+            remedy="pass imagefolder:ROOT with ROOT/CLASS/*.png or ROOT/DOMAIN/CLASS/*.png",
+        )
     if not 4 <= size <= 1024:
         raise ToolchainError("image size must be 4..1024", seen=size)
     groups = _image_groups(base)
@@ -125,8 +145,15 @@ def load_image_folder(root: str | Path, size: int = 32) -> WindowDataset:
                 with Image.open(f) as im:
                     mode = mode or ("L" if im.mode in GRAY_MODES else "RGB")
                     arr = _pixels(im, mode, size, f)
-            except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:  # ValueError: text chunks past Pillow's limit
-                raise ToolchainError("cannot read an image", seen=f"{f}: {type(err).__name__}", remedy="remove or replace the file") from None
+            except (
+                OSError,
+                ValueError,
+                UnidentifiedImageError,
+                Image.DecompressionBombError,
+            ) as err:  # ValueError: text chunks past Pillow's limit
+                raise ToolchainError(
+                    "cannot read an image", seen=f"{f}: {type(err).__name__}", remedy="remove or replace the file"
+                ) from None
             xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
             ys.append(classes.index(cls))
             ss.append(domains.index(domain))
@@ -179,7 +206,11 @@ def _image_groups(base: Path) -> list[tuple[str, str, list[Path]]]:
         groups = [g for g in groups if g[2]]
     total = sum(len(g[2]) for g in groups)
     if not groups or total == 0:
-        raise ToolchainError("no images found: expected ROOT/CLASS/*.png or ROOT/DOMAIN/CLASS/*.png", seen=str(base), remedy=f"image files end in {', '.join(IMAGE_SUFFIXES)}")
+        raise ToolchainError(
+            "no images found: expected ROOT/CLASS/*.png or ROOT/DOMAIN/CLASS/*.png",
+            seen=str(base),
+            remedy=f"image files end in {', '.join(IMAGE_SUFFIXES)}",
+        )
     if total > MAX_IMAGES:
         raise ToolchainError(f"the image folder holds more than {MAX_IMAGES} images", seen=total, remedy="split it")
     return groups

@@ -28,7 +28,11 @@ def load_hapt(folder: str | Path, activities: tuple[int, ...] = (1, 2, 3, 4, 5, 
     raw = Path(folder) / "RawData"
     labels_path = raw / "labels.txt"
     if not labels_path.is_file():
-        raise ToolchainError("not a HAPT folder: RawData/labels.txt is missing", seen=str(folder), remedy="point at the folder that holds RawData/ (UCI HAPT layout)")
+        raise ToolchainError(
+            "not a HAPT folder: RawData/labels.txt is missing",
+            seen=str(folder),
+            remedy="point at the folder that holds RawData/ (UCI HAPT layout)",
+        )
     labels = _read_labels(labels_path)
     names = _hapt_names(Path(folder))
     order = np.lexsort((labels[:, 3], labels[:, 0]))
@@ -61,7 +65,11 @@ def _hapt_names(folder: Path) -> dict[int, str]:
 def _hapt_signal(raw: Path, exp: int, user: int) -> np.ndarray:
     acc, gyro = (raw / f"{k}_exp{exp:02d}_user{user:02d}.txt" for k in ("acc", "gyro"))
     if not acc.is_file() or not gyro.is_file():
-        raise ToolchainError("HAPT recording named in labels.txt is missing", seen=acc.name, remedy="restore RawData from the UCI distribution")
+        raise ToolchainError(
+            "HAPT recording named in labels.txt is missing",
+            seen=acc.name,
+            remedy="restore RawData from the UCI distribution",
+        )
     a, g = _read_table(acc, 3), _read_table(gyro, 3)
     if len(a) != len(g):
         raise ToolchainError("HAPT acc and gyro files differ in length", seen=(acc.name, len(a), len(g)))
@@ -71,13 +79,21 @@ def _hapt_signal(raw: Path, exp: int, user: int) -> np.ndarray:
 def _read_table(path: Path, cols: int) -> np.ndarray:
     """A whitespace table of finite numbers, ``cols`` per row."""
     try:
-        flat = np.array(path.read_text(encoding="utf-8").split(), dtype=np.float64) if path.stat().st_size else np.zeros(0)
+        flat = (
+            np.array(path.read_text(encoding="utf-8").split(), dtype=np.float64) if path.stat().st_size else np.zeros(0)
+        )
     except (UnicodeDecodeError, ValueError) as err:
-        raise ToolchainError(f"{path.name} must hold numbers only", seen=f"{path}: {str(err)[:80]}", remedy="restore the file from the UCI distribution") from None
+        raise ToolchainError(
+            f"{path.name} must hold numbers only",
+            seen=f"{path}: {str(err)[:80]}",
+            remedy="restore the file from the UCI distribution",
+        ) from None
     if flat.size % cols:
         raise ToolchainError(f"expected {cols} numbers per row", seen=f"{path.name}: {flat.size} numbers")
     if not np.all(np.isfinite(flat)):
-        raise ToolchainError(f"{path.name} holds NaN or Inf", seen=str(path), remedy="restore the file from the UCI distribution")
+        raise ToolchainError(
+            f"{path.name} holds NaN or Inf", seen=str(path), remedy="restore the file from the UCI distribution"
+        )
     return flat.reshape(-1, cols)
 
 
@@ -89,7 +105,9 @@ def _read_labels(path: Path) -> np.ndarray:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise ToolchainError(
-            "HAPT labels.txt rows must be whole numbers >= 1 with first sample <= last", seen=f"row {row + 1}: {table[row].tolist()}", remedy="restore the file from the UCI distribution"
+            "HAPT labels.txt rows must be whole numbers >= 1 with first sample <= last",
+            seen=f"row {row + 1}: {table[row].tolist()}",
+            remedy="restore the file from the UCI distribution",
         )
     return table.astype(np.int64)
 
@@ -98,7 +116,11 @@ def watch_path() -> Path:
     """Where the seglearn wheel put its watch dataset (the package is not imported)."""
     spec = importlib.util.find_spec("seglearn")
     if spec is None or not spec.submodule_search_locations:
-        raise ToolchainError("the embedded default dataset needs the seglearn wheel", seen="seglearn not installed", remedy="pip install seglearn (it is in toolchain's [train] extra)")
+        raise ToolchainError(
+            "the embedded default dataset needs the seglearn wheel",
+            seen="seglearn not installed",
+            remedy="pip install seglearn (it is in toolchain's [train] extra)",
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "watch_dataset.npy"
 
 
@@ -110,9 +132,16 @@ def load_watch() -> WindowDataset:
     path = watch_path()
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != WATCH_SHA256:
-        raise ToolchainError("seglearn's watch_dataset.npy does not match the known file, refusing to unpickle it", seen=str(path), remedy="reinstall seglearn==1.2.5")
+        raise ToolchainError(
+            "seglearn's watch_dataset.npy does not match the known file, refusing to unpickle it",
+            seen=str(path),
+            remedy="reinstall seglearn==1.2.5",
+        )
     d = np.load(path, allow_pickle=True).item()
-    parts = [(sliding_windows(np.asarray(x, dtype=np.float32)), int(y), int(s), i) for i, (x, y, s) in enumerate(zip(d["X"], d["y"], d["subject"], strict=True))]
+    parts = [
+        (sliding_windows(np.asarray(x, dtype=np.float32)), int(y), int(s), i)
+        for i, (x, y, s) in enumerate(zip(d["X"], d["y"], d["subject"], strict=True))
+    ]
     return concat(parts, [str(c) for c in d["y_labels"]], "watch", 6)
 
 
@@ -126,7 +155,11 @@ def _npz_sizes(path: str | Path) -> dict[str, int]:
         with zipfile.ZipFile(path) as z:
             return {i.filename.removesuffix(".npy"): i.file_size for i in z.infolist()}
     except (OSError, zipfile.BadZipFile) as err:
-        raise ToolchainError("cannot read .npz: not a zip archive of .npy arrays", seen=f"{path}: {err}", remedy="save it with numpy.savez or savez_compressed") from None
+        raise ToolchainError(
+            "cannot read .npz: not a zip archive of .npy arrays",
+            seen=f"{path}: {err}",
+            remedy="save it with numpy.savez or savez_compressed",
+        ) from None
 
 
 def _check_declared(path: str | Path, sizes: dict[str, int]) -> None:
@@ -137,7 +170,11 @@ def _check_declared(path: str | Path, sizes: dict[str, int]) -> None:
             for info in z.infolist():
                 with z.open(info) as f:
                     version = np.lib.format.read_magic(f)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape, _, dtype = read(f)
                     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
                     if declared > sizes[info.filename.removesuffix(".npy")] or declared > MAX_NPZ_BYTES:
@@ -147,7 +184,11 @@ def _check_declared(path: str | Path, sizes: dict[str, int]) -> None:
                             remedy="save the data again with numpy.savez",
                         )
     except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise ToolchainError("cannot read .npz: a member is not a valid .npy array", seen=f"{path}: {str(err)[:120]}", remedy="save it with numpy.savez or savez_compressed") from None
+        raise ToolchainError(
+            "cannot read .npz: a member is not a valid .npy array",
+            seen=f"{path}: {str(err)[:120]}",
+            remedy="save it with numpy.savez or savez_compressed",
+        ) from None
 
 
 def _int_array(a: np.ndarray, name: str, path: str | Path) -> np.ndarray:
@@ -158,7 +199,11 @@ def _int_array(a: np.ndarray, name: str, path: str | Path) -> np.ndarray:
         return a.astype(np.int64)
     if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
         return a.astype(np.int64)
-    raise ToolchainError(f".npz {name} must hold integers", seen=f"{path}: dtype {a.dtype}", remedy=f"store {name} as integers (class indices / ids)")
+    raise ToolchainError(
+        f".npz {name} must hold integers",
+        seen=f"{path}: dtype {a.dtype}",
+        remedy=f"store {name} as integers (class indices / ids)",
+    )
 
 
 def load_npz(path: str | Path) -> WindowDataset:
@@ -170,7 +215,11 @@ def load_npz(path: str | Path) -> WindowDataset:
     """
     sizes = _npz_sizes(path)
     if sum(sizes.values()) > MAX_NPZ_BYTES:
-        raise ToolchainError(f".npz expands to more than {MAX_NPZ_BYTES >> 30} GiB", seen=f"{path}: {sum(sizes.values())} bytes", remedy="split the data into smaller files")
+        raise ToolchainError(
+            f".npz expands to more than {MAX_NPZ_BYTES >> 30} GiB",
+            seen=f"{path}: {sum(sizes.values())} bytes",
+            remedy="split the data into smaller files",
+        )
     missing = [k for k in ("X", "y", "subject") if k not in sizes]
     if missing:
         raise ToolchainError(".npz data needs arrays X, y and subject", seen=f"missing {missing}")
@@ -179,7 +228,11 @@ def load_npz(path: str | Path) -> WindowDataset:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in ("X", "y", "subject", "segment", "classes") if k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ToolchainError("cannot read .npz (pickled arrays are refused)", seen=f"{path}: {str(err)[:120]}", remedy="save plain numeric arrays X, y, subject") from None
+        raise ToolchainError(
+            "cannot read .npz (pickled arrays are refused)",
+            seen=f"{path}: {str(err)[:120]}",
+            remedy="save plain numeric arrays X, y, subject",
+        ) from None
     X = arrays["X"]
     if X.dtype.kind not in "fiu" or X.ndim not in (3, 4) or X.shape[0] < 1 or X.shape[1] < 1 or min(X.shape[2:]) < 2:
         raise ToolchainError(
@@ -190,9 +243,16 @@ def load_npz(path: str | Path) -> WindowDataset:
     y, subject = _int_array(arrays["y"], "y", path), _int_array(arrays["subject"], "subject", path)
     segment = _int_array(arrays["segment"], "segment", path) if "segment" in arrays else subject
     if not (len(y) == len(subject) == len(segment) == len(X)):
-        raise ToolchainError(".npz X, y, subject (and segment) must have one entry per window", seen=(len(X), len(y), len(subject), len(segment)))
+        raise ToolchainError(
+            ".npz X, y, subject (and segment) must have one entry per window",
+            seen=(len(X), len(y), len(subject), len(segment)),
+        )
     if y.min() < 0 or y.max() >= MAX_CLASSES:
-        raise ToolchainError(f".npz labels must be class indices in 0..{MAX_CLASSES - 1}", seen=(int(y.min()), int(y.max())), remedy="relabel y as 0..K-1")
+        raise ToolchainError(
+            f".npz labels must be class indices in 0..{MAX_CLASSES - 1}",
+            seen=(int(y.min()), int(y.max())),
+            remedy="relabel y as 0..K-1",
+        )
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(int(y.max()) + 1)]
     X = X.astype(np.float32)
     if not np.all(np.isfinite(X)):
@@ -239,7 +299,12 @@ def load_data(spec: str) -> WindowDataset:
         return load_npz(spec)
     if Path(spec).is_dir():
         return load_hapt(spec)
-    raise ToolchainError("unknown data spec", seen=spec, remedy="use watch, digits[:SEVERITY], hapt:FOLDER, hapt12:FOLDER, imagefolder:ROOT[:SIZE], a HAPT folder or a .npz file")
+    raise ToolchainError(
+        "unknown data spec",
+        seen=spec,
+        remedy="use watch, digits[:SEVERITY], hapt:FOLDER, hapt12:FOLDER, imagefolder:ROOT[:SIZE], a HAPT "
+        "folder or a .npz file",
+    )
 
 
 _CACHE: dict[tuple[str, float], WindowDataset] = {}
@@ -256,7 +321,9 @@ def _cached(spec: str, stamp_file: Path) -> WindowDataset:
         _CACHE.clear()
         _CACHE[key] = ds
     ds = _CACHE[key]
-    return WindowDataset(ds.X, ds.y, ds.subject, ds.segment, list(ds.classes), ds.name)  # callers may replace fields, never arrays in place
+    return WindowDataset(
+        ds.X, ds.y, ds.subject, ds.segment, list(ds.classes), ds.name
+    )  # callers may replace fields, never arrays in place
 
 
 def default_target_subjects(ds: WindowDataset) -> tuple[int, ...]:

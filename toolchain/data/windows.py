@@ -32,15 +32,22 @@ class WindowDataset:
     def __post_init__(self) -> None:
         n = len(self.X)
         if self.X.ndim not in (3, 4) or any(len(a) != n for a in (self.y, self.subject, self.segment)):
-            raise ToolchainError("a dataset needs X (N, C, T) or (N, C, H, W) and y, subject of length N", seen=(self.X.shape, len(self.y), len(self.subject)))
+            raise ToolchainError(
+                "a dataset needs X (N, C, T) or (N, C, H, W) and y, subject of length N",
+                seen=(self.X.shape, len(self.y), len(self.subject)),
+            )
         if n and (self.y.min() < 0 or self.y.max() >= len(self.classes)):
-            raise ToolchainError("labels must be class indices 0..K-1", seen=(int(self.y.min()), int(self.y.max())), remedy="relabel y")
+            raise ToolchainError(
+                "labels must be class indices 0..K-1", seen=(int(self.y.min()), int(self.y.max())), remedy="relabel y"
+            )
 
     def __len__(self) -> int:
         return len(self.X)
 
     def take(self, mask: np.ndarray) -> WindowDataset:
-        return WindowDataset(self.X[mask], self.y[mask], self.subject[mask], self.segment[mask], self.classes, self.name)
+        return WindowDataset(
+            self.X[mask], self.y[mask], self.subject[mask], self.segment[mask], self.classes, self.name
+        )
 
     def subjects(self) -> list[int]:
         return sorted(int(s) for s in np.unique(self.subject))
@@ -56,11 +63,15 @@ def sliding_windows(signal: np.ndarray, size: int = WINDOW, step: int = STEP) ->
     return np.ascontiguousarray(signal[idx].transpose(0, 2, 1), dtype=np.float32)
 
 
-def concat(parts: list[tuple[np.ndarray, int, int, int]], classes: list[str], name: str, channels: int) -> WindowDataset:
+def concat(
+    parts: list[tuple[np.ndarray, int, int, int]], classes: list[str], name: str, channels: int
+) -> WindowDataset:
     """Stack per-segment windows (windows, label, subject, segment) into one dataset."""
     parts = [p for p in parts if len(p[0])]
     if not parts:
-        raise ToolchainError("the data produced no 128-sample windows", seen=name, remedy="check the recordings are long enough")
+        raise ToolchainError(
+            "the data produced no 128-sample windows", seen=name, remedy="check the recordings are long enough"
+        )
     X = np.concatenate([p[0] for p in parts])
     rep = [len(p[0]) for p in parts]
     y = np.repeat([p[1] for p in parts], rep).astype(np.int64)

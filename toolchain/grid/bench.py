@@ -51,7 +51,13 @@ class ShiftBench:
 def base_task(job: ShiftBench, shift: str, backbone: str, seed: int) -> Task:
     """The base a shift adapts from; shifts with the same source data and held-out users share it."""
     s = get_shift(shift)
-    inputs = {"source": s.source_spec(job.hapt), "held_out": list(s.held_out), "backbone": backbone, "seed": seed, "epochs": job.pretrain_epochs}
+    inputs = {
+        "source": s.source_spec(job.hapt),
+        "held_out": list(s.held_out),
+        "backbone": backbone,
+        "seed": seed,
+        "epochs": job.pretrain_epochs,
+    }
     path = Path(job.out) / "bases" / f"{backbone}_s{seed}_{cache_key(inputs)}.pt"
     return Task("toolchain.grid.tasks:pretrain_task", inputs, {"path": str(path)}, produces=(str(path),))
 
@@ -88,9 +94,15 @@ def check_job(job: ShiftBench) -> None:
     for m in job.methods:
         get_method(m)
     if not (Path(job.hapt) / "RawData" / "labels.txt").is_file():
-        raise ToolchainError("the shift benchmark needs the UCI HAPT folder", seen=job.hapt, remedy="pass --hapt FOLDER (the folder that holds RawData/)")
+        raise ToolchainError(
+            "the shift benchmark needs the UCI HAPT folder",
+            seen=job.hapt,
+            remedy="pass --hapt FOLDER (the folder that holds RawData/)",
+        )
     if job.steps < 1 or job.eval_every < 1 or min(job.ranks, default=1) < 1:
-        raise ToolchainError("--steps, --eval-every and --ranks must be at least 1", seen=(job.steps, job.eval_every, job.ranks))
+        raise ToolchainError(
+            "--steps, --eval-every and --ranks must be at least 1", seen=(job.steps, job.eval_every, job.ranks)
+        )
 
 
 def run_bench(job: ShiftBench) -> tuple[list[dict[str, Any]], GridResult]:
@@ -101,12 +113,18 @@ def run_bench(job: ShiftBench) -> tuple[list[dict[str, Any]], GridResult]:
     (out / "bases").mkdir(parents=True, exist_ok=True)
     bases = {(s, b, seed): base_task(job, s, b, seed) for s in job.shifts for b in job.backbones for seed in job.seeds}
     unique = list({t.key: t for t in bases.values()}.values())
-    opts = GridOptions(ray=None if job.collect else job.ray, workers=job.workers, progress=job.progress, run_missing=not job.collect)
+    opts = GridOptions(
+        ray=None if job.collect else job.ray, workers=job.workers, progress=job.progress, run_missing=not job.collect
+    )
     pre = run_grid(unique, out / "cache", replace(opts, shard=job.shard if job.pretrain_only else (0, 1)), "pretrain")
     if job.pretrain_only:
         return [], pre
     if pre.failed and not job.collect:
-        raise ToolchainError("pretraining failed, so nothing can be adapted", seen=pre.failed[0]["error"], remedy="fix the cause and run again (finished runs are kept)")
+        raise ToolchainError(
+            "pretraining failed, so nothing can be adapted",
+            seen=pre.failed[0]["error"],
+            remedy="fix the cause and run again (finished runs are kept)",
+        )
     grid = run_grid(adapt_tasks(job, bases), out / "cache", replace(opts, shard=job.shard), "adapt")
     rows = grid.ok
     write_bytes_atomic(out / "rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())

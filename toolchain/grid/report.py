@@ -69,20 +69,41 @@ def summarise(rows: list[Row]) -> list[Row]:
         cells[(r["shift"], r["backbone"], r["method"], r["rank"])].append((r, f))
     order = {m: i for i, m in enumerate(METHODS)}
     out = []
-    for (shift, backbone, method, rank), pairs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99), kv[0][3])):
-        line: Row = {"shift": shift, "backbone": backbone, "method": method, "rank": rank, "runs": len(pairs), "seeds": len({r["seed"] for r, _ in pairs})}
+    for (shift, backbone, method, rank), pairs in sorted(
+        cells.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99), kv[0][3])
+    ):
+        line: Row = {
+            "shift": shift,
+            "backbone": backbone,
+            "method": method,
+            "rank": rank,
+            "runs": len(pairs),
+            "seeds": len({r["seed"] for r, _ in pairs}),
+        }
         line["trained_pct"] = 100 * float(np.mean([r["trainable_fraction"] for r, _ in pairs]))
         line["f1_source"] = float(np.mean([f["f1_start"] for _, f in pairs]))
         line["f1"] = float(np.mean([r["f1_final"] for r, _ in pairs]))
-        line["f1_std_users"] = float(np.std([np.mean([r["f1_final"] for r, _ in pairs if r["user"] == u]) for u in {r["user"] for r, _ in pairs}]))
+        line["f1_std_users"] = float(
+            np.std(
+                [np.mean([r["f1_final"] for r, _ in pairs if r["user"] == u]) for u in {r["user"] for r, _ in pairs}]
+            )
+        )
         seeds = sorted({r["seed"] for r, _ in pairs})
-        line["f1_std_seeds"] = float(np.std([np.mean([r["f1_final"] for r, _ in pairs if r["seed"] == s]) for s in seeds])) if len(seeds) > 1 else None
+        line["f1_std_seeds"] = (
+            float(np.std([np.mean([r["f1_final"] for r, _ in pairs if r["seed"] == s]) for s in seeds]))
+            if len(seeds) > 1
+            else None
+        )
         line["gap_points"] = 100 * float(np.mean([f["f1_final"] - r["f1_final"] for r, f in pairs]))
         for frac in FRACTIONS:
             hits = [(reach(r, frac * f["f1_final"]), reach(f, frac * f["f1_final"])) for r, f in pairs]
             pct = round(frac * 100)
             line[f"reached_{pct}"] = float(np.mean([h[0] is not None for h, _ in hits]))
-            both = [(h[0], h[1], g[0], g[1]) for h, g in hits if h[0] is not None and h[1] is not None and g[0] is not None and g[1] is not None]
+            both = [
+                (h[0], h[1], g[0], g[1])
+                for h, g in hits
+                if h[0] is not None and h[1] is not None and g[0] is not None and g[1] is not None
+            ]
             line[f"steps_{pct}"] = float(np.median([b[0] for b in both])) if both else None
             line[f"seconds_{pct}"] = float(np.median([b[1] for b in both])) if both else None
             line[f"speedup_steps_{pct}"] = _gmean(_ratio(b[2], b[0]) for b in both)
@@ -100,7 +121,8 @@ def _f(v: float | None, fmt: str = ".3f") -> str:
 def summary_table(lines: list[Row]) -> str:
     head = (
         "| shift | backbone | method | trained % | runs (seeds) | F1 | std users | std seeds | gap to full (pts) "
-        "| reached 90/95/99% | median steps to 95% | median s to 95% | speed-up vs full, steps 90/95/99% | speed-up, seconds 95% |\n"
+        "| reached 90/95/99% | median steps to 95% | median s to 95% | speed-up vs full, steps 90/95/99% | "
+        "speed-up, seconds 95% |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = []
@@ -109,13 +131,26 @@ def summary_table(lines: list[Row]) -> str:
         reached = "/".join(f"{100 * x[f'reached_{p}']:.0f}%" for p in (90, 95, 99))
         speed = "/".join(_f(x[f"speedup_steps_{p}"], ".2f") for p in (90, 95, 99))
         body.append(
-            f"| {x['shift']} | {x['backbone']} | {name} | {x['trained_pct']:.2f} | {x['runs']} ({x['seeds']}) | {x['f1']:.3f} | {x['f1_std_users']:.3f} | {_f(x['f1_std_seeds'])} "
-            f"| {x['gap_points']:+.1f} | {reached} | {_f(x['steps_95'], '.0f')} | {_f(x['seconds_95'], '.2f')} | {speed} | {_f(x['speedup_seconds_95'], '.2f')} |"
+            f"| {x['shift']} | {x['backbone']} | {name} | {x['trained_pct']:.2f} | {x['runs']} ({x['seeds']}) | "
+            f"{x['f1']:.3f} | {x['f1_std_users']:.3f} | {_f(x['f1_std_seeds'])} "
+            f"| {x['gap_points']:+.1f} | {reached} | {_f(x['steps_95'], '.0f')} | {_f(x['seconds_95'], '.2f')} "
+            f"| {speed} | {_f(x['speedup_seconds_95'], '.2f')} |"
         )
     return head + "\n".join(body) + "\n"
 
 
-PIVOT_COLUMNS = ("lora-edge r2", "lora-edge r4", "lora-edge r8", "lora r4", "dora r4", "galore r4", "adapter", "bitfit", "head", "full")
+PIVOT_COLUMNS = (
+    "lora-edge r2",
+    "lora-edge r4",
+    "lora-edge r8",
+    "lora r4",
+    "dora r4",
+    "galore r4",
+    "adapter",
+    "bitfit",
+    "head",
+    "full",
+)
 
 
 def pivot(lines: list[Row], key: str, fmt: str = ".3f", source: bool = False) -> str:
@@ -127,7 +162,11 @@ def pivot(lines: list[Row], key: str, fmt: str = ".3f", source: bool = False) ->
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         vals = [_f(cells[(g[0], g[1], c)][key], fmt) if (g[0], g[1], c) in cells else "" for c in cols]
-        src = [_f(cells[(g[0], g[1], "full")]["f1_source"], fmt)] if source and (g[0], g[1], "full") in cells else ([""] if source else [])
+        src = (
+            [_f(cells[(g[0], g[1], "full")]["f1_source"], fmt)]
+            if source and (g[0], g[1], "full") in cells
+            else ([""] if source else [])
+        )
         out.append("| " + " | ".join([g[0], g[1], *src, *vals]) + " |")
     return "\n".join(out) + "\n"
 
@@ -140,18 +179,25 @@ def coverage_table(rows: list[Row]) -> str:
     for r in rows:
         cells[(r["shift"], r["backbone"], r["seed"])].add((r["user"], label(r)))
         expected[(r["backbone"], r["seed"])].add(label(r))
-    lines = ["| shift | backbone | seed | users | method configurations | runs | complete |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shift | backbone | seed | users | method configurations | runs | complete |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k in sorted(cells):
         users = {u for u, _ in cells[k]}
         n, want = len(cells[k]), len(users) * len(expected[(k[1], k[2])])
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {len(users)} | {len(expected[(k[1], k[2])])} | {n} | {'yes' if n == want else f'no ({want - n} missing)'} |")
+        lines.append(
+            f"| {k[0]} | {k[1]} | {k[2]} | {len(users)} | {len(expected[(k[1], k[2])])} | {n} | "
+            f"{'yes' if n == want else f'no ({want - n} missing)'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def claims(lines: list[Row]) -> str:
     """The LoRA-Edge paper's three claims, per shift and backbone, for LoRA-Edge at each rank."""
     out = [
-        "| shift | backbone | LoRA-Edge rank | trained % (claim <= 1.49) | gap to full, F1 pts (claim <= 4.7) | speed-up to 95% of full, steps (claim 1.4-3.8x) | verdict |",
+        "| shift | backbone | LoRA-Edge rank | trained % (claim <= 1.49) | gap to full, F1 pts (claim <= 4.7) | "
+        "speed-up to 95% of full, steps (claim 1.4-3.8x) | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
     for x in lines:
@@ -161,8 +207,13 @@ def claims(lines: list[Row]) -> str:
         c2 = x["gap_points"] <= PAPER_MAX_GAP
         s = x["speedup_steps_95"]
         c3 = s is not None and s >= PAPER_SPEEDUP[0] and x["reached_95"] >= 0.5
-        verdict = ", ".join(f"{n} {'held' if ok else 'not held'}" for n, ok in (("params", c1), ("accuracy", c2), ("speed", c3)))
-        out.append(f"| {x['shift']} | {x['backbone']} | {x['rank']} | {x['trained_pct']:.2f} | {x['gap_points']:+.1f} | {_f(s, '.2f')} (reached {100 * x['reached_95']:.0f}%) | {verdict} |")
+        verdict = ", ".join(
+            f"{n} {'held' if ok else 'not held'}" for n, ok in (("params", c1), ("accuracy", c2), ("speed", c3))
+        )
+        out.append(
+            f"| {x['shift']} | {x['backbone']} | {x['rank']} | {x['trained_pct']:.2f} | {x['gap_points']:+.1f} "
+            f"| {_f(s, '.2f')} (reached {100 * x['reached_95']:.0f}%) | {verdict} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -201,7 +252,9 @@ def write_report(rows: list[Row], out: Path, plot_rows: list[Row] | None = None)
     lines = summarise(rows)
     text = "## Coverage\n\n" + coverage_table(rows)
     text += "\n## Final macro-F1 (mean over users and seeds)\n\n" + pivot(lines, "f1", source=True)
-    text += "\n## Speed-up to 95% of full fine-tuning's final F1, in steps (geometric mean over pairs)\n\n" + pivot(lines, "speedup_steps_95", ".2f")
+    text += "\n## Speed-up to 95% of full fine-tuning's final F1, in steps (geometric mean over pairs)\n\n" + pivot(
+        lines, "speedup_steps_95", ".2f"
+    )
     text += "\n## Speed-up to 95%, in training seconds\n\n" + pivot(lines, "speedup_seconds_95", ".2f")
     text += "\n## Methods\n\n" + summary_table(lines) + "\n## LoRA-Edge claims\n\n" + claims(lines)
     write_bytes_atomic(out / "summary.md", text.encode())

@@ -76,7 +76,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     """``"I/N"`` -> (I, N) with 0 <= I < N: this process runs the tasks whose key is I modulo N."""
     i, _, n = text.partition("/")
     if not (i.isdigit() and n.isdigit()) or not 0 <= int(i) < int(n):
-        raise ToolchainError("--shard takes I/N with 0 <= I < N", seen=text, remedy="e.g. --shard 0/4 ... --shard 3/4 in four processes")
+        raise ToolchainError(
+            "--shard takes I/N with 0 <= I < N", seen=text, remedy="e.g. --shard 0/4 ... --shard 3/4 in four processes"
+        )
     return int(i), int(n)
 
 
@@ -97,7 +99,12 @@ def execute(task: Task, threads: int = 1) -> dict[str, Any]:
         result = fn({**task.context, **task.inputs})
         return {"status": "ok", "result": result, "seconds": time.perf_counter() - start}
     except Exception as err:  # a failed run is reported, never fatal to the grid
-        return {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8), "seconds": time.perf_counter() - start}
+        return {
+            "status": "failed",
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(limit=8),
+            "seconds": time.perf_counter() - start,
+        }
     finally:
         if torch:
             torch.set_num_threads(before)  # in-process (serial) runs leave the caller's setting as it was
@@ -131,9 +138,13 @@ def run_grid(tasks: list[Task], cache: str | Path, opts: GridOptions = GridOptio
         hit = read_record(cache / f"{t.key}.json", t)
         if hit is not None:
             results[i] = hit
-        elif opts.run_missing and int(t.key, 16) % shard[1] == shard[0]:  # by key: shards get a fair mix, not every N-th method
+        elif (
+            opts.run_missing and int(t.key, 16) % shard[1] == shard[0]
+        ):  # by key: shards get a fair mix, not every N-th method
             todo.append(i)
-    out = GridResult(results, cached=sum(r is not None for r in results), backend="serial" if ray is None else f"ray:{ray}")
+    out = GridResult(
+        results, cached=sum(r is not None for r in results), backend="serial" if ray is None else f"ray:{ray}"
+    )
     started_ray = ray is not None and not _ray_initialized()
     run = _run_serial(tasks, todo, threads) if ray is None else _run_ray(tasks, todo, threads, ray, opts.workers)
     bar = _bar(len(todo), opts.progress, desc)
@@ -145,7 +156,15 @@ def run_grid(tasks: list[Task], cache: str | Path, opts: GridOptions = GridOptio
                 results[i] = rec["result"]
                 out.ran += 1
             else:
-                out.failed.append({"index": i, "fn": tasks[i].fn, "inputs": tasks[i].inputs, "error": rec["error"], "traceback": rec.get("traceback", "")})
+                out.failed.append(
+                    {
+                        "index": i,
+                        "fn": tasks[i].fn,
+                        "inputs": tasks[i].inputs,
+                        "error": rec["error"],
+                        "traceback": rec.get("traceback", ""),
+                    }
+                )
                 bar.write(f"run {i} failed: {rec['error']}")
     finally:
         bar.close()
@@ -166,7 +185,12 @@ def _normal(value: Any) -> Any:
 
 def _file_facts(paths: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Size and SHA-256 of each file (size -1 for one that is missing: such a record never matches)."""
-    return {p: {"size": Path(p).stat().st_size, "sha256": sha256_file(p)} if Path(p).is_file() else {"size": -1, "sha256": ""} for p in paths}
+    return {
+        p: {"size": Path(p).stat().st_size, "sha256": sha256_file(p)}
+        if Path(p).is_file()
+        else {"size": -1, "sha256": ""}
+        for p in paths
+    }
 
 
 def _digest(body: dict[str, Any]) -> str:
@@ -177,7 +201,17 @@ def _digest(body: dict[str, Any]) -> str:
 def write_record(path: Path, task: Task, rec: dict[str, Any]) -> None:
     """A finished run: its inputs, result, the size and SHA-256 of every file it produced, and a
     digest over all of them (an edited or torn record no longer matches and runs again)."""
-    body = _normal({"format": RECORD_FORMAT, "fn": task.fn, "inputs": task.inputs, "status": "ok", "result": rec["result"], "seconds": rec.get("seconds"), "files": _file_facts(task.produces)})
+    body = _normal(
+        {
+            "format": RECORD_FORMAT,
+            "fn": task.fn,
+            "inputs": task.inputs,
+            "status": "ok",
+            "result": rec["result"],
+            "seconds": rec.get("seconds"),
+            "files": _file_facts(task.produces),
+        }
+    )
     body["digest"] = _digest(body)
     write_bytes_atomic(path, json.dumps(body, indent=1).encode())
 
@@ -192,7 +226,12 @@ def read_record(path: Path, task: Task) -> dict[str, Any] | None:
         rec = read_json(path, "a grid cache record", "it will be run again", limit=MAX_RECORD_BYTES)
     except ToolchainError:
         return None
-    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT or rec.get("status") != "ok" or not isinstance(rec.get("result"), dict):
+    if (
+        not isinstance(rec, dict)
+        or rec.get("format") != RECORD_FORMAT
+        or rec.get("status") != "ok"
+        or not isinstance(rec.get("result"), dict)
+    ):
         return None
     if rec.get("fn") != task.fn or rec.get("inputs") != _normal(task.inputs) or rec.get("digest") != _digest(rec):
         return None
@@ -212,7 +251,9 @@ def _run_serial(tasks: list[Task], todo: list[int], threads: int) -> Iterator[tu
         yield i, execute(tasks[i], threads)
 
 
-def _run_ray(tasks: list[Task], todo: list[int], threads: int, address: str, workers: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
+def _run_ray(
+    tasks: list[Task], todo: list[int], threads: int, address: str, workers: int | None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     ray = _import_ray()
     if not ray.is_initialized():
         try:
@@ -222,7 +263,11 @@ def _run_ray(tasks: list[Task], todo: list[int], threads: int, address: str, wor
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
         except Exception as err:  # Ray raises ConnectionError, ValueError, RuntimeError, ... for an unreachable cluster
             seen = f"--ray {address}: {type(err).__name__}: {str(err)[:200]}"
-            raise ToolchainError("could not start or join Ray", seen=seen, remedy="--ray auto starts one here; for a cluster, pass the address `ray start --head` printed") from None
+            raise ToolchainError(
+                "could not start or join Ray",
+                seen=seen,
+                remedy="--ray auto starts one here; for a cluster, pass the address `ray start --head` printed",
+            ) from None
     remote = ray.remote(num_cpus=1, max_retries=0)(execute)
     pending = {remote.remote(tasks[i], threads): i for i in todo}
     while pending:
@@ -251,21 +296,31 @@ def check_backend(opts: GridOptions) -> None:
     host, _, port = opts.ray.removeprefix("ray://").rpartition(":")
     if not _HOST.fullmatch(host) or not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
         rule = "--ray takes auto or a cluster address HOST:PORT (ASCII host name or IP, port 1-65535)"
-        raise ToolchainError(rule, seen=opts.ray[:80], remedy="e.g. --ray 10.0.0.5:6379 (what `ray start --head` printed)")
+        raise ToolchainError(
+            rule, seen=opts.ray[:80], remedy="e.g. --ray 10.0.0.5:6379 (what `ray start --head` printed)"
+        )
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as conn:
             speaks = _speaks_grpc(conn)
     except (OSError, UnicodeError, ValueError) as err:
-        raise ToolchainError("no Ray cluster answers at --ray", seen=f"{opts.ray}: {err}", remedy="start it with `ray start --head` there, or use --ray auto for one on this machine") from None
+        raise ToolchainError(
+            "no Ray cluster answers at --ray",
+            seen=f"{opts.ray}: {err}",
+            remedy="start it with `ray start --head` there, or use --ray auto for one on this machine",
+        ) from None
     if not speaks:
         raise ToolchainError(
-            "the --ray address answers, but not as a Ray head (its GCS speaks gRPC over HTTP/2)", seen=opts.ray, remedy="pass the address `ray start --head` printed (usually port 6379)"
+            "the --ray address answers, but not as a Ray head (its GCS speaks gRPC over HTTP/2)",
+            seen=opts.ray,
+            remedy="pass the address `ray start --head` printed (usually port 6379)",
         )
 
 
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]")
 _PORT = re.compile(r"[0-9]{1,5}")
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # preface, then an empty SETTINGS frame
+_H2_PREFACE = (
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+)  # preface, then an empty SETTINGS frame
 
 
 def _speaks_grpc(conn: socket.socket, timeout: float = 3.0) -> bool:
@@ -289,7 +344,9 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ToolchainError("--ray needs Ray, which is not installed", seen="import ray failed", remedy=RAY_HINT) from None
+        raise ToolchainError(
+            "--ray needs Ray, which is not installed", seen="import ray failed", remedy=RAY_HINT
+        ) from None
     return ray
 
 

@@ -47,7 +47,11 @@ class Shift:
         """(adapt, test) windows of one target user."""
         ds = load_data(self.target.format(hapt=hapt))
         if user not in ds.subjects():
-            raise ToolchainError(f"user {user} is not in the {self.name} target data", seen=user, remedy=f"choose from {list(self.users)}")
+            raise ToolchainError(
+                f"user {user} is not in the {self.name} target data",
+                seen=user,
+                remedy=f"choose from {list(self.users)}",
+            )
         return self.split(ds.take(ds.subject == user))
 
 
@@ -69,7 +73,15 @@ SHIFTS: dict[str, Shift] = {
     s.name: s
     for s in (
         Shift("cross-subject", "hapt:{hapt}", HAPT_TEST_USERS, "hapt:{hapt}", HAPT_TEST_USERS, "keep", time_split),
-        Shift("unseen-transitions", "hapt:{hapt}", HAPT_TEST_USERS, "hapt12:{hapt}", HAPT_TEST_USERS, "expand", session_split),
+        Shift(
+            "unseen-transitions",
+            "hapt:{hapt}",
+            HAPT_TEST_USERS,
+            "hapt12:{hapt}",
+            HAPT_TEST_USERS,
+            "expand",
+            session_split,
+        ),
         Shift("cross-dataset", "hapt:{hapt}", (), "watch", WATCH_USERS, "replace", time_split),
     )
 }

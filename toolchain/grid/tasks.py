@@ -18,7 +18,11 @@ from toolchain.peft.lean import lean_training
 from toolchain.train import TrainConfig, count_params, evaluate, seed_everything, train
 from toolchain.workflows import PretrainJob, expand_head, make_optimizer, pretrain
 
-LAYERS = {"cnn1d": "all", "resnet1d": "all", "mobilenet1d": "pointwise"}  # mobilenet1d: its pointwise convs (depthwise ones are 1-channel)
+LAYERS = {
+    "cnn1d": "all",
+    "resnet1d": "all",
+    "mobilenet1d": "pointwise",
+}  # mobilenet1d: its pointwise convs (depthwise ones are 1-channel)
 
 
 @dataclass
@@ -58,7 +62,14 @@ def adapt_once(
     lean = lean and spec.base_frozen
     tc = TrainConfig(lr=spec.lr, batch_size=batch_size, steps=steps, seed=seed, eval_every=eval_every, progress=False)
     with lean_training(model, lean):
-        res = train(model, adapt, tc, set_mode=lambda m: set_train_mode(m, False), eval_data=test, optimizer=make_optimizer(model, cfg, spec.lr))
+        res = train(
+            model,
+            adapt,
+            tc,
+            set_mode=lambda m: set_train_mode(m, False),
+            eval_data=test,
+            optimizer=make_optimizer(model, cfg, spec.lr),
+        )
     f1, acc = evaluate(model, test, torch.device("cpu"))
     row = {
         "method": method,
@@ -87,7 +98,14 @@ def pretrain_task(inputs: dict[str, Any]) -> dict[str, Any]:
     """Pretrain ``backbone`` on ``source`` data without the ``held_out`` subjects; the checkpoint
     goes to ``inputs["path"]``."""
     cfg = TrainConfig(lr=2e-3, epochs=inputs["epochs"], seed=inputs["seed"], progress=False)
-    job = PretrainJob(out=inputs["path"], model=inputs["backbone"], data=inputs["source"], subjects=tuple(inputs["held_out"]), train=cfg, force=True)
+    job = PretrainJob(
+        out=inputs["path"],
+        model=inputs["backbone"],
+        data=inputs["source"],
+        subjects=tuple(inputs["held_out"]),
+        train=cfg,
+        force=True,
+    )
     return pretrain(job)
 
 

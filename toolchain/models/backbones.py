@@ -7,7 +7,10 @@ from torch import Tensor, nn
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv1d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False), nn.BatchNorm1d(cout)]
+    layers: list[nn.Module] = [
+        nn.Conv1d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+        nn.BatchNorm1d(cout),
+    ]
     if act:
         layers.append(nn.ReLU(inplace=False))
     return nn.Sequential(*layers)
@@ -33,7 +36,8 @@ class CNN1D(nn.Module):
 
 
 class ResBlock1D(nn.Module):
-    """T-ResNet block (Wang et al., 2017): convs with kernels 7, 5, 3 (odd, for symmetric padding) and a 1x1 shortcut."""
+    """T-ResNet block (Wang et al., 2017): convs with kernels 7, 5, 3 (odd, for symmetric padding)
+    and a 1x1 shortcut."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
@@ -50,7 +54,9 @@ class ResBlock1D(nn.Module):
 class ResNet1D(nn.Module):
     """1D ResNet in the T-ResNet style: three residual blocks (64, 128, 128 channels)."""
 
-    def __init__(self, in_channels: int = 6, num_classes: int = 6, widths: tuple[int, int, int] = (64, 128, 128)) -> None:
+    def __init__(
+        self, in_channels: int = 6, num_classes: int = 6, widths: tuple[int, int, int] = (64, 128, 128)
+    ) -> None:
         super().__init__()
         chans = [in_channels, *widths]
         self.blocks = nn.Sequential(*[ResBlock1D(chans[i], chans[i + 1]) for i in range(len(widths))])
@@ -98,8 +104,13 @@ class MobileNet1D(nn.Module):
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
-def _conv_bn2d(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: nn.Module | None = None) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+def _conv_bn2d(
+    cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: nn.Module | None = None
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     if act is not None:
         layers.append(act)
     return nn.Sequential(*layers)
@@ -180,5 +191,11 @@ class MobileNetV2(nn.Module):
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
-BACKBONES: dict[str, type[nn.Module]] = {"cnn1d": CNN1D, "resnet1d": ResNet1D, "mobilenet1d": MobileNet1D, "resnet18": ResNet18, "mobilenetv2": MobileNetV2}
+BACKBONES: dict[str, type[nn.Module]] = {
+    "cnn1d": CNN1D,
+    "resnet1d": ResNet1D,
+    "mobilenet1d": MobileNet1D,
+    "resnet18": ResNet18,
+    "mobilenetv2": MobileNetV2,
+}
 SPATIAL_DIMS = {"cnn1d": 1, "resnet1d": 1, "mobilenet1d": 1, "resnet18": 2, "mobilenetv2": 2}

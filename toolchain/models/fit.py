@@ -29,11 +29,17 @@ def call_builder(factory: Any, spec: str, in_channels: int, num_classes: int) ->
         params: dict[str, inspect.Parameter] = dict(inspect.signature(factory).parameters)
     except (TypeError, ValueError):
         params = {}
-    named: dict[str, Any] = {k: v for k, v in {"in_channels": in_channels, "num_classes": num_classes}.items() if k in params}
+    named: dict[str, Any] = {
+        k: v for k, v in {"in_channels": in_channels, "num_classes": num_classes}.items() if k in params
+    }
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     attempts: list[dict[str, Any]] = [named]
     if var_kw:
-        attempts = [{**named, "num_classes": num_classes, "weights": None}, {**named, "num_classes": num_classes}, named]
+        attempts = [
+            {**named, "num_classes": num_classes, "weights": None},
+            {**named, "num_classes": num_classes},
+            named,
+        ]
     notes: list[str] = []
     last: Exception | None = None
     for kwargs in attempts:
@@ -43,12 +49,23 @@ def call_builder(factory: Any, spec: str, in_channels: int, num_classes: int) ->
             last = err
             continue
         except Exception as err:  # the user's code
-            raise ToolchainError("the model callable raised an error", seen=f"{spec}: {type(err).__name__}: {str(err)[:160]}", remedy="fix the model code or the arguments it needs") from None
+            raise ToolchainError(
+                "the model callable raised an error",
+                seen=f"{spec}: {type(err).__name__}: {str(err)[:160]}",
+                remedy="fix the model code or the arguments it needs",
+            ) from None
         omitted = sorted({"in_channels", "num_classes"} - set(kwargs))
         if omitted:
-            notes.append(f"{spec} was called without {', '.join(omitted)} (it does not take them); the model is fitted to the data instead")
+            notes.append(
+                f"{spec} was called without {', '.join(omitted)} (it does not take them); the model is fitted "
+                "to the data instead"
+            )
         return model, notes
-    raise ToolchainError("the model callable refused every call", seen=f"{spec}: {type(last).__name__}: {str(last)[:160]}", remedy="wrap it in a function of in_channels and num_classes")
+    raise ToolchainError(
+        "the model callable refused every call",
+        seen=f"{spec}: {type(last).__name__}: {str(last)[:160]}",
+        remedy="wrap it in a function of in_channels and num_classes",
+    )
 
 
 def fit_to_data(model: nn.Module, spec: str, in_channels: int, num_classes: int) -> list[str]:
@@ -58,7 +75,18 @@ def fit_to_data(model: nn.Module, spec: str, in_channels: int, num_classes: int)
     if convs and convs[0][1].in_channels != in_channels:
         name, conv = convs[0]
         if conv.in_channels == 3 and in_channels == 1 and conv.groups == 1:
-            new: Any = type(conv)(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1, conv.bias is not None, conv.padding_mode)  # type: ignore[arg-type]
+            ctor: Any = type(conv)
+            new: Any = ctor(
+                1,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                1,
+                conv.bias is not None,
+                conv.padding_mode,
+            )
             with torch.no_grad():
                 new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
                 if conv.bias is not None:

@@ -53,12 +53,18 @@ def build_backbone(spec: str, in_channels: int, num_classes: int) -> nn.Module:
     if spec in BACKBONES:
         return BACKBONES[spec](in_channels=in_channels, num_classes=num_classes)
     if ":" not in spec:
-        raise ToolchainError("unknown backbone", seen=spec, remedy=f"use one of {', '.join(BACKBONES)} or path/to/file.py:callable")
+        raise ToolchainError(
+            "unknown backbone", seen=spec, remedy=f"use one of {', '.join(BACKBONES)} or path/to/file.py:callable"
+        )
     target, _, attr = spec.rpartition(":")
     module = _import_target(target, spec)
     factory = getattr(module, attr, None)
     if not attr.isidentifier() or not callable(factory):
-        raise ToolchainError("model spec does not name a callable", seen=spec, remedy="point at a function or class that returns an nn.Module")
+        raise ToolchainError(
+            "model spec does not name a callable",
+            seen=spec,
+            remedy="point at a function or class that returns an nn.Module",
+        )
     from toolchain.models.fit import call_builder, fit_to_data
 
     model, notes = call_builder(factory, spec, in_channels, num_classes)
@@ -82,14 +88,26 @@ def _import_target(target: str, spec: str) -> Any:
         try:
             mod_spec.loader.exec_module(module)
         except Exception as err:  # the user's code: a syntax error, an import that raises, anything
-            raise ToolchainError("the model file raised an error while it was imported", seen=f"{target}: {type(err).__name__}: {str(err)[:160]}", remedy="fix the model file") from None
+            raise ToolchainError(
+                "the model file raised an error while it was imported",
+                seen=f"{target}: {type(err).__name__}: {str(err)[:160]}",
+                remedy="fix the model file",
+            ) from None
         return module
     if not target or not all(part.isidentifier() for part in target.split(".")):
-        raise ToolchainError("a model spec is NAME, path/file.py:callable or package.module:callable", seen=spec, remedy=f"use one of {', '.join(BACKBONES)} or point at a callable")
+        raise ToolchainError(
+            "a model spec is NAME, path/file.py:callable or package.module:callable",
+            seen=spec,
+            remedy=f"use one of {', '.join(BACKBONES)} or point at a callable",
+        )
     try:
         return importlib.import_module(target)
     except Exception as err:  # ImportError, or whatever the module raises at import
-        raise ToolchainError("cannot import the model's module", seen=f"{spec}: {type(err).__name__}: {str(err)[:160]}", remedy="check the module name and that it imports cleanly") from None
+        raise ToolchainError(
+            "cannot import the model's module",
+            seen=f"{spec}: {type(err).__name__}: {str(err)[:160]}",
+            remedy="check the module name and that it imports cleanly",
+        ) from None
 
 
 def model_files(spec: str | None) -> list[Path]:
@@ -106,13 +124,29 @@ def build_model(spec: str, in_channels: int, num_classes: int, spatial_dims: int
 
 def check_input_shape(shape: object, where: str) -> tuple[int, ...]:
     """(C, T) or (C, H, W), every entry an integer in 1..65536."""
-    ok = isinstance(shape, list | tuple) and len(shape) in (2, 3) and all(type(d) is int and 1 <= d <= 65536 for d in shape)
+    ok = (
+        isinstance(shape, list | tuple)
+        and len(shape) in (2, 3)
+        and all(type(d) is int and 1 <= d <= 65536 for d in shape)
+    )
     if not ok:
-        raise ToolchainError("an input shape is C,T (windows) or C,H,W (images), each 1..65536", seen=f"{where}: {shape!r}"[:160], remedy="pass e.g. --input-shape 6,128 or 3,32,32")
+        raise ToolchainError(
+            "an input shape is C,T (windows) or C,H,W (images), each 1..65536",
+            seen=f"{where}: {shape!r}"[:160],
+            remedy="pass e.g. --input-shape 6,128 or 3,32,32",
+        )
     return tuple(shape)  # type: ignore[arg-type]
 
 
-def save_checkpoint(model: HARModel, path: str | os.PathLike[str], *, spec: str, classes: list[str], input_shape: tuple[int, ...], extra: dict[str, Any]) -> None:
+def save_checkpoint(
+    model: HARModel,
+    path: str | os.PathLike[str],
+    *,
+    spec: str,
+    classes: list[str],
+    input_shape: tuple[int, ...],
+    extra: dict[str, Any],
+) -> None:
     """Write a checkpoint (tensors and plain data only, loadable with weights_only=True) atomically."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
@@ -129,10 +163,16 @@ def save_checkpoint(model: HARModel, path: str | os.PathLike[str], *, spec: str,
         try:
             torch.save(payload, tmp)
         except RuntimeError as err:  # torch's own writer: a full disk is "PytorchStreamWriter failed writing file"
-            raise ToolchainError("cannot write the checkpoint", seen=f"{path}: {' '.join(str(err).split())[:120]}", remedy="check free space and permissions") from None
+            raise ToolchainError(
+                "cannot write the checkpoint",
+                seen=f"{path}: {' '.join(str(err).split())[:120]}",
+                remedy="check free space and permissions",
+            ) from None
 
 
-def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None, input_shape: tuple[int, ...] | None = None) -> tuple[HARModel, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike[str], model_spec: str | None = None, input_shape: tuple[int, ...] | None = None
+) -> tuple[HARModel, dict[str, Any]]:
     """Load a checkpoint with ``weights_only=True`` and rebuild its model. Returns (model, payload).
 
     ``payload["input_shape"]`` is the (C, T) or (C, H, W) the model was trained on: recorded at
@@ -141,32 +181,49 @@ def load_checkpoint(path: str | os.PathLike[str], model_spec: str | None = None,
     """
     p = Path(path)
     if not p.is_file():
-        raise ToolchainError("checkpoint file does not exist", seen=str(p), remedy="run `toolchain pretrain --out base.pt` first")
+        raise ToolchainError(
+            "checkpoint file does not exist", seen=str(p), remedy="run `toolchain pretrain --out base.pt` first"
+        )
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file
-        raise ToolchainError("cannot read checkpoint (loaded with weights_only=True)", seen=f"{p}: {type(err).__name__}", remedy="pass a checkpoint written by `toolchain pretrain`") from None
+        raise ToolchainError(
+            "cannot read checkpoint (loaded with weights_only=True)",
+            seen=f"{p}: {type(err).__name__}",
+            remedy="pass a checkpoint written by `toolchain pretrain`",
+        ) from None
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return _from_state_dict(payload, model_spec, p, input_shape)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ToolchainError("not a toolchain checkpoint", seen=str(p), remedy="pass a checkpoint written by `toolchain pretrain`")
+        raise ToolchainError(
+            "not a toolchain checkpoint", seen=str(p), remedy="pass a checkpoint written by `toolchain pretrain`"
+        )
     validate_payload(payload, p)
     if model_spec is None and payload["model"] not in BACKBONES:
         raise ToolchainError(
-            "the checkpoint names user code as its model; a checkpoint may name only built-in backbones, so user code runs only when you pass it",
+            "the checkpoint names user code as its model; a checkpoint may name only built-in backbones, so "
+            "user code runs only when you pass it",
             seen=f"{p}: model {payload['model']!r}",
             remedy=f"pass --model {payload['model']} if you trust that code",
         )
     spec = model_spec or payload["model"]
     payload["input_shape"] = list(check_input_shape(payload.get("input_shape", [payload["in_channels"], 128]), str(p)))
     if payload["input_shape"][0] != payload["in_channels"]:
-        raise ToolchainError("checkpoint input_shape and in_channels disagree", seen=(payload["input_shape"], payload["in_channels"]), remedy="pass a checkpoint written by `toolchain pretrain`")
+        raise ToolchainError(
+            "checkpoint input_shape and in_channels disagree",
+            seen=(payload["input_shape"], payload["in_channels"]),
+            remedy="pass a checkpoint written by `toolchain pretrain`",
+        )
     model = build_model(spec, payload["in_channels"], len(payload["classes"]), len(payload["input_shape"]) - 1)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[1:3] or [str(err)[:200]]
-        raise ToolchainError("checkpoint does not fit the model", seen=f"{spec}: {' '.join(x.strip() for x in first)}", remedy="pass the --model the checkpoint was trained with") from None
+        raise ToolchainError(
+            "checkpoint does not fit the model",
+            seen=f"{spec}: {' '.join(x.strip() for x in first)}",
+            remedy="pass the --model the checkpoint was trained with",
+        ) from None
     return model, payload
 
 
@@ -174,13 +231,24 @@ def validate_payload(payload: dict[str, Any], path: Path) -> None:
     """The fields a toolchain checkpoint must have, with their types: refuse anything else."""
     rules = [
         ("model", isinstance(payload.get("model"), str) and bool(payload.get("model")), "a non-empty string"),
-        ("in_channels", type(payload.get("in_channels")) is int and 1 <= payload["in_channels"] <= 4096, "an integer in 1..4096"),
+        (
+            "in_channels",
+            type(payload.get("in_channels")) is int and 1 <= payload["in_channels"] <= 4096,
+            "an integer in 1..4096",
+        ),
         (
             "classes",
-            isinstance(payload.get("classes"), list) and 2 <= len(payload["classes"]) <= MAX_CLASSES and all(isinstance(c, str) for c in payload["classes"]),
+            isinstance(payload.get("classes"), list)
+            and 2 <= len(payload["classes"]) <= MAX_CLASSES
+            and all(isinstance(c, str) for c in payload["classes"]),
             f"a list of 2..{MAX_CLASSES} strings",
         ),
-        ("state_dict", isinstance(payload.get("state_dict"), dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()), "a dict of tensors"),
+        (
+            "state_dict",
+            isinstance(payload.get("state_dict"), dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()),
+            "a dict of tensors",
+        ),
         ("pretrain", isinstance(payload.get("pretrain", {}), dict), "a dict"),
     ]
     for field, ok, want in rules:
@@ -192,34 +260,53 @@ def validate_payload(payload: dict[str, Any], path: Path) -> None:
             )
     for name, t in payload["state_dict"].items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ToolchainError("checkpoint has NaN or Inf values", seen=f"{path}: {name}", remedy="training diverged: retrain with a lower --lr")
+            raise ToolchainError(
+                "checkpoint has NaN or Inf values",
+                seen=f"{path}: {name}",
+                remedy="training diverged: retrain with a lower --lr",
+            )
 
 
-def _from_state_dict(state: dict[str, torch.Tensor], model_spec: str | None, path: Path, input_shape: tuple[int, ...] | None) -> tuple[HARModel, dict[str, Any]]:
+def _from_state_dict(
+    state: dict[str, torch.Tensor], model_spec: str | None, path: Path, input_shape: tuple[int, ...] | None
+) -> tuple[HARModel, dict[str, Any]]:
     """A plain state_dict for the backbone of ``--model`` (inputs taken as already standardised).
 
     Channels come from the first conv kernel, classes from the last matrix (the classifier).
     """
     if not model_spec:
-        raise ToolchainError("a plain state_dict needs the model it belongs to", seen=str(path), remedy="pass --model NAME, path/file.py:callable or pkg.mod:callable")
+        raise ToolchainError(
+            "a plain state_dict needs the model it belongs to",
+            seen=str(path),
+            remedy="pass --model NAME, path/file.py:callable or pkg.mod:callable",
+        )
     kernels = [v for v in state.values() if v.dim() >= 3]
     matrices = [v for v in state.values() if v.dim() == 2]
     if not kernels or not matrices:
-        raise ToolchainError("cannot tell input channels and classes from this state_dict (no conv kernel or no classifier matrix)", seen=str(path))
+        raise ToolchainError(
+            "cannot tell input channels and classes from this state_dict (no conv kernel or no classifier matrix)",
+            seen=str(path),
+        )
     in_channels, num_classes = int(kernels[0].shape[1]), int(matrices[-1].shape[0])
     spatial_dims = kernels[0].dim() - 2
     if input_shape is not None:
         input_shape = check_input_shape(list(input_shape), "--input-shape")
         if input_shape[0] != in_channels or len(input_shape) - 1 != spatial_dims:
             raise ToolchainError(
-                "--input-shape does not fit the state_dict's first conv", seen=(input_shape, tuple(kernels[0].shape)), remedy=f"pass {in_channels} channels and {spatial_dims} spatial dims"
+                "--input-shape does not fit the state_dict's first conv",
+                seen=(input_shape, tuple(kernels[0].shape)),
+                remedy=f"pass {in_channels} channels and {spatial_dims} spatial dims",
             )
     model = build_model(model_spec, in_channels, num_classes, spatial_dims)
     try:
         model.net.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[1:3] or [str(err)[:200]]
-        raise ToolchainError("checkpoint does not fit the model", seen=f"{model_spec}: {' '.join(x.strip() for x in first)}", remedy="pass the --model the weights belong to") from None
+        raise ToolchainError(
+            "checkpoint does not fit the model",
+            seen=f"{model_spec}: {' '.join(x.strip() for x in first)}",
+            remedy="pass the --model the weights belong to",
+        ) from None
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": 1,

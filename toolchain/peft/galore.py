@@ -22,8 +22,19 @@ class GaLoreAdam(torch.optim.Optimizer):
     (SVD of the current gradient). scale: the GaLore alpha applied to projected updates.
     """
 
-    def __init__(self, params: Iterable[Tensor], lr: float = 1e-3, rank: int = 4, update_gap: int = 50, scale: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        super().__init__(params, {"lr": lr, "rank": rank, "update_gap": update_gap, "scale": scale, "betas": betas, "eps": eps})
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1e-3,
+        rank: int = 4,
+        update_gap: int = 50,
+        scale: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(
+            params, {"lr": lr, "rank": rank, "update_gap": update_gap, "scale": scale, "betas": betas, "eps": eps}
+        )
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]

@@ -60,10 +60,18 @@ def select_layers(model: nn.Module, layers: str) -> list[str]:
         matched = _regex_modules(model, layers)
         bad = [n for n in matched if n not in convs and not any(c.startswith(n + ".") for c in convs)]
         if bad:
-            raise ToolchainError("a LoRA target must be a Conv1d or Conv2d module", seen=f"{bad[0]} ({type(model.get_submodule(bad[0])).__name__})", remedy="narrow --layers to conv layers")
+            raise ToolchainError(
+                "a LoRA target must be a Conv1d or Conv2d module",
+                seen=f"{bad[0]} ({type(model.get_submodule(bad[0])).__name__})",
+                remedy="narrow --layers to conv layers",
+            )
         names = [n for n in convs if any(n == m or n.startswith(m + ".") for m in matched)]
     if not names:
-        raise ToolchainError("no conv layer matches the --layers selection", seen=layers, remedy="use --layers all, pointwise or a regex naming conv modules")
+        raise ToolchainError(
+            "no conv layer matches the --layers selection",
+            seen=layers,
+            remedy="use --layers all, pointwise or a regex naming conv modules",
+        )
     for name in names:
         check_followable(name, model.get_submodule(name))
     return names
@@ -82,7 +90,8 @@ def check_followable(name: str, conv: nn.Module) -> None:
     own = [m for m in ("forward", "_conv_forward") if getattr(type(conv), m) is not getattr(plain, m)]
     if own:
         raise ToolchainError(
-            f"layer {name} is a {type(conv).__module__}.{type(conv).__name__}, a {plain.__name__} with its own {own[0]}, which adaptation cannot follow exactly",
+            f"layer {name} is a {type(conv).__module__}.{type(conv).__name__}, a {plain.__name__} with its own "
+            f"{own[0]}, which adaptation cannot follow exactly",
             seen=name,
             remedy="leave such layers out with --layers (a regex on the other convs), or replace them by plain convs",
         )
@@ -91,7 +100,9 @@ def check_followable(name: str, conv: nn.Module) -> None:
 def _regex_modules(model: nn.Module, selection: str) -> list[str]:
     from toolchain.core.patterns import compile_user_pattern, search
 
-    pattern = compile_user_pattern(selection, "--layers", "pass all, pointwise or a regex on module names, e.g. 'features\\.(0|2)'")
+    pattern = compile_user_pattern(
+        selection, "--layers", "pass all, pointwise or a regex on module names, e.g. 'features\\.(0|2)'"
+    )
     return [n for n, _ in model.named_modules() if n and search(pattern, n) and not _inside_match(n, pattern)]
 
 
@@ -108,7 +119,11 @@ def select_blocks(model: nn.Module, blocks: str) -> dict[str, tuple[int, int]]:
         seqs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]
         seqs = [(n, m) for n, m in seqs if sum(_has_conv(c) for c in m.children()) >= 2]
         if not seqs:
-            raise ToolchainError("found no nn.Sequential of conv blocks to put adapters after", seen=type(model).__name__, remedy="name the blocks with --layers REGEX")
+            raise ToolchainError(
+                "found no nn.Sequential of conv blocks to put adapters after",
+                seen=type(model).__name__,
+                remedy="name the blocks with --layers REGEX",
+            )
         name, seq = max(seqs, key=lambda nm: sum(_has_conv(c) for c in nm[1].children()))
         names = [f"{name}.{c}" if name else c for c, m in seq.named_children() if _has_conv(m)]
     else:
@@ -170,7 +185,11 @@ def inject(model: nn.Module, config: AdaptConfig) -> list[str]:
     elif spec.layer_kind == "bottleneck":
         blocks = "all" if config.layers in TARGET_CHOICES else config.layers  # "pointwise" selects convs, not blocks
         for name, (channels, dims) in select_blocks(model, blocks).items():
-            replace_module(model, name, BottleneckAdapter(model.get_submodule(name), channels, dims, max(1, channels // config.reduction)))
+            replace_module(
+                model,
+                name,
+                BottleneckAdapter(model.get_submodule(name), channels, dims, max(1, channels // config.reduction)),
+            )
             names.append(name)
     unfreeze_extras(model, tuple(sorted(set(config.train) | set(spec.implied_groups))))
     return names
@@ -231,12 +250,19 @@ def base_names(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def extract_adapter(model: nn.Module, base_state: dict[str, torch.Tensor], config: AdaptConfig, info: dict[str, object]) -> Adapter:
+def extract_adapter(
+    model: nn.Module, base_state: dict[str, torch.Tensor], config: AdaptConfig, info: dict[str, object]
+) -> Adapter:
     """Every tensor that differs from the base: each wrapper's tensors, plus trained extras."""
     layers, tensors = [], {}
     for name, layer in adapter_layers(model).items():
         rec = _record(name, layer)
-        tensors.update({k: v.detach().cpu().numpy().astype(np.float32) for k, v in zip(rec.tensor_names(), layer.tensors(), strict=True)})
+        tensors.update(
+            {
+                k: v.detach().cpu().numpy().astype(np.float32)
+                for k, v in zip(rec.tensor_names(), layer.tensors(), strict=True)
+            }
+        )
         layers.append(rec)
     extras = []
     for pname, t in _trained_extras(model, config):
@@ -251,15 +277,43 @@ def extract_adapter(model: nn.Module, base_state: dict[str, torch.Tensor], confi
 def _record(name: str, layer: Wrapper) -> LayerRecord:
     if isinstance(layer, BottleneckAdapter):
         d = layer.dims
-        geom = ConvGeometry("conv1d" if d == 1 else "conv2d", layer.channels, layer.channels, (1,) * d, (1,) * d, (0,) * d, (1,) * d, 1, "zeros", True)
-        return LayerRecord(name=name, param="", method="adapter", geometry=geom, ranks=layer.ranks, scaling=1.0, base_sha256="")
-    return LayerRecord(name=name, param=f"{name}.weight", method=layer.method, geometry=layer.geometry, ranks=layer.ranks, scaling=layer.scaling, base_sha256=layer.base_sha256)
+        geom = ConvGeometry(
+            "conv1d" if d == 1 else "conv2d",
+            layer.channels,
+            layer.channels,
+            (1,) * d,
+            (1,) * d,
+            (0,) * d,
+            (1,) * d,
+            1,
+            "zeros",
+            True,
+        )
+        return LayerRecord(
+            name=name, param="", method="adapter", geometry=geom, ranks=layer.ranks, scaling=1.0, base_sha256=""
+        )
+    return LayerRecord(
+        name=name,
+        param=f"{name}.weight",
+        method=layer.method,
+        geometry=layer.geometry,
+        ranks=layer.ranks,
+        scaling=layer.scaling,
+        base_sha256=layer.base_sha256,
+    )
 
 
 def _trained_extras(model: nn.Module, config: AdaptConfig) -> list[tuple[str, torch.Tensor]]:
     names = base_names(model)
-    wrapped = {f"{n}.{p}" for n, m in adapter_layers(model).items() for p, t in m.named_parameters() if any(t is x for x in m.tensors())}
-    out: list[tuple[str, torch.Tensor]] = [(names[n], p) for n, p in model.named_parameters() if p.requires_grad and n not in wrapped]
+    wrapped = {
+        f"{n}.{p}"
+        for n, m in adapter_layers(model).items()
+        for p, t in m.named_parameters()
+        if any(t is x for x in m.tensors())
+    }
+    out: list[tuple[str, torch.Tensor]] = [
+        (names[n], p) for n, p in model.named_parameters() if p.requires_grad and n not in wrapped
+    ]
     if config.update_bn_stats:
         for n, m in model.named_modules():
             if isinstance(m, _BN) and m.running_mean is not None and m.running_var is not None:
@@ -273,11 +327,17 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> None:
         try:
             target = model.get_submodule(rec.name)
         except AttributeError:
-            raise ToolchainError("adapter layer is not in the model", seen=rec.name, remedy="use the base checkpoint the adapter was trained from") from None
+            raise ToolchainError(
+                "adapter layer is not in the model",
+                seen=rec.name,
+                remedy="use the base checkpoint the adapter was trained from",
+            ) from None
         values = adapter.layer_tensors(rec)
         kind = get_method(rec.method).layer_kind
         if kind == "bottleneck":
-            layer: nn.Module = BottleneckAdapter(target, rec.geometry.out_channels, len(rec.geometry.kernel_size), rec.ranks[0])
+            layer: nn.Module = BottleneckAdapter(
+                target, rec.geometry.out_channels, len(rec.geometry.kernel_size), rec.ranks[0]
+            )
             layer.load(values)  # type: ignore[operator]
             replace_module(model, rec.name, layer)
             continue

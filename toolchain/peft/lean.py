@@ -42,7 +42,11 @@ def _frozen(*params: Tensor | None) -> bool:
 
 def bn_is_frozen(bn: nn.Module) -> bool:
     """Eval-mode BatchNorm with running statistics and a frozen affine: a fixed per-channel affine."""
-    return not bn.training and getattr(bn, "running_var", None) is not None and _frozen(getattr(bn, "weight", None), getattr(bn, "bias", None))
+    return (
+        not bn.training
+        and getattr(bn, "running_var", None) is not None
+        and _frozen(getattr(bn, "weight", None), getattr(bn, "bias", None))
+    )
 
 
 def bn_affine(bn: Any) -> tuple[Tensor, Tensor]:
@@ -158,7 +162,12 @@ class _LeanMaxPool:
     def _window(self, nd: int) -> tuple[int, ...] | None:
         k = _tuple(self.kernel_size, nd)
         s = _tuple(self.stride if self.stride else self.kernel_size, nd)
-        plain = _tuple(self.padding, nd) == (0,) * nd and _tuple(self.dilation, nd) == (1,) * nd and not self.ceil_mode and not self.return_indices
+        plain = (
+            _tuple(self.padding, nd) == (0,) * nd
+            and _tuple(self.dilation, nd) == (1,) * nd
+            and not self.ceil_mode
+            and not self.return_indices
+        )
         return k if plain and k == s and int(torch.tensor(k).prod()) <= 255 else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -250,6 +259,8 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         if not isinstance(seq, nn.Sequential):
             continue
         for a, b in itertools.pairwise(seq.children()):
-            if isinstance(b, nn.BatchNorm1d | nn.BatchNorm2d) and (isinstance(a, nn.Conv1d | nn.Conv2d) or hasattr(a, "lean_ready")):
+            if isinstance(b, nn.BatchNorm1d | nn.BatchNorm2d) and (
+                isinstance(a, nn.Conv1d | nn.Conv2d) or hasattr(a, "lean_ready")
+            ):
                 pairs.append((a, b))
     return pairs

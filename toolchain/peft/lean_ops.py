@@ -7,8 +7,8 @@ all inputs), ReLU saves its float output and max-pooling int64 indices. Here:
 - ``LoRAEdgeConv``: y = conv(x, W + s·ΔG1 ×₁ S) + b (one merged conv) keeps the r1-channel
   projection h = conv(x, S) (grad ΔG1 = s·Σ grad_y ⊗ h) or x itself, whichever is smaller.
 - ``LoRAConv``: y = conv(x, W + s·B·A) + b keeps x and the r-channel projection h = conv(x, A).
-- ``MaskedClamp``: ReLU / ReLU6 keeping a bit-packed mask (1 bit per element); ``WindowMax``: non-overlapping max pooling
-  keeping uint8 window positions; ``FrozenLinear``: a frozen linear layer keeping nothing.
+- ``MaskedClamp``: ReLU / ReLU6 keeping a bit-packed mask (1 bit per element); ``WindowMax``: non-overlapping max
+  pooling keeping uint8 window positions; ``FrozenLinear``: a frozen linear layer keeping nothing.
 
 Everything kept goes through ``ctx.save_for_backward``, so ``saved_tensors_hooks`` (the memory
 accounting in ``toolchain.profile``) sees it. Shapes: x (B, C_in, *spatial), W (C_out, C_in/g, *k).
@@ -39,7 +39,10 @@ def conv_grad_input(shape: torch.Size, w: Tensor, g: Tensor, conf: Conf) -> Tens
     materialises an input-sized buffer; this does not.)"""
     stride, padding, dilation, groups = conf
     k = w.shape[2:]
-    extra = [n - ((o - 1) * s - 2 * p + d * (kk - 1) + 1) for n, o, s, p, d, kk in zip(shape[2:], g.shape[2:], stride, padding, dilation, k, strict=True)]
+    extra = [
+        n - ((o - 1) * s - 2 * p + d * (kk - 1) + 1)
+        for n, o, s, p, d, kk in zip(shape[2:], g.shape[2:], stride, padding, dilation, k, strict=True)
+    ]
     fn = F.conv_transpose1d if len(k) == 1 else F.conv_transpose2d
     return fn(g, w, None, stride, padding, tuple(extra), groups, dilation)
 
@@ -47,7 +50,9 @@ def conv_grad_input(shape: torch.Size, w: Tensor, g: Tensor, conf: Conf) -> Tens
 def conv_grad_weight(x: Tensor, w: Tensor, g: Tensor, conf: Conf) -> Tensor:
     """grad_w of conv(x, w) for grad_y = g."""
     stride, padding, dilation, groups = conf
-    return torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0] * len(stride), groups, (False, True, False))[1]
+    return torch.ops.aten.convolution_backward(
+        g, x, w, None, stride, padding, dilation, False, [0] * len(stride), groups, (False, True, False)
+    )[1]
 
 
 def bias_grad(g: Tensor) -> Tensor:
@@ -101,7 +106,17 @@ class LoRAEdgeConv(torch.autograd.Function):
     """Merged forward with W + s·ΔW; keeps h = conv(x, S repeated per group) or x (``keep_x``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, suffix: Tensor, dg1: Tensor, scaling: float, conf: Conf, keep_x: bool) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor | None,
+        suffix: Tensor,
+        dg1: Tensor,
+        scaling: float,
+        conf: Conf,
+        keep_x: bool,
+    ) -> Tensor:
         groups = conf[3]
         if keep_x:
             ctx.save_for_backward(w, suffix, dg1, x)
@@ -132,7 +147,9 @@ class LoRAConv(torch.autograd.Function):
     """Conv LoRA, merged forward with W + s·B·A; keeps x (for grad A) and h = conv(x, A) (for grad B)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, conf: Conf) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, conf: Conf
+    ) -> Tensor:
         h = conv(x, lora_a, None, conf)
         ctx.save_for_backward(w, lora_a, lora_b, x, h)
         ctx.conf, ctx.scaling = conf, scaling
@@ -245,7 +262,11 @@ class WindowMax(torch.autograd.Function):
         if len(k) == 1:
             grad = flat.reshape(b, c, outs[0] * k[0])
         else:
-            grad = flat.reshape(b, c, outs[0], outs[1], k[0], k[1]).permute(0, 1, 2, 4, 3, 5).reshape(b, c, outs[0] * k[0], outs[1] * k[1])
+            grad = (
+                flat.reshape(b, c, outs[0], outs[1], k[0], k[1])
+                .permute(0, 1, 2, 4, 3, 5)
+                .reshape(b, c, outs[0] * k[0], outs[1] * k[1])
+            )
         pad = [p for n, used in reversed(list(zip(shape[2:], grad.shape[2:], strict=True))) for p in (0, n - used)]
         return (F.pad(grad, pad) if any(pad) else grad), None
 
@@ -256,5 +277,10 @@ def _windows(x: Tensor, k: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
     if len(k) == 1:
         w = x[..., : outs[0] * k[0]].reshape(b, c, outs[0], k[0])
     else:
-        w = x[..., : outs[0] * k[0], : outs[1] * k[1]].reshape(b, c, outs[0], k[0], outs[1], k[1]).permute(0, 1, 2, 4, 3, 5).reshape(b, c, outs[0], outs[1], k[0] * k[1])
+        w = (
+            x[..., : outs[0] * k[0], : outs[1] * k[1]]
+            .reshape(b, c, outs[0], k[0], outs[1], k[1])
+            .permute(0, 1, 2, 4, 3, 5)
+            .reshape(b, c, outs[0], outs[1], k[0] * k[1])
+        )
     return w, (b, c, *outs)

@@ -26,7 +26,11 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 def conv_geometry(conv: nn.Module) -> ConvGeometry:
     """The geometry of an nn.Conv1d / nn.Conv2d, as recorded in adapter files."""
     if not isinstance(conv, nn.Conv1d | nn.Conv2d):
-        raise ToolchainError("LoRA-Edge targets must be nn.Conv1d or nn.Conv2d", seen=type(conv).__name__, remedy="select conv layers only")
+        raise ToolchainError(
+            "LoRA-Edge targets must be nn.Conv1d or nn.Conv2d",
+            seen=type(conv).__name__,
+            remedy="select conv layers only",
+        )
     pad = conv.padding if isinstance(conv.padding, str) else tuple(int(p) for p in conv.padding)
     return ConvGeometry(
         kind="conv1d" if isinstance(conv, nn.Conv1d) else "conv2d",
@@ -65,7 +69,9 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
     method = "lora-edge"
     suffix: Tensor
 
-    def __init__(self, base: ConvNd, suffix_cores: Sequence[np.ndarray], scaling: float = 1.0, delta_g1: np.ndarray | None = None) -> None:
+    def __init__(
+        self, base: ConvNd, suffix_cores: Sequence[np.ndarray], scaling: float = 1.0, delta_g1: np.ndarray | None = None
+    ) -> None:
         super().__init__()
         self.geometry = conv_geometry(base)
         self.base: ConvNd = base
@@ -80,7 +86,11 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
             self.register_buffer(f"core{k}", torch.as_tensor(np.asarray(core, dtype=np.float32), device=dev))
         suffix = torch.as_tensor(suffix_kernel(list(suffix_cores)), device=dev)
         self.register_buffer("suffix", suffix, persistent=False)
-        init = torch.zeros(base.out_channels, r1) if delta_g1 is None else torch.as_tensor(np.asarray(delta_g1, dtype=np.float32))
+        init = (
+            torch.zeros(base.out_channels, r1)
+            if delta_g1 is None
+            else torch.as_tensor(np.asarray(delta_g1, dtype=np.float32))
+        )
         self.delta_g1 = nn.Parameter(init.to(dev).clone())
         self.merged = False
         self.lean = False  # set by ``toolchain.peft.lean.lean_training``
@@ -132,7 +142,10 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
         w, b, scale = fold(folded_bn(self), self.base.weight, self.base.bias)
         dg1 = self.delta_g1 if scale is None else self.delta_g1 * scale[:, None]
         xp, conf = conv_inputs(self.base, x)
-        spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(xp.shape[2:], conf[1], conf[2], self.suffix.shape[2:], conf[0], strict=True)]
+        spatial = [
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip(xp.shape[2:], conf[1], conf[2], self.suffix.shape[2:], conf[0], strict=True)
+        ]
         h_numel = self.base.groups * self.ranks[1] * math.prod(spatial)
         keep_x = math.prod(xp.shape[1:]) < h_numel
         return LeanFn.apply(xp, w, b, self.suffix, dg1, self.scaling, conf, keep_x)

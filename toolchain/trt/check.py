@@ -44,17 +44,35 @@ def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
     """Everything build, refit and check need from an ONNX model, from one read of the file."""
     model, data = read_onnx(path)
     meta = {p.key: p.value for p in model.metadata_props}
-    fused = loads_strict(meta.get(FUSED_WEIGHTS_KEY, "[]"), f"model metadata {FUSED_WEIGHTS_KEY}", "fuse the model again with `toolchain fuse`")
+    fused = loads_strict(
+        meta.get(FUSED_WEIGHTS_KEY, "[]"),
+        f"model metadata {FUSED_WEIGHTS_KEY}",
+        "fuse the model again with `toolchain fuse`",
+    )
     if not isinstance(fused, list) or not all(isinstance(n, str) for n in fused):
-        raise ToolchainError(f"model metadata {FUSED_WEIGHTS_KEY} is not a JSON list of names", seen=str(path), remedy="fuse the model again with `toolchain fuse`")
+        raise ToolchainError(
+            f"model metadata {FUSED_WEIGHTS_KEY} is not a JSON list of names",
+            seen=str(path),
+            remedy="fuse the model again with `toolchain fuse`",
+        )
     sha = hashlib.sha256(data).hexdigest()
     inits = {t.name: (int(np.prod(t.dims, dtype=np.int64)), t.data_type) for t in model.graph.initializer}
-    convs = tuple(dict.fromkeys(n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits))
+    convs = tuple(
+        dict.fromkeys(
+            n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits
+        )
+    )
     inputs = [i for i in model.graph.input if i.name not in inits]
-    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim) if inputs else ()
+    dims = (
+        tuple(d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim)
+        if inputs
+        else ()
+    )
     batch = dims[0] if dims else None
     base = meta.get(BASE_KEY, sha)
-    return ModelFacts(str(path), sha, base, tuple(fused), tuple(fused) or convs, batch, inputs[0].name if inputs else "", dims, inits)
+    return ModelFacts(
+        str(path), sha, base, tuple(fused), tuple(fused) or convs, batch, inputs[0].name if inputs else "", dims, inits
+    )
 
 
 @dataclass(frozen=True)
@@ -97,7 +115,11 @@ def parse_network(trt: Any, path: str | os.PathLike[str]) -> tuple[Any, Any, Any
 
 
 def _problem(err: Any) -> NodeProblem:
-    return NodeProblem(str(err.node_name()) or f"#{err.node()}", str(err.node_operator()) or "?", " ".join(str(err.desc()).split())[:300])
+    return NodeProblem(
+        str(err.node_name()) or f"#{err.node()}",
+        str(err.node_operator()) or "?",
+        " ".join(str(err.desc()).split())[:300],
+    )
 
 
 def unsupported_nodes(parser: Any, path: str | os.PathLike[str]) -> list[NodeProblem]:
@@ -148,8 +170,16 @@ def format_check(report: CheckReport) -> list[str]:
     lines += [f"  unsupported node {p.node} ({p.op}): {p.error}" for p in report.problems]
     if report.parsed:
         for name, ok in report.refit_weights.items():
-            lines.append(f"  refittable weight {name}: {'can be marked individually' if ok else 'cannot be marked (BatchNormalization parameters are combined by the parser)'}")
-        how = {"individual": "REFIT_INDIVIDUAL on the weights above", "all": "whole-engine REFIT (some weights cannot be marked individually)"}
+            how_marked = (
+                "can be marked individually"
+                if ok
+                else "cannot be marked (BatchNormalization parameters are combined by the parser)"
+            )
+            lines.append(f"  refittable weight {name}: {how_marked}")
+        how = {
+            "individual": "REFIT_INDIVIDUAL on the weights above",
+            "all": "whole-engine REFIT (some weights cannot be marked individually)",
+        }
         lines.append(f"  build --refit would use {how[report.refit_mode]}")
     lines.append("  an engine would build" if report.buildable else "  an engine would NOT build")
     return lines

@@ -65,7 +65,8 @@ def _refit_plan(network: Any, facts: ModelFacts, refit: bool) -> tuple[str, tupl
         return mode, tuple(marks), None
     refused = [n for n, ok in marks.items() if not ok]
     note = (
-        f"TensorRT cannot mark {len(refused)} weight(s) individually ({', '.join(refused[:3])}{', ...' if len(refused) > 3 else ''}: "
+        f"TensorRT cannot mark {len(refused)} weight(s) individually "
+        f"({', '.join(refused[:3])}{', ...' if len(refused) > 3 else ''}: "
         "BatchNormalization parameters are combined by the parser); built with whole-engine refit instead "
         "(export with --fold-bn to keep individual refit)"
     )
@@ -93,7 +94,9 @@ def _config(trt: Any, builder: Any, network: Any, facts: ModelFacts, opts: Build
     return config
 
 
-def build_engine(onnx_path: str, out: str, opts: BuildOptions, *, force: bool = False) -> tuple[EngineRecord, str | None]:
+def build_engine(
+    onnx_path: str, out: str, opts: BuildOptions, *, force: bool = False
+) -> tuple[EngineRecord, str | None]:
     """Build, check and write ``out`` and ``out.json``; returns the record and a note on the refit mode."""
     check_output(out, [onnx_path, opts.timing_cache], force=force)
     check_output(sidecar_path(out), [onnx_path], force=force)
@@ -104,13 +107,21 @@ def build_engine(onnx_path: str, out: str, opts: BuildOptions, *, force: bool = 
         builder, network, parser, problems = parse_network(trt, onnx_path)
         if problems:
             p = problems[0]
-            raise ToolchainError("TensorRT's ONNX parser refuses the model", seen=f"node {p.node} ({p.op}): {p.error}", remedy=f"run `toolchain build {onnx_path} --check` for every unsupported node")
+            raise ToolchainError(
+                "TensorRT's ONNX parser refuses the model",
+                seen=f"node {p.node} ({p.op}): {p.error}",
+                remedy=f"run `toolchain build {onnx_path} --check` for every unsupported node",
+            )
         mode, marked, note = _refit_plan(network, facts, opts.refit)
         config = _config(trt, builder, network, facts, opts, mode)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             seen = last_error(errors, "the builder returned nothing")
-            raise ToolchainError("TensorRT could not build the engine", seen=seen, remedy="see the message; on an 8 GB Orin Nano close other GPU users or lower --workspace-mb")
+            raise ToolchainError(
+                "TensorRT could not build the engine",
+                seen=seen,
+                remedy="see the message; on an 8 GB Orin Nano close other GPU users or lower --workspace-mb",
+            )
         plan = bytes(serialized)
         if opts.timing_cache:
             _save_timing_cache(config, opts.timing_cache)
@@ -169,18 +180,31 @@ def check_engine_bytes(plan: bytes, onnx_path: str, precision: str, facts: Model
 
     dims = [d or 1 for d in facts.input_shape[1:]]
     feeds = [{facts.input_name: x} for x in sample_batches(facts.batch or 1, dims, None, 0, CHECK_BATCHES)]
-    runners = [OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnx"), runner_from_bytes(plan)]
+    runners = [
+        OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnx"),
+        runner_from_bytes(plan),
+    ]
     tol = tolerance(precision)
     with trt_errors() as errors:
         try:
             results = Comparator.run(runners, data_loader=feeds)
         except Exception as err:
-            raise ToolchainError("the engine could not be run to check it", seen=last_error(errors, f"{type(err).__name__}: {err}"), remedy="check the GPU and driver, or pass --no-check") from None
+            raise ToolchainError(
+                "the engine could not be run to check it",
+                seen=last_error(errors, f"{type(err).__name__}: {err}"),
+                remedy="check the GPU and driver, or pass --no-check",
+            ) from None
     ok = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tol, rtol=tol)))
-    worst = max(float(np.abs(np.asarray(b[k], np.float64) - np.asarray(a[k], np.float64)).max()) for a, b in zip(results[0][1], results[1][1], strict=True) for k in a.keys())
+    worst = max(
+        float(np.abs(np.asarray(b[k], np.float64) - np.asarray(a[k], np.float64)).max())
+        for a, b in zip(results[0][1], results[1][1], strict=True)
+        for k in a.keys()
+    )
     if not ok:
         raise ToolchainError(
-            f"the engine differs from the ONNX model beyond the {precision} tolerance {tol}", seen=f"max abs error {worst:.3g}", remedy="nothing was written; report the model, or build at fp32"
+            f"the engine differs from the ONNX model beyond the {precision} tolerance {tol}",
+            seen=f"max abs error {worst:.3g}",
+            remedy="nothing was written; report the model, or build at fp32",
         )
     return {"batches": CHECK_BATCHES, "max_abs": worst, "tolerance": tol, "passed": True}
 
@@ -188,9 +212,15 @@ def check_engine_bytes(plan: bytes, onnx_path: str, precision: str, facts: Model
 def _refit_record(plan: str) -> EngineRecord:
     record = read_record(plan)
     if record is None:
-        raise ToolchainError("the engine has no sidecar record, so its precision and refittable weights are unknown", seen=str(sidecar_path(plan)), remedy="rebuild it with `toolchain build --refit`")
+        raise ToolchainError(
+            "the engine has no sidecar record, so its precision and refittable weights are unknown",
+            seen=str(sidecar_path(plan)),
+            remedy="rebuild it with `toolchain build --refit`",
+        )
     if record.refit_mode == "none":
-        raise ToolchainError("the engine is not refittable", seen=plan, remedy="rebuild it with `toolchain build --refit`")
+        raise ToolchainError(
+            "the engine is not refittable", seen=plan, remedy="rebuild it with `toolchain build --refit`"
+        )
     return record
 
 
@@ -202,7 +232,9 @@ def check_refit_provenance(record: EngineRecord, facts: ModelFacts) -> None:
             seen=f"base {facts.base_sha256[:12]} vs the engine's {record.base_sha256[:12]}",
             remedy="fuse the adapter into the base the engine was built from, or build a new engine",
         )
-    outside = sorted(set(facts.fused_weights) - set(record.refittable_weights)) if record.refit_mode == "individual" else []
+    outside = (
+        sorted(set(facts.fused_weights) - set(record.refittable_weights)) if record.refit_mode == "individual" else []
+    )
     if outside:
         raise ToolchainError(
             "the model changes weights the engine cannot refit (they would stay stale)",
@@ -223,7 +255,8 @@ def _check_prototypes(refitter: Any, facts: ModelFacts) -> None:
         if proto.size != count or dtypes.get(data_type, "?") != expected:
             raise ToolchainError(
                 "a weight of the new model does not fit the engine",
-                seen=f"{name}: {count} values of {dtypes.get(data_type, data_type)}, the engine expects {proto.size} of {expected}",
+                seen=f"{name}: {count} values of {dtypes.get(data_type, data_type)}, the engine expects "
+                f"{proto.size} of {expected}",
                 remedy="a changed shape (e.g. a head grown for new classes) needs a new engine: `toolchain build`",
             )
 
@@ -241,21 +274,46 @@ def refit_engine(plan: str, fused_onnx: str, out: str, *, force: bool = False, c
     with trt_errors() as errors:
         engine = trt.Runtime(log).deserialize_cuda_engine(Path(plan).read_bytes())
         if engine is None:
-            raise ToolchainError("TensorRT could not deserialize the engine", seen=last_error(errors, plan), remedy="rebuild it with this TensorRT version")
+            raise ToolchainError(
+                "TensorRT could not deserialize the engine",
+                seen=last_error(errors, plan),
+                remedy="rebuild it with this TensorRT version",
+            )
         refitter = trt.Refitter(engine, log)
         _check_prototypes(refitter, facts)
         parser_refitter = trt.OnnxParserRefitter(refitter, log)
         if not parser_refitter.refit_from_file(os.fspath(fused_onnx)):
-            detail = "; ".join(str(parser_refitter.get_error(i).desc()) for i in range(parser_refitter.num_errors)) or last_error(errors, "no detail")
-            raise ToolchainError("TensorRT's ONNX refitter rejected the model's weights", seen=detail[:300], remedy="refit from a model fused on the engine's base, or rebuild")
+            detail = "; ".join(
+                str(parser_refitter.get_error(i).desc()) for i in range(parser_refitter.num_errors)
+            ) or last_error(errors, "no detail")
+            raise ToolchainError(
+                "TensorRT's ONNX refitter rejected the model's weights",
+                seen=detail[:300],
+                remedy="refit from a model fused on the engine's base, or rebuild",
+            )
         missing = list(refitter.get_missing_weights())
         if missing:
-            raise ToolchainError("refit left refittable weights unset", seen=missing[:4], remedy="refit from a model fused on the engine's base, or rebuild")
+            raise ToolchainError(
+                "refit left refittable weights unset",
+                seen=missing[:4],
+                remedy="refit from a model fused on the engine's base, or rebuild",
+            )
         if not refitter.refit_cuda_engine():
-            raise ToolchainError("TensorRT could not refit the engine", seen=last_error(errors, "refit_cuda_engine returned False"), remedy="rebuild the engine")
+            raise ToolchainError(
+                "TensorRT could not refit the engine",
+                seen=last_error(errors, "refit_cuda_engine returned False"),
+                remedy="rebuild the engine",
+            )
         data = bytes(engine.serialize())
     engine_check = check_engine_bytes(data, fused_onnx, record.precision, facts) if check else None
-    new = replace(record, kind="refit", onnx=str(fused_onnx), onnx_sha256=facts.sha256, plan_sha256=_sha(data), parent_plan_sha256=sha256_file(plan))
+    new = replace(
+        record,
+        kind="refit",
+        onnx=str(fused_onnx),
+        onnx_sha256=facts.sha256,
+        plan_sha256=_sha(data),
+        parent_plan_sha256=sha256_file(plan),
+    )
     new = replace(new, engine_check=engine_check, tensorrt_version=str(trt.__version__))
     _write(out, data, new, force)
     return new

@@ -1,7 +1,8 @@
 """The engine sidecar ``ENGINE.plan.json``: one typed record for build and refit, and the plan header.
 
 A serialized TensorRT plan starts with the magic "ftrt" and carries the version that built it in
-bytes 24, 25 and 26 (major, minor, patch; NVIDIA/TensorRT issue 3073); a plan loads only in that same TensorRT. The sidecar carries
+bytes 24, 25 and 26 (major, minor, patch; NVIDIA/TensorRT issue 3073); a plan loads only in that same TensorRT.
+The sidecar carries
 what the plan cannot: the precision it was built at (verify's tolerance), which weights are
 refittable, and the provenance (the ONNX it came from and the base that ONNX was fused on), so that
 refit can refuse a model fused on another base. Refit copies precision and the refittable set from
@@ -75,7 +76,10 @@ def read_record(plan: str | os.PathLike[str]) -> EngineRecord | None:
             raise ValueError("not a regular file of at most 1 MiB")
         raw = json.loads(side.read_bytes())
         if not isinstance(raw, dict) or raw.get("format") != RECORD_FORMAT:
-            raise ValueError(f"format {raw.get('format') if isinstance(raw, dict) else type(raw).__name__} (expected {RECORD_FORMAT})")
+            raise ValueError(
+                f"format {raw.get('format') if isinstance(raw, dict) else type(raw).__name__} (expected "
+                f"{RECORD_FORMAT})"
+            )
         known = {f.name for f in fields(EngineRecord)}
         if set(raw) - known:
             raise ValueError(f"unknown keys {sorted(set(raw) - known)}")
@@ -86,7 +90,9 @@ def read_record(plan: str | os.PathLike[str]) -> EngineRecord | None:
         _check_types(record)
         return record
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, TypeError, ValueError) as err:
-        raise ToolchainError("the engine's sidecar is not a toolchain engine record", seen=f"{side}: {str(err)[:120]}", remedy=remedy) from None
+        raise ToolchainError(
+            "the engine's sidecar is not a toolchain engine record", seen=f"{side}: {str(err)[:120]}", remedy=remedy
+        ) from None
 
 
 def _strings(value: object) -> list[str]:
@@ -128,10 +134,16 @@ def check_plan_version(plan: str | os.PathLike[str], tensorrt_version: str) -> N
     """Refuse a plan whose header names another TensorRT release than the one installed."""
     found = read_plan_version(plan)
     if found is None:
-        raise ToolchainError("the file is not a TensorRT plan (its header names no TensorRT version)", seen=str(plan), remedy="pass an engine built by `toolchain build`")
+        raise ToolchainError(
+            "the file is not a TensorRT plan (its header names no TensorRT version)",
+            seen=str(plan),
+            remedy="pass an engine built by `toolchain build`",
+        )
     if not same_release(found, tensorrt_version):
         raise ToolchainError(
-            f"the engine was built by TensorRT {found}; this machine has TensorRT {tensorrt_version}, which cannot load it",
+            f"the engine was built by TensorRT {found}; this machine has TensorRT {tensorrt_version}, which "
+            "cannot load it",
             seen=str(plan),
-            remedy="rebuild the engine here with `toolchain build` (engines are tied to the TensorRT release and GPU that built them)",
+            remedy="rebuild the engine here with `toolchain build` (engines are tied to the TensorRT release "
+            "and GPU that built them)",
         )

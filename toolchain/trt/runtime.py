@@ -19,7 +19,8 @@ from typing import Any
 from toolchain.core.errors import ToolchainError
 
 HOWTO = (
-    "on a Jetson Orin Nano flash JetPack 6.x (TensorRT 10.3, python3-libnvinfer) and create the venv with --system-site-packages; "
+    "on a Jetson Orin Nano flash JetPack 6.x (TensorRT 10.3, python3-libnvinfer) and create the venv with "
+    "--system-site-packages; "
     "on an x86 host with an NVIDIA GPU `pip install tensorrt-cu12==10.3.*` (the same TensorRT as JetPack 6)"
 )
 CHECK_HOWTO = "pip install 'toolchain[trt-check]' (TensorRT-RTX's parser, no GPU needed), or install TensorRT 10.x"
@@ -57,17 +58,24 @@ def version_problem(version: str) -> str | None:
     if major < SUPPORTED_MAJOR:
         return f"TensorRT {version} is older than 10.x (no REFIT_INDIVIDUAL, no OnnxParserRefitter)"
     if major > SUPPORTED_MAJOR:
-        return f"TensorRT {version} is not supported: 11.x removed weakly typed networks (BuilderFlag.FP16) and no JetPack ships it"
+        return (
+            f"TensorRT {version} is not supported: 11.x removed weakly typed networks (BuilderFlag.FP16) and "
+            "no JetPack ships it"
+        )
     return None
 
 
 @functools.lru_cache(maxsize=1)
 def tensorrt_status() -> str | None:
-    """None when TensorRT 10.x and a GPU can build engines here, else a sentence saying what is missing (computed once)."""
+    """None when TensorRT 10.x and a GPU can build engines here, else a sentence saying what is missing
+    (computed once)."""
     trt = _import("tensorrt")
     if trt is None:
         if _import("tensorrt_rtx") is not None:
-            return "only TensorRT-RTX is installed (it checks models with `toolchain build --check` but builds no Jetson engines)"
+            return (
+                "only TensorRT-RTX is installed (it checks models with `toolchain build --check` but builds "
+                "no Jetson engines)"
+            )
         return "TensorRT is not installed"
     problem = version_problem(str(getattr(trt, "__version__", "?")))
     if problem:
@@ -84,7 +92,9 @@ def require_tensorrt() -> Any:
     """The ``tensorrt`` module, 10.x and able to build, or a one-line ToolchainError saying how to get it."""
     missing = tensorrt_status()
     if missing:
-        raise ToolchainError(f"{missing}; build and refit need TensorRT 10.x and an NVIDIA GPU", seen="this machine", remedy=HOWTO)
+        raise ToolchainError(
+            f"{missing}; build and refit need TensorRT 10.x and an NVIDIA GPU", seen="this machine", remedy=HOWTO
+        )
     import tensorrt as trt
 
     return trt
@@ -100,7 +110,9 @@ def parser_tensorrt() -> TensorRT:
         if name == "tensorrt" and version_problem(version):
             continue
         return TensorRT(module, name, version)
-    raise ToolchainError("no TensorRT parser is importable", seen="neither tensorrt 10.x nor tensorrt_rtx", remedy=CHECK_HOWTO)
+    raise ToolchainError(
+        "no TensorRT parser is importable", seen="neither tensorrt 10.x nor tensorrt_rtx", remedy=CHECK_HOWTO
+    )
 
 
 _LOGGERS: dict[int, Any] = {}

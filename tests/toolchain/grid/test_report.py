@@ -24,7 +24,12 @@ def row(method, curve, user=1, seed=0, rank=0, frac=0.01, shift="s", backbone="b
 
 @pytest.mark.parametrize(
     ("curve", "target", "expected"),
-    [([0.1, 0.5, 0.9], 0.5, (10, 5.0)), ([0.1, 0.5, 0.9], 0.91, (None, None)), ([0.95, 0.2], 0.9, (0, 0.0)), ([0.1, 0.3, 0.6, 0.6], 0.6, (20, 10.0))],
+    [
+        ([0.1, 0.5, 0.9], 0.5, (10, 5.0)),
+        ([0.1, 0.5, 0.9], 0.91, (None, None)),
+        ([0.95, 0.2], 0.9, (0, 0.0)),
+        ([0.1, 0.3, 0.6, 0.6], 0.6, (20, 10.0)),
+    ],
 )
 def test_reach_is_the_first_evaluation_at_the_target(curve, target, expected):
     assert reach(row("m", curve), target) == expected
@@ -47,12 +52,18 @@ def test_speedup_and_gap_are_paired_per_user():
 
 
 def test_a_run_without_its_full_fine_tuning_pair_is_left_out_and_coverage_says_so(tmp_path):
-    rows = [row("full", [0.1, 0.9], user=1, frac=1.0), row("lora-edge", [0.1, 0.9], user=1, rank=2), row("lora-edge", [0.1, 0.9], user=2, rank=2)]
+    rows = [
+        row("full", [0.1, 0.9], user=1, frac=1.0),
+        row("lora-edge", [0.1, 0.9], user=1, rank=2),
+        row("lora-edge", [0.1, 0.9], user=2, rank=2),
+    ]
     (edge,) = [x for x in summarise(rows) if x["method"] == "lora-edge"]
     assert edge["runs"] == 1, "user 2 has no full fine-tuning run to compare with"
     assert "| s | b | 0 | 2 | 2 | 3 | no (1 missing) |" in coverage_table(rows)
     write_report(rows, tmp_path / "r")
-    assert (tmp_path / "r" / "f1_s.png").stat().st_size > 0 and "LoRA-Edge claims" in (tmp_path / "r" / "summary.md").read_text()
+    assert (tmp_path / "r" / "f1_s.png").stat().st_size > 0 and "LoRA-Edge claims" in (
+        tmp_path / "r" / "summary.md"
+    ).read_text()
 
 
 def test_pivot_puts_each_method_in_its_column():

@@ -21,8 +21,14 @@ def _tasks(xs, **context):
 def test_failing_run_is_reported_and_the_others_finish(tmp_path):
     res = run_grid(_tasks([1, -2, 3]), tmp_path, QUIET)
     assert [r and r["y"] for r in res.results] == [1, None, 9]
-    assert len(res.failed) == 1 and res.failed[0]["error"] == "ValueError: negative input -2" and res.failed[0]["inputs"] == {"x": -2}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{t.key}.json" for t in _tasks([1, 3])), "failures are not cached"
+    assert (
+        len(res.failed) == 1
+        and res.failed[0]["error"] == "ValueError: negative input -2"
+        and res.failed[0]["inputs"] == {"x": -2}
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{t.key}.json" for t in _tasks([1, 3])), (
+        "failures are not cached"
+    )
     fns.CALLS.clear()
     again = run_grid(_tasks([1, -2, 3]), tmp_path, QUIET)
     assert fns.CALLS == [-2] and again.cached == 2 and again.ran == 0, "a rerun retries only the failed run"
@@ -59,7 +65,9 @@ def test_cache_is_keyed_on_inputs_and_checks_produced_files(tmp_path):
     assert fns.CALLS == [5]
 
 
-@pytest.mark.parametrize("damage", ["edited result", "edited inputs", "old format", "symlink to /dev/zero", "fifo", "not an object"])
+@pytest.mark.parametrize(
+    "damage", ["edited result", "edited inputs", "old format", "symlink to /dev/zero", "fifo", "not an object"]
+)
 def test_a_damaged_cache_record_runs_again_and_never_hangs(tmp_path, damage):
     import os
 
@@ -105,7 +113,9 @@ def test_shards_split_the_grid_between_processes(tmp_path):
     assert [r["y"] for r in collected.ok] == [x * x for x in range(12)]
 
 
-@pytest.mark.parametrize(("text", "ok"), [("0/1", (0, 1)), ("3/4", (3, 4)), ("4/4", None), ("-1/2", None), ("a/b", None), ("1", None)])
+@pytest.mark.parametrize(
+    ("text", "ok"), [("0/1", (0, 1)), ("3/4", (3, 4)), ("4/4", None), ("-1/2", None), ("a/b", None), ("1", None)]
+)
 def test_parse_shard(text, ok):
     if ok:
         assert parse_shard(text) == ok
@@ -114,7 +124,14 @@ def test_parse_shard(text, ok):
             parse_shard(text)
 
 
-SMALL = {"methods": ("lora-edge", "head", "full"), "ranks": (2,), "steps": 6, "eval_every": 3, "pretrain_epochs": 1, "progress": False}
+SMALL = {
+    "methods": ("lora-edge", "head", "full"),
+    "ranks": (2,),
+    "steps": 6,
+    "eval_every": 3,
+    "pretrain_epochs": 1,
+    "progress": False,
+}
 
 
 def _comparable(rows):
@@ -139,9 +156,15 @@ def test_ray_grid_equals_the_serial_grid(tmp_path):
 
 @pytest.mark.parametrize(
     ("address", "message"),
-    [("nonsense", "HOST:PORT"), ("ray://:6379", "HOST:PORT"), ("127.0.0.1:1", "no Ray cluster answers"), ("127.0.0.1:\u0666\u0663\u0667\u0669", "HOST:PORT"),
-     ("h" * 300 + ":6379", "HOST:PORT"), ("127.0.0.1:99999", "HOST:PORT")],
-)  # fmt: skip
+    [
+        ("nonsense", "HOST:PORT"),
+        ("ray://:6379", "HOST:PORT"),
+        ("127.0.0.1:1", "no Ray cluster answers"),
+        ("127.0.0.1:\u0666\u0663\u0667\u0669", "HOST:PORT"),
+        ("h" * 300 + ":6379", "HOST:PORT"),
+        ("127.0.0.1:99999", "HOST:PORT"),
+    ],
+)
 def test_a_ray_address_that_cannot_work_is_refused_before_any_output(tmp_path, address, message):
     pytest.importorskip("ray", reason="Ray (the grid extra) is not installed")
     with pytest.raises(ToolchainError, match=message):

@@ -38,7 +38,10 @@ def test_shifts_share_a_base_only_when_their_source_is_the_same(tmp_path, hapt_d
     assert len(tasks) == 3 * 3 * (9 + 9 + 10) * per_user == len({t.key for t in tasks})
 
 
-@pytest.mark.parametrize(("shift", "classes", "head_trains"), [("unseen-transitions", 12, True), ("cross-dataset", 7, True), ("cross-subject", 6, False)])
+@pytest.mark.parametrize(
+    ("shift", "classes", "head_trains"),
+    [("unseen-transitions", 12, True), ("cross-dataset", 7, True), ("cross-subject", 6, False)],
+)
 def test_one_adaptation_per_shift(tmp_path, hapt_dir, shift, classes, head_trains):
     job = ShiftBench(
         out=str(tmp_path),
@@ -60,8 +63,13 @@ def test_one_adaptation_per_shift(tmp_path, hapt_dir, shift, classes, head_train
     assert row["shift"] == shift and [s for s, _ in row["history"]] == [0, 2, 4] and len(row["history_seconds"]) == 3
     assert row["adapt_windows"] > 0 and row["test_windows"] > 0
     head_params = (128 + 1) * classes  # cnn1d's head: 128 features
-    assert (row["trainable_params"] >= head_params) if head_trains else (row["trainable_params"] < head_params), row["trainable_params"]
+    assert (row["trainable_params"] >= head_params) if head_trains else (row["trainable_params"] < head_params), row[
+        "trainable_params"
+    ]
     bases = list((tmp_path / "bases").iterdir())
-    inputs = {**adapt_tasks(job, {(shift, "cnn1d", 0): base_task(job, shift, "cnn1d", 0)})[0].inputs, "base": str(bases[0])}
+    inputs = {
+        **adapt_tasks(job, {(shift, "cnn1d", 0): base_task(job, shift, "cnn1d", 0)})[0].inputs,
+        "base": str(bases[0]),
+    }
     again = adapt_task(inputs)
     assert again["history"] == row["history"], "the same inputs give the same run"

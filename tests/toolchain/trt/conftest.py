@@ -32,7 +32,10 @@ def trt_models(tmp_path_factory):
     m = {"dir": d, "ckpt": ck, "base": _export(ck, d / "base.onnx")}
     for name, args in adapters.items():
         a = d / f"{name}.safetensors"
-        assert main(["finetune", "--checkpoint", str(ck), "--out", str(a), "--steps", "15", "--lr", "2e-2", *args, *Q]) == 0
+        assert (
+            main(["finetune", "--checkpoint", str(ck), "--out", str(a), "--steps", "15", "--lr", "2e-2", *args, *Q])
+            == 0
+        )
         m[f"fused_{name}"] = _export(ck, d / f"fused_{name}.onnx", "--adapter", str(a), "--fuse")
         m[f"unfused_{name}"] = _export(ck, d / f"unfused_{name}.onnx", "--adapter", str(a))
     a = d / "other.safetensors"

@@ -33,7 +33,13 @@ except Exception as err:
 
 pytestmark = pytest.mark.skipif(PARSER is None, reason="no TensorRT parser importable (pip install '.[trt-check]')")
 
-BACKBONES = [("cnn1d", (6, 64)), ("resnet1d", (6, 64)), ("mobilenet1d", (6, 64)), ("resnet18", (1, 32, 32)), ("mobilenetv2", (3, 32, 32))]
+BACKBONES = [
+    ("cnn1d", (6, 64)),
+    ("resnet1d", (6, 64)),
+    ("mobilenet1d", (6, 64)),
+    ("resnet18", (1, 32, 32)),
+    ("mobilenetv2", (3, 32, 32)),
+]
 
 
 @pytest.fixture(scope="module", params=BACKBONES, ids=[b for b, _ in BACKBONES])
@@ -72,7 +78,11 @@ def test_fused_weights_are_refittable_individually(exported):
 def test_fused_model_differs_from_base_only_in_weights_and_metadata(exported, capsys):
     assert main(["diff", str(exported / "base.onnx"), str(exported / "fused.onnx"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["initializers"]["changed"] and not report["initializers"]["added"] and not report["initializers"]["removed"]
+    assert (
+        report["initializers"]["changed"]
+        and not report["initializers"]["added"]
+        and not report["initializers"]["removed"]
+    )
     for part in ("nodes", "inputs", "outputs", "value_info"):
         assert not any(report[part].values()), (part, report[part])
 
@@ -98,17 +108,33 @@ def test_the_exporters_raw_graph_is_what_tensorrt_refuses(tmp_path):
 
     model = build_model("cnn1d", 6, 5).eval()
     with _quiet():
-        raw = torch.onnx.export(model, (torch.randn(1, 6, 64),), dynamo=True, optimize=False, opset_version=18, input_names=["x"], output_names=["logits"]).model_proto
+        raw = torch.onnx.export(
+            model,
+            (torch.randn(1, 6, 64),),
+            dynamo=True,
+            optimize=False,
+            opset_version=18,
+            input_names=["x"],
+            output_names=["logits"],
+        ).model_proto
     onnx.save(raw, tmp_path / "raw.onnx")
     report = check_model(str(tmp_path / "raw.onnx"), PARSER)
     assert not report.parsed and any(p.op == "ReduceMean" and "constant" in p.error for p in report.problems)
     assert ExportOptions().fold_bn is False
 
 
-@pytest.mark.skipif(PARSER is None or PARSER.name != "tensorrt_rtx", reason="Polygraphy's TensorRT-RTX mode needs tensorrt_rtx")
+@pytest.mark.skipif(
+    PARSER is None or PARSER.name != "tensorrt_rtx", reason="Polygraphy's TensorRT-RTX mode needs tensorrt_rtx"
+)
 def test_polygraphy_inspect_capability_agrees(exported):
     """Independent of this project's code: Polygraphy's own capability check."""
     env = {**os.environ, "POLYGRAPHY_USE_TENSORRT_RTX": "1"}
     script = shutil.which("polygraphy") or str(Path(sys.executable).parent / "polygraphy")
-    run = subprocess.run([script, "inspect", "capability", str(exported / "fused.onnx")], capture_output=True, text=True, env=env, timeout=120)
+    run = subprocess.run(
+        [script, "inspect", "capability", str(exported / "fused.onnx")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert "Graph is fully supported by TensorRT" in run.stdout + run.stderr

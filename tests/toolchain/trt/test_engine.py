@@ -19,7 +19,22 @@ def _build(m, model, plan, *extra):
 
 
 def _verify(m, model, reference, plan, out):
-    return main(["verify", str(m[model]), "--reference", str(m[reference]), "--engine", str(plan), "--out-dir", str(out), "--data", "none", "--random", "4"])
+    return main(
+        [
+            "verify",
+            str(m[model]),
+            "--reference",
+            str(m[reference]),
+            "--engine",
+            str(plan),
+            "--out-dir",
+            str(out),
+            "--data",
+            "none",
+            "--random",
+            "4",
+        ]
+    )
 
 
 def test_build_marks_fused_weights_individually(fake_trt, trt_models, tmp_path, capsys):
@@ -27,7 +42,9 @@ def test_build_marks_fused_weights_individually(fake_trt, trt_models, tmp_path, 
     assert _build(trt_models, "fused_le1", plan, "--refit", "--fp16") == 0
     record = read_record(plan)
     assert record.precision == "fp16" and record.refit_mode == "individual" and record.kind == "build"
-    assert list(record.refittable_weights) == json.loads({p.key: p.value for p in onnx.load(trt_models["fused_le1"]).metadata_props}["toolchain.fused_weights"])
+    assert list(record.refittable_weights) == json.loads(
+        {p.key: p.value for p in onnx.load(trt_models["fused_le1"]).metadata_props}["toolchain.fused_weights"]
+    )
     assert set(CONVS) <= set(record.refittable_weights)
     assert fake_trt.BUILDS[-1]["flags"] == ["FP16", "REFIT_INDIVIDUAL"]
     assert record.engine_check["passed"] and record.engine_check["max_abs"] < 1e-2
@@ -132,7 +149,9 @@ def test_dynamic_batch(fake_trt, trt_models, tmp_path, capsys):
 
 def test_builder_failure_is_one_line_with_tensorrt_error(fake_trt, trt_models, tmp_path, capsys, monkeypatch):
     def out_of_memory(self, network, config):
-        self.logger.log(fake_trt.ILogger.ERROR, "Requested amount of GPU memory (9000000000 bytes) could not be allocated")
+        self.logger.log(
+            fake_trt.ILogger.ERROR, "Requested amount of GPU memory (9000000000 bytes) could not be allocated"
+        )
         return None
 
     monkeypatch.setattr(fake_trt.Builder, "build_serialized_network", out_of_memory)

@@ -25,9 +25,15 @@ def test_real_plan_headers(header):
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [(b"", None), (b"ftrt" + bytes(20), None), (b"ftrt" + bytes(20) + bytes([10, 3, 0]), "10.3.0"), (bytes(24) + bytes([10, 3, 0]), None),
-     (b"ftrt" + bytes(20) + bytes([200, 1, 1]), None), (b"ftrt" + bytes(20) + bytes([7, 1, 0]), None)],
-)  # fmt: skip
+    [
+        (b"", None),
+        (b"ftrt" + bytes(20), None),
+        (b"ftrt" + bytes(20) + bytes([10, 3, 0]), "10.3.0"),
+        (bytes(24) + bytes([10, 3, 0]), None),
+        (b"ftrt" + bytes(20) + bytes([200, 1, 1]), None),
+        (b"ftrt" + bytes(20) + bytes([7, 1, 0]), None),
+    ],
+)
 def test_plan_version_table(header, expected):
     assert plan_version(header) == expected
 
@@ -45,7 +51,15 @@ def test_check_plan_version(tmp_path):
 
 def _record(**kw):
     base = dict(
-        kind="build", onnx="m.onnx", onnx_sha256="a" * 64, base_sha256="b" * 64, precision="fp16", refit_mode="individual", refittable_weights=("w",), tensorrt_version="10.3.0", plan_sha256="c" * 64
+        kind="build",
+        onnx="m.onnx",
+        onnx_sha256="a" * 64,
+        base_sha256="b" * 64,
+        precision="fp16",
+        refit_mode="individual",
+        refittable_weights=("w",),
+        tensorrt_version="10.3.0",
+        plan_sha256="c" * 64,
     )
     return EngineRecord(**{**base, **kw})
 
@@ -59,9 +73,16 @@ def test_record_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    ["{broken", "[]", json.dumps({"format": 2}), json.dumps({**json.loads(_record().to_json()), "precision": "int8"}), json.dumps({**json.loads(_record().to_json()), "extra": 1}),
-     json.dumps({**json.loads(_record().to_json()), "refittable_weights": [1]}), json.dumps({**json.loads(_record().to_json()), "onnx_sha256": 5})],
-)  # fmt: skip
+    [
+        "{broken",
+        "[]",
+        json.dumps({"format": 2}),
+        json.dumps({**json.loads(_record().to_json()), "precision": "int8"}),
+        json.dumps({**json.loads(_record().to_json()), "extra": 1}),
+        json.dumps({**json.loads(_record().to_json()), "refittable_weights": [1]}),
+        json.dumps({**json.loads(_record().to_json()), "onnx_sha256": 5}),
+    ],
+)
 def test_malformed_records_are_one_line_errors(tmp_path, content):
     (tmp_path / "m.plan.json").write_text(content)
     with pytest.raises(ToolchainError, match="not a toolchain engine record"):

@@ -24,7 +24,12 @@ def _trt_attributes(tree: ast.AST) -> set[tuple[str, ...]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "trt":
             chains.add((node.attr,))
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and isinstance(node.value.value, ast.Name) and node.value.value.id == "trt":
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "trt"
+        ):
             chains.add((node.value.attr, node.attr))
     return chains
 
@@ -48,11 +53,21 @@ def test_every_tensorrt_attribute_exists_in_10_3(path):
 
 def test_the_device_code_uses_tensorrt_attributes():
     used = set().union(*(_trt_attributes(ast.parse(p.read_text())) for p in SOURCES))
-    assert {("BuilderFlag", "REFIT_INDIVIDUAL"), ("OnnxParserRefitter",), ("Refitter",), ("MemoryPoolType", "WORKSPACE")} <= used
+    assert {
+        ("BuilderFlag", "REFIT_INDIVIDUAL"),
+        ("OnnxParserRefitter",),
+        ("Refitter",),
+        ("MemoryPoolType", "WORKSPACE"),
+    } <= used
 
 
 def _polygraphy_imports(tree: ast.AST) -> set[tuple[str, str]]:
-    return {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("polygraphy") for a in n.names}
+    return {
+        (n.module, a.name)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("polygraphy")
+        for a in n.names
+    }
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -60,7 +75,9 @@ def test_every_polygraphy_import_exists_at_the_floor(path):
     modules = SURFACE["polygraphy"]["modules"]
     for module, name in _polygraphy_imports(ast.parse(path.read_text())):
         assert module in modules, f"{path.name}: {module} is not in polygraphy {SURFACE['polygraphy']['version']}"
-        assert name in modules[module], f"{path.name}: {module}.{name} is not in polygraphy {SURFACE['polygraphy']['version']}"
+        assert name in modules[module], (
+            f"{path.name}: {module}.{name} is not in polygraphy {SURFACE['polygraphy']['version']}"
+        )
 
 
 def test_the_declared_polygraphy_floor_is_the_surfaces():

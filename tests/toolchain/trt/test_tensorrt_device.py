@@ -8,7 +8,12 @@ from toolchain.cli import main
 from toolchain.trt.record import read_record
 from toolchain.trt.runtime import tensorrt_status
 
-pytestmark = [pytest.mark.trt, pytest.mark.skipif(tensorrt_status() is not None, reason=f"{tensorrt_status()}: needs TensorRT 10.x and an NVIDIA GPU")]
+pytestmark = [
+    pytest.mark.trt,
+    pytest.mark.skipif(
+        tensorrt_status() is not None, reason=f"{tensorrt_status()}: needs TensorRT 10.x and an NVIDIA GPU"
+    ),
+]
 
 
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
@@ -19,7 +24,20 @@ def test_build_verify_refit_and_negative_control(trt_models, tmp_path, fp16):
     assert read_record(plan).engine_check["passed"]
 
     def verify(model, reference, engine, out):
-        return main(["verify", str(m[model]), "--reference", str(m[reference]), "--engine", str(engine), "--out-dir", str(tmp_path / out), "--data", "none"])
+        return main(
+            [
+                "verify",
+                str(m[model]),
+                "--reference",
+                str(m[reference]),
+                "--engine",
+                str(engine),
+                "--out-dir",
+                str(tmp_path / out),
+                "--data",
+                "none",
+            ]
+        )
 
     assert verify("fused_le1", "unfused_le1", plan, "v1") == 0
     assert main(["refit", str(plan), str(m["fused_le2"]), "-o", str(refit)]) == 0
@@ -33,5 +51,14 @@ def test_bn_adapter_whole_engine_refit(trt_models, tmp_path):
     assert main(["build", str(m["fused_bit1"]), "-o", str(plan), "--refit"]) == 0
     assert read_record(plan).refit_mode == "all"
     assert main(["refit", str(plan), str(m["fused_bit2"]), "-o", str(refit)]) == 0
-    args = ["--reference", str(m["unfused_bit2"]), "--engine", str(refit), "--out-dir", str(tmp_path / "v"), "--data", "none"]
+    args = [
+        "--reference",
+        str(m["unfused_bit2"]),
+        "--engine",
+        str(refit),
+        "--out-dir",
+        str(tmp_path / "v"),
+        "--data",
+        "none",
+    ]
     assert main(["verify", str(m["fused_bit2"]), *args]) == 0
