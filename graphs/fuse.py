@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from toolchain.core import methods
-from toolchain.core.adapter_file import Adapter, ExtraRecord, LayerRecord, load_adapter
+from toolchain.adapters import methods
+from toolchain.adapters.adapter_file import Adapter, ExtraRecord, LayerRecord, load_adapter
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import check_output
+from toolchain.core.version import package_version
 from toolchain.graphs.weights import Weight, check_finite, conv_weights, index_weights
 from toolchain.kernels import weight_sha256
 
@@ -73,12 +74,7 @@ def _folded_scale(layer: LayerRecord, weight: Weight, digest: str, scales: dict[
             seen=weight.name,
             remedy="re-export the model with `toolchain export --fold-bn`",
         )
-    if methods.get_method(layer.method).layer_kind == "dora" and np.any(scale == 0):
-        raise ToolchainError(
-            f"layer {layer.name}: a BatchNorm fold scale is 0, so the unfolded weight cannot be recovered for DoRA",
-            seen=int(np.sum(scale == 0)),
-            remedy="export without --fold-bn",
-        )
+    methods.get_method(layer.method).kind.check_fold_scale(layer.name, scale)
     return scale
 
 
@@ -328,7 +324,6 @@ def fuse_files(
 
     ``adapter_path`` is a toolchain adapter file or a PEFT adapter folder (``toolchain.graphs.peft``).
     """
-    from toolchain import __version__
     from toolchain.graphs import peft
     from toolchain.graphs.onnx_io import external_files, load_external, parse_onnx, read_model_bytes, save_onnx
 
@@ -356,7 +351,7 @@ def fuse_files(
             "toolchain.base_sha256": base_hash.result(),
             "toolchain.adapter_sha256": adapter_sha256,
             "toolchain.kind": "fused",
-            "toolchain.version": __version__,
+            "toolchain.version": package_version(),
             "toolchain.adapter_format": "peft" if is_peft else "toolchain",
         }
     _set_metadata(model, {**provenance, "toolchain.fused_weights": json.dumps(changed)})

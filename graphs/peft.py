@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from toolchain.core.adapter_file import Adapter, ConvGeometry, LayerRecord, read_safetensors, validate_adapter
+from toolchain.adapters.adapter_file import Adapter, ConvGeometry, LayerRecord, read_safetensors, validate_adapter
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import read_regular_file
 from toolchain.core.jsonio import loads_strict

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from toolchain.core.adapter_file import Adapter, ConvGeometry, LayerRecord, save_adapter
+from toolchain.adapters.adapter_file import Adapter, ConvGeometry, LayerRecord, save_adapter
 from toolchain.kernels import tt_svd, weight_sha256
 
 

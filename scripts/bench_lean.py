@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from toolchain.core.methods import METHODS, get_method
+from toolchain.adapters.methods import METHODS, get_method
 from toolchain.data.sources import load_data
 from toolchain.memory import MIB
 from toolchain.models.registry import build_model

@@ -133,7 +133,7 @@ def accounted() -> list[dict]:
     activations; toolchain.profile.step_memory): LoRA-Edge on the lean path vs full fine-tuning."""
     import torch
 
-    from toolchain.core.methods import get_method
+    from toolchain.adapters.methods import get_method
     from toolchain.models.registry import build_model
     from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
     from toolchain.peft.lean import lean_training

@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from toolchain.core.methods import METHODS, get_method
+from toolchain.adapters.methods import METHODS, get_method
 from toolchain.models.registry import build_model
 from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
 from toolchain.profile import profile_step

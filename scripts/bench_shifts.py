@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from toolchain.adapters.methods import METHODS
 from toolchain.core.errors import ToolchainError
-from toolchain.core.methods import METHODS
 from toolchain.grid.bench import ShiftBench, run_bench
 from toolchain.grid.runner import parse_shard
 from toolchain.grid.shifts import SHIFTS

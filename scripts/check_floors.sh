@@ -23,7 +23,7 @@ if [ -z "$py310" ]; then
   echo "no Python 3.10 here: the floors run on python3" | tee -a "$log"
   py310=python3
 fi
-tests=(tests/kernels tests/graphs/test_fold.py tests/test_torch_free.py tests/toolchain/trt/test_record.py tests/toolchain/trt/test_surface.py tests/graphs/test_properties.py)
+tests=(tests/kernels tests/test_layers.py tests/graphs/test_fold.py tests/test_torch_free.py tests/toolchain/trt/test_record.py tests/toolchain/trt/test_surface.py tests/graphs/test_properties.py)
 
 run_combo() {
   local name=$1 python=$2

@@ -198,7 +198,7 @@ def _extra_resize(d: Path, param: str, shape: list[int]) -> list[str]:
         "data_offsets": [start, start + 4 * int(np.prod(shape))],
     }
     body += np.ones(shape, np.float32).tobytes()
-    from toolchain.core.adapter_file import content_digest
+    from toolchain.adapters.adapter_file import content_digest
 
     tensors = {
         k: np.frombuffer(body, np.float32, int(np.prod(v["shape"])), v["data_offsets"][0]).reshape(v["shape"])

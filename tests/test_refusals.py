@@ -11,8 +11,8 @@ import onnx
 import pytest
 
 from tests.graphs.onnx_builders import build_pair
+from toolchain.adapters.adapter_file import ConvGeometry, save_adapter
 from toolchain.cli import main
-from toolchain.core.adapter_file import ConvGeometry, save_adapter
 
 GEOM = ConvGeometry("conv2d", 4, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2, "zeros", True)
 

@@ -21,7 +21,7 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_core_kernels_graphs_import_without_torch():
     code = (
-        "import toolchain, toolchain.core.methods, toolchain.core.adapter_file, toolchain.core.fileio\n"
+        "import toolchain, toolchain.adapters.methods, toolchain.adapters.adapter_file, toolchain.core.fileio\n"
         "import toolchain.kernels, toolchain.graphs, toolchain.graphs.fuse, toolchain.graphs.diff, "
         "toolchain.graphs.fold, toolchain.cli\n"
         "import toolchain.trt.check, toolchain.trt.record, toolchain.trt.engine, toolchain.inspect_file\n"
@@ -52,6 +52,6 @@ def test_packages_do_not_install_top_level_kernels_or_graphs():
         tomllib = __import__("pytest").importorskip("tomli")
     conf = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert conf["tool"]["setuptools"]["packages"]["find"]["include"] == ["toolchain*"]
-    for name in ("core", "kernels", "graphs"):
+    for name in ("core", "kernels", "adapters", "graphs"):
         link = ROOT / "toolchain" / name
         assert link.is_symlink() and link.resolve() == (ROOT / name).resolve()

@@ -6,6 +6,7 @@ its training functions are called.
 """
 
 from toolchain.core.errors import ToolchainError
+from toolchain.core.version import package_version
 
-__version__ = "0.2.0"
+__version__ = package_version()
 __all__ = ["ToolchainError", "__version__"]

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from toolchain.core.adapter_file import Adapter, load_adapter
+from toolchain.adapters.adapter_file import Adapter, load_adapter
+from toolchain.adapters.methods import METHODS, get_method
 from toolchain.core.errors import ToolchainError
-from toolchain.core.methods import METHODS, get_method
 
 if TYPE_CHECKING:
     import torch
@@ -101,7 +101,7 @@ class Adaptation:
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False, info: dict[str, Any] | None = None) -> Path:
         """Write the adapter file (atomically; an existing file only with ``force``)."""
-        from toolchain.core.adapter_file import save_adapter
+        from toolchain.adapters.adapter_file import save_adapter
         from toolchain.core.fileio import check_output
 
         out = check_output(path, force=force)
@@ -149,13 +149,11 @@ def adapt(
     """
     from torch import nn
 
-    from toolchain.peft.inject import AdaptConfig, inject
-    from toolchain.peft.lora import BottleneckAdapter, LoRAConv
-    from toolchain.peft.lora_edge import LoRAEdgeConv
+    from toolchain.peft.inject import AdaptConfig, adapter_layers, inject
 
     if not isinstance(model, nn.Module):
         raise ToolchainError("adapt takes a torch.nn.Module", seen=type(model).__name__, remedy="pass your model")
-    if any(isinstance(m, LoRAEdgeConv | LoRAConv | BottleneckAdapter) for m in model.modules()):
+    if adapter_layers(model):
         raise ToolchainError(
             "the model is already adapted",
             seen=type(model).__name__,

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from toolchain import __version__
+from toolchain.adapters.methods import METHODS, get_method
 from toolchain.core.errors import ToolchainError
-from toolchain.core.methods import METHODS, get_method
 
 Handler = Callable[[argparse.Namespace], int]
 

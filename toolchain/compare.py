@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from toolchain import __version__
-from toolchain.core.adapter_file import save_adapter
+from toolchain.adapters.adapter_file import save_adapter
+from toolchain.adapters.methods import get_method, method_ranks
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import write_bytes_atomic
-from toolchain.core.methods import get_method, method_ranks
 from toolchain.data.sources import default_target_subjects, load_data
 from toolchain.data.windows import split_subjects, time_split
 from toolchain.grid.runner import GridOptions, Task, cache_key, check_backend, run_grid

@@ -272,7 +272,7 @@ def export(
     Every written model has been checked against PyTorch (for ``fuse``: the fused model against the
     adapted module). Returns the model's metadata, the check and any notes."""
     from toolchain import __version__
-    from toolchain.core.adapter_file import load_adapter
+    from toolchain.adapters.adapter_file import load_adapter
     from toolchain.core.fileio import check_output, sha256_file
     from toolchain.graphs.fuse import fuse_model
     from toolchain.graphs.onnx_io import save_onnx

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolchain.adapters.methods import check_rank, get_method
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import sha256_file, write_bytes_atomic
 from toolchain.core.jsonio import read_json
-from toolchain.core.methods import check_rank, get_method
 from toolchain.grid.runner import GridOptions, GridResult, Task, check_backend, run_grid
 from toolchain.reports import write_csv
 

@@ -25,8 +25,8 @@ def describe(path: str) -> dict[str, Any]:
 
 
 def _adapter(p: Path) -> dict[str, Any]:
-    from toolchain.core.adapter_file import FORMAT_VERSION, load_adapter
-    from toolchain.core.methods import get_method
+    from toolchain.adapters.adapter_file import FORMAT_VERSION, load_adapter
+    from toolchain.adapters.methods import get_method
 
     a = load_adapter(p)
     return {

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolchain.core.adapter_file import save_adapter
+from toolchain.adapters.adapter_file import save_adapter
+from toolchain.adapters.methods import check_rank, get_method
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import check_output, write_bytes_atomic
-from toolchain.core.methods import check_rank, get_method
 from toolchain.data.sources import data_files, default_target_subjects, load_data
 from toolchain.data.windows import WindowDataset, fit_standardization, split_subjects, time_split
 from toolchain.memory import MIB, account, batch_for_budget

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 
 from tests.graphs.onnx_builders import build_pair
+from toolchain.adapters.adapter_file import ConvGeometry, save_adapter
 from toolchain.cli import main
-from toolchain.core.adapter_file import ConvGeometry, save_adapter
 
 
 def _header_edit(data: bytes, rng: random.Random) -> bytes:

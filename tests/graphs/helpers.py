@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tests.geometries import make_conv
-from toolchain.core.adapter_file import Adapter
+from toolchain.adapters.adapter_file import Adapter
 from toolchain.export import ExportOptions, to_onnx
 from toolchain.peft.inject import AdaptConfig, extract_adapter, inject
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from toolchain.core.adapter_file import Adapter, ConvGeometry, LayerRecord
+from toolchain.adapters.adapter_file import Adapter, ConvGeometry, LayerRecord
 from toolchain.kernels import suffix_kernel, tt_svd, weight_sha256
 
 

@@ -178,7 +178,7 @@ def test_fusion_is_deterministic():
 def test_extras_replace_head_and_new_class_count():
     from torch import nn
 
-    from toolchain.core.adapter_file import ExtraRecord
+    from toolchain.adapters.adapter_file import ExtraRecord
 
     class WithHead(nn.Module):
         def __init__(self, k):

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from toolchain.adapters.adapter_file import Adapter, ConvGeometry, LayerRecord, save_adapter
 from toolchain.cli import main
-from toolchain.core.adapter_file import Adapter, ConvGeometry, LayerRecord, save_adapter
 from toolchain.kernels import tt_svd, weight_sha256
 
 

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.graphs.onnx_builders import build_pair
-from toolchain.core.adapter_file import ConvGeometry, load_adapter, save_adapter
+from toolchain.adapters.adapter_file import ConvGeometry, load_adapter, save_adapter
 from toolchain.graphs.fuse import fuse_model
 
 PROV = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.geometries import make_conv
-from toolchain.core.adapter_file import load_adapter, save_adapter
+from toolchain.adapters.adapter_file import load_adapter, save_adapter
 from toolchain.core.errors import ToolchainError
 from toolchain.models.backbones import CNN1D
 from toolchain.peft.inject import AdaptConfig, apply_adapter, extract_adapter, inject

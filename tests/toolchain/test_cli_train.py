@@ -8,8 +8,8 @@ import onnx
 import pytest
 import torch
 
+from toolchain.adapters.adapter_file import load_adapter
 from toolchain.cli import main
-from toolchain.core.adapter_file import load_adapter
 from toolchain.core.fileio import _umask
 
 QUICK = ["--epochs", "1", "--no-progress"]

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from toolchain.adapters.adapter_file import load_adapter
 from toolchain.cli import main
-from toolchain.core.adapter_file import load_adapter
 from toolchain.kernels import delta_weight, suffix_kernel
 from toolchain.peft.lora_edge import LoRAEdgeConv
 

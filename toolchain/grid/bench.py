@@ -14,9 +14,9 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from toolchain.adapters.methods import METHODS, get_method, method_ranks
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import write_bytes_atomic
-from toolchain.core.methods import METHODS, get_method, method_ranks
 from toolchain.grid.runner import GridOptions, GridResult, Task, cache_key, check_backend, run_grid
 from toolchain.grid.shifts import get_shift
 from toolchain.grid.tasks import LAYERS

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from toolchain.adapters.methods import METHODS
 from toolchain.core.fileio import write_bytes_atomic
-from toolchain.core.methods import METHODS
 from toolchain.reports import save_figure
 
 FRACTIONS = (0.90, 0.95, 0.99)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from toolchain.core.methods import get_method
+from toolchain.adapters.methods import get_method
 from toolchain.data.windows import WindowDataset
 from toolchain.grid.shifts import get_shift
 from toolchain.models.registry import load_checkpoint

@@ -14,18 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolchain.core.adapter_file import Adapter, ConvGeometry, ExtraRecord, LayerRecord
+from toolchain.adapters.adapter_file import Adapter, ExtraRecord, LayerRecord
+from toolchain.adapters.methods import DEFAULT_METHOD, METHODS, get_method
 from toolchain.core.errors import ToolchainError
-from toolchain.core.methods import DEFAULT_METHOD, METHODS, get_method
 from toolchain.kernels import weight_sha256
+from toolchain.peft.kinds import inner_attribute, torch_kind, wrapper_types
 from toolchain.peft.lora import BottleneckAdapter, LoRAConv
 from toolchain.peft.lora_edge import LoRAEdgeConv
 
 __all__ = ["METHODS", "AdaptConfig", "apply_adapter", "extract_adapter", "inject"]
 TARGET_CHOICES = ("all", "pointwise")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-Wrapper = LoRAEdgeConv | LoRAConv | BottleneckAdapter
-_INNER = {LoRAEdgeConv: "base", LoRAConv: "base", BottleneckAdapter: "block"}
+Wrapper = LoRAEdgeConv | LoRAConv | BottleneckAdapter  # for type hints; the kinds' table is what is read
 
 
 @dataclass
@@ -164,12 +164,6 @@ def _output_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, .
     return shapes
 
 
-def _wrap_conv(kind: str, conv: nn.Module, config: AdaptConfig) -> nn.Module:
-    if kind == "tt":
-        return LoRAEdgeConv.from_pretrained(conv, config.rank, config.scaling)  # type: ignore[arg-type]
-    return LoRAConv(conv, config.rank, config.scaling * config.rank, dora=kind == "dora")  # type: ignore[arg-type]
-
-
 def inject(model: nn.Module, config: AdaptConfig) -> list[str]:
     """Apply ``config.method`` in place: wrap layers where the method does, and set requires_grad."""
     spec = get_method(config.method)
@@ -181,8 +175,10 @@ def inject(model: nn.Module, config: AdaptConfig) -> list[str]:
     if spec.wraps_convs:
         names = select_layers(model, config.layers)
         for name in names:
-            replace_module(model, name, _wrap_conv(spec.layer_kind, model.get_submodule(name), config))
-    elif spec.layer_kind == "bottleneck":
+            wrap = torch_kind(spec.name).wrap
+            assert wrap is not None  # every conv-wrapping kind has one
+            replace_module(model, name, wrap(spec, model.get_submodule(name), config.rank, config.scaling))
+    elif spec.kind.per_layer:  # kinds that wrap blocks
         blocks = "all" if config.layers in TARGET_CHOICES else config.layers  # "pointwise" selects convs, not blocks
         for name, (channels, dims) in select_blocks(model, blocks).items():
             replace_module(
@@ -234,12 +230,13 @@ def set_train_mode(model: nn.Module, update_bn_stats: bool) -> None:
 
 
 def adapter_layers(model: nn.Module) -> dict[str, Wrapper]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAEdgeConv | LoRAConv | BottleneckAdapter)}
+    kinds = wrapper_types()
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}  # type: ignore[misc]
 
 
 def base_names(model: nn.Module) -> dict[str, str]:
     """Adapted-model parameter/buffer name -> the base model's name (drops the wrappers' inner segment)."""
-    prefixes = {f"{n}.{_INNER[type(m)]}.": f"{n}." for n, m in adapter_layers(model).items()}
+    prefixes = {f"{n}.{inner_attribute(m)}.": f"{n}." for n, m in adapter_layers(model).items()}
     out = {}
     for name in [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]:
         base = name
@@ -275,26 +272,9 @@ def extract_adapter(
 
 
 def _record(name: str, layer: Wrapper) -> LayerRecord:
-    if isinstance(layer, BottleneckAdapter):
-        d = layer.dims
-        geom = ConvGeometry(
-            "conv1d" if d == 1 else "conv2d",
-            layer.channels,
-            layer.channels,
-            (1,) * d,
-            (1,) * d,
-            (0,) * d,
-            (1,) * d,
-            1,
-            "zeros",
-            True,
-        )
-        return LayerRecord(
-            name=name, param="", method="adapter", geometry=geom, ranks=layer.ranks, scaling=1.0, base_sha256=""
-        )
     return LayerRecord(
         name=name,
-        param=f"{name}.weight",
+        param=f"{name}.weight" if get_method(layer.method).wraps_convs else "",
         method=layer.method,
         geometry=layer.geometry,
         ranks=layer.ranks,
@@ -333,31 +313,22 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> None:
                 remedy="use the base checkpoint the adapter was trained from",
             ) from None
         values = adapter.layer_tensors(rec)
-        kind = get_method(rec.method).layer_kind
-        if kind == "bottleneck":
-            layer: nn.Module = BottleneckAdapter(
-                target, rec.geometry.out_channels, len(rec.geometry.kernel_size), rec.ranks[0]
-            )
-            layer.load(values)  # type: ignore[operator]
-            replace_module(model, rec.name, layer)
-            continue
-        got = weight_sha256(target.weight.detach().cpu().numpy()) if isinstance(target, nn.Conv1d | nn.Conv2d) else None
-        if got != rec.base_sha256:
-            raise ToolchainError(
-                f"layer {rec.name}: the base weight differs from the one the adapter was trained against",
-                seen=f"sha256 {str(got)[:12]} vs adapter {rec.base_sha256[:12]}",
-                remedy="use the matching base checkpoint",
-            )
-        if kind == "tt":
-            delta, *suffix = values
-            layer = LoRAEdgeConv(target, suffix, rec.scaling, delta)  # type: ignore[arg-type]
-        else:
-            layer = LoRAConv(target, rec.ranks[0], rec.scaling * rec.ranks[0], dora=kind == "dora")  # type: ignore[arg-type]
-            layer.load(values)
-        replace_module(model, rec.name, layer)
+        if get_method(rec.method).wraps_convs:
+            _check_base(rec, target)
+        replace_module(model, rec.name, torch_kind(rec.method).load(rec, target, values))
     to_adapted = {v: k for k, v in base_names(model).items()}
     for extra in adapter.extras:
         _set_extra(model, extra, adapter.extra_tensor(extra), to_adapted.get(extra.param, extra.param))
+
+
+def _check_base(rec: LayerRecord, target: nn.Module) -> None:
+    got = weight_sha256(target.weight.detach().cpu().numpy()) if isinstance(target, nn.Conv1d | nn.Conv2d) else None
+    if got != rec.base_sha256:
+        raise ToolchainError(
+            f"layer {rec.name}: the base weight differs from the one the adapter was trained against",
+            seen=f"sha256 {str(got)[:12]} vs adapter {rec.base_sha256[:12]}",
+            remedy="use the matching base checkpoint",
+        )
 
 
 def _set_extra(model: nn.Module, extra: ExtraRecord, value: np.ndarray, key: str) -> None:

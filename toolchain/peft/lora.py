@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolchain.adapters.adapter_file import ConvGeometry
 from toolchain.core.errors import ToolchainError
 from toolchain.kernels import weight_sha256
 from toolchain.peft.lora_edge import ConvAttributes, ConvNd, conv_geometry
@@ -24,11 +25,13 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 class LoRAConv(ConvAttributes, nn.Module):
     """A frozen conv plus LoRA (``dora=False``) or DoRA (``dora=True``)."""
 
-    def __init__(self, base: ConvNd, rank: int, alpha: float | None = None, dora: bool = False) -> None:
+    def __init__(
+        self, base: ConvNd, rank: int, alpha: float | None = None, dora: bool = False, method: str | None = None
+    ) -> None:
         super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ToolchainError("LoRA rank must be an integer >= 1", seen=rank, remedy="use --rank 1 or more")
-        self.method = "dora" if dora else "lora"
+        self.method = method or ("dora" if dora else "lora")  # the registry name it was made for
         self.geometry = conv_geometry(base)
         self.base: ConvNd = base
         for p in base.parameters():
@@ -116,6 +119,8 @@ class BottleneckAdapter(nn.Module):
     """
 
     method = "adapter"
+    scaling = 1.0
+    base_sha256 = ""  # it wraps a block, not one weight
 
     def __init__(self, block: nn.Module, channels: int, dims: int, hidden: int) -> None:
         super().__init__()
@@ -133,6 +138,15 @@ class BottleneckAdapter(nn.Module):
     @property
     def ranks(self) -> tuple[int, ...]:
         return (self.hidden,)
+
+    @property
+    def geometry(self) -> ConvGeometry:
+        """A record's geometry: C -> C channels at 1x1 (what the bottleneck's convs act on)."""
+        d = self.dims
+        kind = "conv1d" if d == 1 else "conv2d"
+        return ConvGeometry(
+            kind, self.channels, self.channels, (1,) * d, (1,) * d, (0,) * d, (1,) * d, 1, "zeros", True
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.block(x)

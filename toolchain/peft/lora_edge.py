@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toolchain.core.adapter_file import ConvGeometry
+from toolchain.adapters.adapter_file import ConvGeometry
 from toolchain.core.errors import ToolchainError
 from toolchain.kernels import suffix_kernel, tt_svd, weight_sha256
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.core import methods
+from toolchain.adapters import methods
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import read_regular_file, write_bytes_atomic
+from toolchain.core.version import package_version
 
 FORMAT = "toolchain-adapter"
 FORMAT_VERSION = 1
@@ -109,9 +110,7 @@ class LayerRecord:
     def expected_shapes(self) -> list[tuple[int, ...]]:
         """Shapes its tensors must have, from its geometry and ranks (the method registry's rule)."""
         g = self.geometry
-        if methods.get_method(self.method).layer_kind == "bottleneck":
-            return methods.expected_shapes(self.method, (g.out_channels, g.out_channels, *g.kernel_size), 1, self.ranks)
-        return methods.expected_shapes(self.method, g.weight_shape, g.groups, self.ranks)
+        return methods.get_method(self.method).kind.record_shapes(g.weight_shape, g.groups, self.ranks)
 
 
 @dataclass(frozen=True)
@@ -143,12 +142,11 @@ class Adapter:
 def save_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> None:
     """Write ``adapter`` atomically as safetensors with JSON metadata; the same adapter gives the same bytes."""
     validate_adapter(adapter)
-    from toolchain import __version__
 
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "toolchain_version": __version__,
+        "toolchain_version": package_version(),
         "method": adapter.method,
         "layers": json.dumps([_layer_to_dict(x) for x in adapter.layers], sort_keys=True),
         "extras": json.dumps([asdict(x) for x in adapter.extras], sort_keys=True),
@@ -258,7 +256,7 @@ def validate_adapter(adapter: Adapter) -> None:
             seen=adapter.method,
             remedy="re-export the adapter from a finetune run",
         )
-    if adapter.layers and not spec.wraps_convs and spec.layer_kind != "bottleneck":
+    if adapter.layers and not spec.kind.per_layer:
         raise ToolchainError(
             f"{spec.name} adapters carry extras only, not layers", seen=len(adapter.layers), remedy=_CORRUPT
         )
