@@ -10,6 +10,7 @@ the torch injection all read these objects; none of them branches on a method's 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -178,6 +179,11 @@ def _same(scaling: float, rank: int) -> float:
     return scaling
 
 
+def _sqrt_rank(scaling: float, rank: int) -> float:
+    """rsLoRA (Kalajdzievski, 2023): alpha / sqrt(r) with alpha = scaling · r, so s = scaling · sqrt(r)."""
+    return scaling * math.sqrt(rank)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """What one adaptation method is, independent of torch.
@@ -224,6 +230,16 @@ REGISTRY: dict[str, MethodSpec] = {
             True,
         ),
         MethodSpec("lora", "conv LoRA (PEFT style): W + s·B·A per group", 5e-3, KINDS["lora"], True, True, True),
+        MethodSpec(
+            "rslora",
+            "rank-stabilised conv LoRA: W + s·B·A, s = alpha / sqrt(r)",
+            5e-3,
+            KINDS["lora"],
+            True,
+            True,
+            True,
+            layer_scale=_sqrt_rank,
+        ),
         MethodSpec(
             "dora", "DoRA: magnitude · (W + ΔW) / ||W + ΔW|| per output channel", 5e-3, KINDS["dora"], True, True, True
         ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -11,11 +12,12 @@ from torch import nn
 
 from tests.geometries import GEOMETRIES, make_conv
 from tests.graphs.helpers import export_proto, run
+from toolchain.adapters.methods import fused_weight
 from toolchain.core.errors import ToolchainError
 from toolchain.graphs.fuse import fuse_model
 from toolchain.kernels import dora_weight, lora_delta
 from toolchain.peft.galore import GaLoreAdam
-from toolchain.peft.inject import METHODS, AdaptConfig, adapter_layers, extract_adapter, inject
+from toolchain.peft.inject import METHODS, AdaptConfig, adapter_layers, apply_adapter, extract_adapter, inject
 from toolchain.peft.lora import LoRAConv
 from toolchain.profile import activation_bytes, count_flops, profile_step
 from toolchain.workflows import make_optimizer
@@ -56,6 +58,7 @@ def _tiny(seed: int = 0, cls: type[nn.Module] = Tiny) -> nn.Module:
 EXPECTED_TRAINABLE = {
     "lora-edge": lambda n: n.endswith("delta_g1"),
     "lora": lambda n: n.endswith(("lora_A", "lora_B")),
+    "rslora": lambda n: n.endswith(("lora_A", "lora_B")),
     "dora": lambda n: n.endswith(("lora_A", "lora_B", "magnitude")),
     "adapter": lambda n: ".down." in n or ".up." in n,
     "full": lambda n: True,
@@ -240,3 +243,35 @@ def test_make_optimizer_picks_galore():
     cfg = AdaptConfig(method="galore", rank=2)
     inject(model, cfg)
     assert isinstance(make_optimizer(model, cfg, 1e-3), GaLoreAdam)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 9])
+def test_rslora_scales_by_the_square_root_of_the_rank(rank):
+    """rsLoRA is LoRA's layer with s = scaling · sqrt(r): the same tensors, the record carries s, fusion and
+    reloading use it."""
+    base = _tiny()
+    lora, rs = copy.deepcopy(base), copy.deepcopy(base)
+    inject(lora, AdaptConfig(method="lora", rank=rank, scaling=0.5))
+    inject(rs, AdaptConfig(method="rslora", rank=rank, scaling=0.5))
+    for (name, a), b in zip(adapter_layers(lora).items(), adapter_layers(rs).values(), strict=True):
+        with torch.no_grad():
+            a.lora_B.normal_()
+            b.lora_A.copy_(a.lora_A)
+            b.lora_B.copy_(a.lora_B)
+        assert b.method == "rslora"
+        assert torch.allclose(b.delta_weight(), a.delta_weight() * math.sqrt(rank), rtol=1e-5, atol=1e-7), name
+    adapter = extract_adapter(rs, base.state_dict(), AdaptConfig(method="rslora", rank=rank, scaling=0.5), {})
+    assert adapter.method == "rslora" and all(r.method == "rslora" for r in adapter.layers)
+    assert all(r.scaling == pytest.approx(0.5 * math.sqrt(rank)) for r in adapter.layers)
+    for rec in adapter.layers:
+        w = base.get_submodule(rec.name).weight.detach().numpy()
+        a_, b_ = adapter.layer_tensors(rec)
+        want = w + lora_delta(a_, b_, rec.geometry.groups, 0.5 * math.sqrt(rank))
+        np.testing.assert_allclose(
+            fused_weight("rslora", w, [a_, b_], rec.geometry.groups, rec.scaling), want, rtol=1e-6
+        )
+    reloaded = copy.deepcopy(base)
+    apply_adapter(reloaded, adapter)
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), rs.eval()(x))
