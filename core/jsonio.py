@@ -7,14 +7,16 @@ rule, the value seen and the remedy (never a RecursionError or a JSONDecodeError
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import read_regular_file
+from toolchain.core.fileio import read_regular_file, write_bytes_atomic
 
+T = TypeVar("T")
 MAX_DEPTH = 64
 MAX_JSON_BYTES = 1 << 20
 
@@ -76,3 +78,59 @@ def require(value: Any, kind: type | tuple[type, ...], what: str, remedy: str) -
         names = " or ".join(k.__name__ for k in kinds)
         raise ToolchainError(f"{what} must be {names}", seen=type(value).__name__, remedy=remedy)
     return value
+
+
+def dumps_json(value: Any) -> bytes:
+    """The project's JSON file layout: 2-space indent, sorted keys, a final newline."""
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_json(path: str | os.PathLike[str], value: Any, *, force: bool = True) -> None:
+    """Write ``value`` as a JSON file, atomically (``dumps_json``'s layout)."""
+    write_bytes_atomic(path, dumps_json(value), force=force)
+
+
+_SIMPLE: dict[Any, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (float, int),
+    "bool": (bool,),
+    "list": (list,),
+    "dict": (dict,),
+    "None": (type(None),),
+}
+
+
+def _kinds(annotation: str) -> tuple[type, ...] | None:
+    """The runtime types a field's annotation string allows ("float | None" -> (float, int, NoneType));
+    None when the annotation is not one this reader checks."""
+    kinds: tuple[type, ...] = ()
+    for part in annotation.split("|"):
+        base = part.strip().split("[", 1)[0]
+        if base not in _SIMPLE:
+            return None
+        kinds += _SIMPLE[base]
+    return kinds
+
+
+def record_from_dict(cls: type[T], value: Any, what: str, remedy: str) -> T:
+    """A dataclass record from parsed JSON: an object with exactly the record's fields, each of its type."""
+    require(value, dict, what, remedy)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    if set(value) != set(names):
+        missing, extra = sorted(set(names) - set(value)), sorted(set(value) - set(names))
+        raise ToolchainError(
+            f"{what} does not have the record's fields",
+            seen=f"missing {missing[:3]}, unknown {extra[:3]}",
+            remedy=remedy,
+        )
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        kinds = _kinds(str(f.type))
+        if kinds is not None:
+            require(value[f.name], kinds, f"{what}: {f.name}", remedy)
+    return cls(**value)
+
+
+def read_record(cls: type[T], path: str | os.PathLike[str], what: str, remedy: str) -> T:
+    """Read one typed JSON record written by ``write_json(path, dataclasses.asdict(record))``."""
+    return record_from_dict(cls, read_json(path, what, remedy), what, remedy)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from toolchain.adapters.methods import METHODS
 from toolchain.core.errors import ToolchainError
-from toolchain.grid.bench import ShiftBench, run_bench
+from toolchain.grid.bench import BENCH_METHODS, ShiftBench, run_bench
 from toolchain.grid.runner import parse_shard
 from toolchain.grid.shifts import SHIFTS
 
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/shifts")
     ap.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
     ap.add_argument("--backbones", nargs="+", default=["cnn1d", "resnet1d", "mobilenet1d"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=METHODS)
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")

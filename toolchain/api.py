@@ -149,7 +149,8 @@ def adapt(
     """
     from torch import nn
 
-    from toolchain.peft.inject import AdaptConfig, adapter_layers, inject
+    from toolchain.adaptation import prepare
+    from toolchain.peft.inject import AdaptConfig, adapter_layers
 
     if not isinstance(model, nn.Module):
         raise ToolchainError("adapt takes a torch.nn.Module", seen=type(model).__name__, remedy="pass your model")
@@ -166,7 +167,7 @@ def adapt(
     cfg = AdaptConfig(
         method=spec.name, rank=rank, scaling=scaling, layers=layers, train=tuple(train), update_bn_stats=update_bn_stats
     )
-    wrapped = inject(model, cfg)
+    cfg, wrapped = prepare(model, cfg, seed=None)
     return Adaptation(model, spec.name, rank, scaling, layers, tuple(train), update_bn_stats, wrapped, base_state)
 
 

@@ -119,14 +119,14 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     m = finetune(job)
     if a.memory_budget is not None:
         print(
-            f"memory budget {a.memory_budget}: batch size {m['batch_size']} ({m['peak_train_memory_mb']:.1f} "
-            f"MiB accounted on the {m['training_path']} path)"
+            f"memory budget {a.memory_budget}: batch size {m.batch_size} ({m.peak_train_memory_mb:.1f} "
+            f"MiB accounted on the {m.training_path} path)"
         )
     print(
-        f"{m['method']} rank {m['rank']}: {m['trainable_params']} of {m['total_params']} parameters trained "
-        f"({100 * m['trainable_fraction']:.2f}%), macro-F1 {m['f1_before']:.3f} -> {m['f1_after']:.3f}, "
-        f"accuracy {m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f} ({m['steps']} steps, "
-        f"{m['train_seconds']:.1f} s)"
+        f"{m.method} rank {m.rank}: {m.trainable_params} of {m.total_params} parameters trained "
+        f"({100 * m.trainable_fraction:.2f}%), macro-F1 {m.f1_before:.3f} -> {m.f1_after:.3f}, "
+        f"accuracy {m.accuracy_before:.3f} -> {m.accuracy_after:.3f} ({m.steps} steps, "
+        f"{m.train_seconds:.1f} s)"
     )
     print(f"wrote {a.out} and {metrics_path(a.out)}")
     return 0

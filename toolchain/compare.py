@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from toolchain import __version__
+from toolchain.adaptation import HeadChange, extract, make_optimizer, prepare
 from toolchain.adapters.adapter_file import save_adapter
 from toolchain.adapters.methods import get_method, method_ranks
 from toolchain.core.errors import ToolchainError
@@ -27,12 +28,12 @@ from toolchain.data.windows import split_subjects, time_split
 from toolchain.grid.runner import GridOptions, Task, cache_key, check_backend, run_grid
 from toolchain.grid.tasks import adapt_once
 from toolchain.models.registry import load_checkpoint
-from toolchain.peft.inject import extract_adapter, inject, set_train_mode
+from toolchain.peft.inject import set_train_mode
 from toolchain.peft.lean import lean_training
 from toolchain.profile import activation_bytes, profile_step
 from toolchain.reports import save_figure, write_csv
-from toolchain.train import TrainConfig, seed_everything
-from toolchain.workflows import PretrainJob, expand_head, make_optimizer, pretrain
+from toolchain.train import TrainConfig
+from toolchain.workflows import PretrainJob, pretrain
 
 TARGET_FRACTION = 0.95
 
@@ -174,24 +175,22 @@ def compare_task(inputs: dict[str, Any]) -> dict[str, Any]:
     """One (method, rank, seed) run of a compare grid, from its base checkpoint (a grid task)."""
     base, payload = load_checkpoint(inputs["checkpoint"])
     ds = load_data(inputs["data"])
-    grows = list(payload["classes"]) != list(ds.classes)
-    if grows:  # unseen classes: a head for all of them (known rows kept), trained by every method
-        seed_everything(inputs["seed"])
-        expand_head(base, list(payload["classes"]), list(ds.classes))
+    head = None  # unseen classes: a head for all of them (known rows kept), trained by every method
+    if list(payload["classes"]) != list(ds.classes):
+        head = HeadChange(list(payload["classes"]), list(ds.classes))
     _, target = split_subjects(
         ds, (payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds)
     )
     adapt, test = time_split(target)
-    return run_one(base, adapt, test, inputs, Path(inputs["adapter"]), grows)
+    return run_one(base, adapt, test, inputs, Path(inputs["adapter"]), head)
 
 
 def run_one(
-    base: torch.nn.Module, adapt: Any, test: Any, inputs: dict[str, Any], adapter_path: Path, train_head: bool = False
+    base: torch.nn.Module, adapt: Any, test: Any, inputs: dict[str, Any], adapter_path: Path, head: HeadChange | None
 ) -> dict[str, Any]:
-    """Train one method on ``adapt`` (the lean path where it applies), profile a step on both paths,
-    save the adapter."""
+    """Train one method on ``adapt`` with the adaptation core (the lean path where it applies), profile a
+    step on both paths, save the adapter."""
     method, rank, batch = inputs["method"], inputs["rank"], inputs["batch_size"]
-    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     done = adapt_once(
         base,
         adapt,
@@ -203,15 +202,14 @@ def run_one(
         eval_every=inputs["eval_every"],
         batch_size=batch,
         layers=inputs["layers"],
-        train_head=train_head,
+        head=head,
     )
     x, y = torch.from_numpy(adapt.X[:batch]), torch.from_numpy(adapt.y[:batch])
     lean = get_method(method).base_frozen  # the path finetune trains on
-    probes = {
-        path: copy.deepcopy(base) for path in ("lean", "reference")
-    }  # profiled on fresh copies: the trained model stays as trained
-    for probe in probes.values():
-        inject(probe, done.config)
+    probes = {}  # profiled on fresh copies of the prepared base: the trained model stays as trained
+    for path in ("lean", "reference"):
+        probes[path] = copy.deepcopy(base)
+        prepare(probes[path], done.config, inputs["seed"], head)
     with lean_training(probes["lean"], lean):
         prof = profile_step(
             probes["lean"],
@@ -222,7 +220,7 @@ def run_one(
         )
     set_train_mode(probes["reference"], False)
     reference_activations = activation_bytes(probes["reference"], x)
-    save_adapter(extract_adapter(done.model, state, done.config, {"compare": True}), adapter_path)
+    save_adapter(extract(done.outcome, {"compare": True}), adapter_path)
     return {
         "backbone": inputs["backbone"],
         **done.row,

@@ -94,7 +94,7 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
         build = asdict(record)
     report = {
         "pretrain": pre,
-        "finetune": ft,
+        "finetune": ft.to_dict(),
         "export_checks": export_checks,
         "verify": ver,
         "bench": lat,

@@ -111,12 +111,13 @@ def train(
     eval_data: WindowDataset | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
-    """Train the parameters with requires_grad on ``data``; cross-entropy, Adam unless given."""
+    """Train the parameters with requires_grad on ``data``; cross-entropy, Adam unless given. The batch
+    order comes from its own generator seeded with ``cfg.seed``; the global generators are seeded once
+    by the caller (pretrain, the adaptation core), before the draws that initialise the model."""
     if len(data) == 0:
         raise ToolchainError("no training windows", seen=0, remedy="check the subject selection")
     check_config(cfg)
     device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

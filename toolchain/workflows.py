@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,18 +12,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from toolchain.adaptation import HeadChange, Outcome, adapt, expand_head, extract, make_optimizer
 from toolchain.adapters.adapter_file import save_adapter
-from toolchain.adapters.methods import check_rank, get_method
+from toolchain.adapters.methods import check_rank
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import check_output, write_bytes_atomic
+from toolchain.core.fileio import check_output
 from toolchain.data.sources import data_files, default_target_subjects, load_data
 from toolchain.data.windows import WindowDataset, fit_standardization, split_subjects, time_split
-from toolchain.memory import MIB, account, batch_for_budget
+from toolchain.memory import MIB
 from toolchain.models.registry import build_model, load_checkpoint, model_files, save_checkpoint
-from toolchain.peft.galore import GaLoreAdam
-from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_train_mode
-from toolchain.peft.lean import lean_training
-from toolchain.train import TrainConfig, count_params, evaluate, peak_rss_mb, resolve_device, seed_everything, train
+from toolchain.peft.inject import AdaptConfig
+from toolchain.records import FinetuneMetrics, write_metrics
+from toolchain.train import TrainConfig, evaluate, peak_rss_mb, resolve_device, seed_everything, train
+
+__all__ = ["FinetuneJob", "PretrainJob", "expand_head", "finetune", "make_optimizer", "metrics_path", "pretrain"]
 
 DEFAULT_DATA = "watch"
 PRETRAIN_DEFAULTS = TrainConfig(lr=2e-3, batch_size=64, epochs=8)
@@ -143,30 +143,76 @@ def drop_classes(ds: WindowDataset, names: tuple[str, ...]) -> WindowDataset:
     return WindowDataset(out.X, remap[out.y], out.subject, out.segment, keep, ds.name)
 
 
-def expand_head(model: torch.nn.Module, old: list[str], new: list[str]) -> None:
-    """A classifier for ``new`` classes from one for ``old`` (a subset): known rows are copied."""
-    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    head = torch.nn.Linear(linear.in_features, len(new), bias=linear.bias is not None)
-    with torch.no_grad():
-        head.weight.mul_(0.1)
-        for i, name in enumerate(old):
-            head.weight[new.index(name)] = linear.weight[i]
-            if head.bias is not None and linear.bias is not None:
-                head.bias[new.index(name)] = linear.bias[i]
-    name = next(n for n, m in model.named_modules() if m is linear)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, head)
-
-
-def finetune(job: FinetuneJob) -> dict[str, Any]:
+def finetune(job: FinetuneJob) -> FinetuneMetrics:
     """Adapt a checkpoint to the target subjects; write the adapter and its metrics JSON."""
     check_rank(job.adapt.method, job.adapt.rank)
     inputs: list[str | os.PathLike[str]] = [job.checkpoint, *data_files(job.data), *model_files(job.model)]
     out, mpath = check_output(job.out, inputs, force=job.force), metrics_path(job.out)
     check_output(mpath, inputs, force=job.force)
-    seed_everything(job.train.seed)  # LoRA's random A and a grown head's rows are drawn below
     model, payload = load_checkpoint(job.checkpoint, job.model)
     ds = load_data(job.data or payload.get("data") or DEFAULT_DATA)
+    head = _head_change(ds, payload)
+    subjects = job.subjects or tuple(
+        (payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds)
+    )
+    _, target = split_subjects(ds, subjects)
+    adapt_set, test_set = time_split(target, job.adapt_fraction)
+    outcome = adapt(
+        model,
+        adapt_set,
+        test_set,
+        job.adapt,
+        job.train,
+        head=head,
+        lean=job.lean,
+        memory_budget=job.memory_budget,
+        account_memory=True,
+    )
+    info = {
+        "rank": job.adapt.rank,
+        "layers": job.adapt.layers,
+        "checkpoint_model": payload["model"],
+        "classes": list(ds.classes),
+    }
+    save_adapter(extract(outcome, info), out)
+    metrics = finetune_metrics(outcome, job, list(subjects), out.stat().st_size)
+    write_metrics(mpath, metrics)
+    return metrics
+
+
+def finetune_metrics(outcome: Outcome, job: FinetuneJob, subjects: list[int], adapter_bytes: int) -> FinetuneMetrics:
+    """The metrics record of one finetune (keys as ``<adapter>.metrics.json`` has always had them)."""
+    peak = outcome.peak_train_memory_bytes
+    return FinetuneMetrics(
+        method=job.adapt.method,
+        rank=job.adapt.rank,
+        layer_selection=job.adapt.layers,
+        layers=len(outcome.layers),
+        trainable_params=outcome.trainable_params,
+        total_params=outcome.total_params,
+        trainable_fraction=outcome.trainable_fraction,
+        f1_before=outcome.f1_before,
+        f1_after=outcome.f1_after,
+        accuracy_before=outcome.accuracy_before,
+        accuracy_after=outcome.accuracy_after,
+        steps=outcome.result.steps,
+        train_seconds=outcome.result.seconds,
+        training_path=outcome.training_path,
+        batch_size=outcome.train.batch_size,
+        memory_budget_mb=job.memory_budget / MIB if job.memory_budget else None,
+        peak_train_memory_mb=peak / MIB if peak is not None else None,
+        peak_rss_mb=peak_rss_mb(),
+        target_subjects=subjects,
+        adapt_windows=outcome.adapt_windows,
+        test_windows=outcome.test_windows,
+        checkpoint=str(job.checkpoint),
+        train_config=asdict(outcome.train),
+        adapter_bytes=adapter_bytes,
+    )
+
+
+def _head_change(ds: WindowDataset, payload: dict[str, Any]) -> HeadChange | None:
+    """The checkpoint's classes against the data's: None (the same), a grown head, or a refusal."""
     if payload.get("input_shape") is None:  # a plain state_dict: the data says
         payload["input_shape"] = list(ds.X.shape[1:])
     if list(ds.X.shape[1:]) != list(payload["input_shape"]):
@@ -178,94 +224,12 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     if payload.get("plain_state_dict") and len(payload["classes"]) == len(ds.classes):
         payload["classes"] = list(ds.classes)  # a plain state_dict has class indices only
     old_classes = list(payload["classes"])
-    new_classes = old_classes != list(ds.classes)
-    if new_classes and not set(old_classes) < set(ds.classes):
+    if old_classes == list(ds.classes):
+        return None
+    if not set(old_classes) < set(ds.classes):
         raise ToolchainError(
             "the data's classes are neither the checkpoint's nor a superset of them",
             seen=(ds.classes, old_classes),
             remedy="finetune on data with the classes the base model was trained on (or more)",
         )
-    subjects = job.subjects or tuple(
-        (payload.get("pretrain") or {}).get("target_subjects") or default_target_subjects(ds)
-    )
-    _, target = split_subjects(ds, subjects)
-    adapt_set, test_set = time_split(target, job.adapt_fraction)
-    dev = resolve_device(job.train.device)
-    model.to(dev)
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    adapt_cfg = job.adapt
-    if new_classes:  # unseen classes: a head that has them, trained
-        expand_head(model, old_classes, list(ds.classes))
-        model.to(dev)
-        if get_method(adapt_cfg.method).base_frozen and "head" not in get_method(adapt_cfg.method).implied_groups:
-            adapt_cfg = dataclasses.replace(adapt_cfg, train=tuple(sorted({*adapt_cfg.train, "head"})))
-    f1_before, acc_before = evaluate(model, test_set, dev)
-    layers = inject(model, adapt_cfg)
-    trainable, total = count_params(model)
-    lean = job.lean and get_method(adapt_cfg.method).base_frozen
-    set_mode = lambda m: set_train_mode(m, adapt_cfg.update_bn_stats)  # noqa: E731
-    acc = account(
-        model, lambda m: make_optimizer(m, adapt_cfg, job.train.lr, job.train.weight_decay), adapt_set, set_mode, lean
-    )
-    train_cfg = job.train
-    if job.memory_budget is not None:
-        train_cfg = dataclasses.replace(train_cfg, batch_size=batch_for_budget(acc, job.memory_budget, len(adapt_set)))
-    opt = make_optimizer(
-        model, adapt_cfg, job.train.lr, job.train.weight_decay
-    )  # finetune used to drop TrainConfig.weight_decay
-    with lean_training(model, lean):
-        result = train(model, adapt_set, train_cfg, set_mode=set_mode, optimizer=opt)
-    f1_after, acc_after = evaluate(model, test_set, dev)
-    metrics = {
-        "method": job.adapt.method,
-        "rank": job.adapt.rank,
-        "layer_selection": job.adapt.layers,
-        "layers": len(layers),
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_fraction": trainable / total,
-        "f1_before": f1_before,
-        "f1_after": f1_after,
-        "accuracy_before": acc_before,
-        "accuracy_after": acc_after,
-        "steps": result.steps,
-        "train_seconds": result.seconds,
-        "training_path": "lean" if lean else "reference",
-        "batch_size": train_cfg.batch_size,
-        "memory_budget_mb": job.memory_budget / MIB if job.memory_budget else None,
-        "peak_train_memory_mb": acc.at(train_cfg.batch_size) / MIB,
-        "peak_rss_mb": peak_rss_mb(),
-        "target_subjects": list(subjects),
-        "adapt_windows": len(adapt_set),
-        "test_windows": len(test_set),
-        "checkpoint": str(job.checkpoint),
-        "train_config": asdict(train_cfg),
-    }
-    info = {
-        "rank": job.adapt.rank,
-        "layers": job.adapt.layers,
-        "checkpoint_model": payload["model"],
-        "classes": list(ds.classes),
-    }
-    adapter = extract_adapter(model.cpu(), {k: v.cpu() for k, v in base_state.items()}, adapt_cfg, info)
-    save_adapter(adapter, out)
-    metrics["adapter_bytes"] = out.stat().st_size
-    write_bytes_atomic(mpath, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
-    return metrics
-
-
-def make_optimizer(
-    model: torch.nn.Module, cfg: AdaptConfig, lr: float, weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
-    """Adam over the trainable parameters (with ``weight_decay``, TrainConfig's); GaLore's projected Adam
-    for ``galore``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ToolchainError("nothing to train: every parameter is frozen", seen=cfg.method)
-    if get_method(cfg.method).optimizer == "galore":
-        if weight_decay:
-            raise ToolchainError(
-                "galore's optimizer has no weight decay", seen=weight_decay, remedy="train galore with weight_decay 0"
-            )
-        return GaLoreAdam(params, lr=lr, rank=cfg.rank)
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return HeadChange(old_classes, list(ds.classes))

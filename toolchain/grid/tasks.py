@@ -3,20 +3,20 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from toolchain.adaptation import HeadChange, Outcome
+from toolchain.adaptation import adapt as adapt_model
 from toolchain.adapters.methods import get_method
 from toolchain.data.windows import WindowDataset
 from toolchain.grid.shifts import get_shift
 from toolchain.models.registry import load_checkpoint
-from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
-from toolchain.peft.lean import lean_training
-from toolchain.train import TrainConfig, count_params, evaluate, seed_everything, train
-from toolchain.workflows import PretrainJob, expand_head, make_optimizer, pretrain
+from toolchain.peft.inject import AdaptConfig
+from toolchain.train import TrainConfig
+from toolchain.workflows import PretrainJob, pretrain
 
 LAYERS = {
     "cnn1d": "all",
@@ -27,11 +27,18 @@ LAYERS = {
 
 @dataclass
 class Adapted:
-    """What one adaptation produced: the trained model, its config and its record."""
+    """What one adaptation produced: the core's outcome and the grid's row of it."""
 
-    model: torch.nn.Module
-    config: AdaptConfig
+    outcome: Outcome
     row: dict[str, Any]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.outcome.model
+
+    @property
+    def config(self) -> AdaptConfig:
+        return self.outcome.config
 
 
 def adapt_once(
@@ -47,51 +54,44 @@ def adapt_once(
     batch_size: int,
     layers: str = "all",
     lean: bool = True,
+    head: HeadChange | None = None,
     train_head: bool = False,
 ) -> Adapted:
-    """Inject ``method`` into a copy of ``base``, train ``steps`` steps on ``adapt`` and record
-    macro-F1 on ``test`` at step 0 and every ``eval_every`` steps (with the training seconds so far)."""
-    seed_everything(seed)
-    model = copy.deepcopy(base)
+    """Adapt a copy of ``base`` with the adaptation core (``head``: new classes), train ``steps`` steps on
+    ``adapt`` and record macro-F1 on ``test`` at step 0 and every ``eval_every`` steps (with the training
+    seconds so far)."""
     spec = get_method(method)
-    extra = ("head",) if train_head and spec.base_frozen and "head" not in spec.implied_groups else ()
-    cfg = AdaptConfig(method=method, rank=max(rank, 1), layers=layers, train=extra)
-    inject(model, cfg)
-    trainable, total = count_params(model)
-    f1_0 = evaluate(model, test, torch.device("cpu"))[0]
-    lean = lean and spec.base_frozen
+    cfg = AdaptConfig(method=method, rank=max(rank, 1), layers=layers)
     tc = TrainConfig(lr=spec.lr, batch_size=batch_size, steps=steps, seed=seed, eval_every=eval_every, progress=False)
-    with lean_training(model, lean):
-        res = train(
-            model,
-            adapt,
-            tc,
-            set_mode=lambda m: set_train_mode(m, False),
-            eval_data=test,
-            optimizer=make_optimizer(model, cfg, spec.lr),
-        )
-    f1, acc = evaluate(model, test, torch.device("cpu"))
-    row = {
+    out = adapt_model(
+        base, adapt, test, cfg, tc, head=head, train_head=train_head, lean=lean, eval_during=True, copy_base=True
+    )
+    return Adapted(out, grid_row(out, method, rank, seed))
+
+
+def grid_row(out: Outcome, method: str, rank: int, seed: int) -> dict[str, Any]:
+    """One run's row in a grid's results (the keys the cached rows have always had)."""
+    res = out.result
+    return {
         "method": method,
         "rank": rank,
         "seed": seed,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_fraction": trainable / total,
-        "f1_start": f1_0,
-        "f1_final": f1,
-        "accuracy_final": acc,
-        "history": [[0, f1_0], *[list(h) for h in res.history]],
+        "trainable_params": out.trainable_params,
+        "total_params": out.total_params,
+        "trainable_fraction": out.trainable_fraction,
+        "f1_start": out.f1_before,
+        "f1_final": out.f1_after,
+        "accuracy_final": out.accuracy_after,
+        "history": out.history,
         "history_seconds": [0.0, *res.history_seconds],
         "steps": res.steps,
         "train_seconds": res.seconds,
         "seconds_per_step": res.seconds / max(res.steps, 1),
-        "fusable": spec.fusable,
-        "training_path": "lean" if lean else "reference",
-        "adapt_windows": len(adapt),
-        "test_windows": len(test),
+        "fusable": get_method(method).fusable,
+        "training_path": out.training_path,
+        "adapt_windows": out.adapt_windows,
+        "test_windows": out.test_windows,
     }
-    return Adapted(model, cfg, row)
 
 
 def pretrain_task(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -115,9 +115,9 @@ def adapt_task(inputs: dict[str, Any]) -> dict[str, Any]:
     base, payload = load_checkpoint(inputs["base"])
     adapt, test = shift.target_data(inputs["hapt"], inputs["user"])
     classes = list(adapt.classes)
-    seed_everything(inputs["seed"])  # a new head's rows are drawn here
-    if shift.head != "keep":  # new classes: a head that has them (known rows kept), trained by every method
-        expand_head(base, list(payload["classes"]) if shift.head == "expand" else [], classes)
+    head = None  # new classes: a head that has them (known rows kept, or a fresh one), trained by every method
+    if shift.head != "keep":
+        head = HeadChange(list(payload["classes"]) if shift.head == "expand" else [], classes)
     out = adapt_once(
         base,
         adapt,
@@ -130,6 +130,6 @@ def adapt_task(inputs: dict[str, Any]) -> dict[str, Any]:
         batch_size=inputs["batch_size"],
         layers=inputs["layers"],
         lean=inputs["lean"],
-        train_head=shift.head != "keep",
+        head=head,
     )
     return {"shift": shift.name, "backbone": inputs["backbone"], "user": inputs["user"], **out.row}
