@@ -25,6 +25,7 @@ from toolchain.adapters.adapter_file import Adapter, ExtraRecord, LayerRecord, l
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import check_output
 from toolchain.core.version import package_version
+from toolchain.graphs.provenance import Provenance, read_provenance, write_provenance
 from toolchain.graphs.weights import Weight, check_finite, conv_weights, index_weights
 from toolchain.kernels import weight_sha256
 
@@ -319,7 +320,7 @@ def fuse_files(
     out: str | os.PathLike[str],
     *,
     force: bool = False,
-) -> dict[str, str]:
+) -> Provenance:
     """`toolchain fuse`: read (hashing while parsing), fuse, validate the output, write it atomically.
 
     ``adapter_path`` is a toolchain adapter file or a PEFT adapter folder (``toolchain.graphs.peft``).
@@ -345,15 +346,18 @@ def fuse_files(
         )
         load_external(model, Path(base).parent)
         adapter = adapter or peft.peft_to_adapter(peft_adapter, model)  # type: ignore[arg-type]
+        base_prov = read_provenance(model)
         changed = fuse_in_place(model, adapter, adapter_sha256)
-        provenance = {
-            "toolchain.fused": "true",
-            "toolchain.base_sha256": base_hash.result(),
-            "toolchain.adapter_sha256": adapter_sha256,
-            "toolchain.kind": "fused",
-            "toolchain.version": package_version(),
-            "toolchain.adapter_format": "peft" if is_peft else "toolchain",
-        }
-    _set_metadata(model, {**provenance, "toolchain.fused_weights": json.dumps(changed)})
+        provenance = Provenance(
+            kind="fused",
+            version=package_version(),
+            checkpoint_sha256=base_prov.checkpoint_sha256 if base_prov else None,
+            classes=base_prov.classes if base_prov else None,
+            adapter_sha256=adapter_sha256,
+            base_sha256=base_hash.result(),
+            adapter_format="peft" if is_peft else "toolchain",
+            fused_weights=tuple(changed),
+        )
+    write_provenance(model, provenance)
     save_onnx(model, Path(out), force=force, validate=True)
     return provenance

@@ -201,10 +201,11 @@ def export_onnx(
 def fuse(
     base: str | os.PathLike[str], adapter: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False
 ) -> dict[str, str]:
-    """``toolchain fuse``: a toolchain adapter file or a PEFT adapter folder into base.onnx's Conv weights."""
+    """``toolchain fuse``: a toolchain adapter file or a PEFT adapter folder into base.onnx's Conv weights.
+    Returns the fused model's provenance as its metadata holds it (``toolchain.*`` keys)."""
     from toolchain.graphs.fuse import fuse_files
 
-    return fuse_files(base, adapter, out, force=force)
+    return fuse_files(base, adapter, out, force=force).to_metadata()
 
 
 def verify(
@@ -222,7 +223,8 @@ def verify(
     force: bool = False,
 ) -> dict[str, Any]:
     """``toolchain verify``: Polygraphy's Comparator on ``inputs`` (N, ...) split into batches of the
-    model's batch size, or real windows from ``data``, plus ``random`` random inputs."""
+    model's batch size, or real windows from ``data``, plus ``random`` random inputs. Returns the report as
+    ``verify.json`` holds it (``toolchain.records.VerifyReport.to_dict()``: ``report["passed"]``, ...)."""
     from toolchain.verify import VerifyOptions
     from toolchain.verify import verify as run
 
@@ -243,4 +245,4 @@ def verify(
         force=force,
         inputs=inputs,
     )
-    return run(str(model), str(reference), str(out_dir), engine=engine, opts=opts)
+    return run(str(model), str(reference), str(out_dir), engine=engine, opts=opts).to_dict()

@@ -164,7 +164,7 @@ def cmd_fuse(a: argparse.Namespace) -> int:
     from toolchain.graphs.fuse import fuse_files
 
     prov = fuse_files(a.base, a.adapter, a.output, force=a.force)
-    print(f"fused {a.adapter} into {a.base} -> {a.output} (adapter sha256 {prov['toolchain.adapter_sha256'][:12]})")
+    print(f"fused {a.adapter} into {a.base} -> {a.output} (adapter sha256 {str(prov.adapter_sha256)[:12]})")
     return 0
 
 
@@ -183,23 +183,24 @@ def cmd_verify(a: argparse.Namespace) -> int:
         tol["engine_rtol"],
     )
     report = verify(a.model, a.reference, a.out_dir, engine=a.engine, opts=opts)
-    for runner, comp in report["comparisons"].items():
-        for name, st in comp["outputs"].items():
+    for runner, comp in report.comparisons.items():
+        for name, st in comp.outputs.items():
             print(
-                f"{runner} vs reference, output {name}: max abs {st['max_abs']:.3g}, max rel {st['max_rel']:.3g} "
-                f"(atol {comp['atol']}, rtol {comp['rtol']}, {comp['precision']}): "
-                f"{'PASSED' if comp['passed'] else 'FAILED'}"
+                f"{runner} vs reference, output {name}: max abs {st.max_abs:.3g}, max rel {st.max_rel:.3g} "
+                f"(atol {comp.atol}, rtol {comp.rtol}, {comp.precision}): "
+                f"{'PASSED' if comp.passed else 'FAILED'}"
             )
     print(
-        f"{'PASSED' if report['passed'] else 'FAILED'}: report {a.out_dir}/verify.json; re-check with "
-        f"polygraphy run {a.model} --onnxrt --load-inputs {report['inputs']} --load-outputs {report['outputs']}"
+        f"{'PASSED' if report.passed else 'FAILED'}: report {a.out_dir}/verify.json; re-check with "
+        f"polygraphy run {a.model} --onnxrt --load-inputs {report.inputs} --load-outputs {report.outputs}"
     )
-    return 0 if report["passed"] else 1
+    return 0 if report.passed else 1
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from toolchain.bench import bench, gate
-    from toolchain.core.fileio import check_output, write_bytes_atomic
+    from toolchain.core.fileio import check_output
+    from toolchain.core.jsonio import write_json
 
     if a.json:
         check_output(a.json, [a.model, *a.vs], force=a.force)
@@ -215,7 +216,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
             f"{r['ratio_to_first']:.3f}"
         )
     if a.json:
-        write_bytes_atomic(a.json, (json.dumps(res, indent=2) + "\n").encode(), force=a.force)
+        write_json(a.json, res, force=a.force)
     if "gate" not in res:
         return 0
     g = res["gate"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import write_bytes_atomic
+from toolchain.core.jsonio import write_json
 
 DEMOS = {
     # name: (backbone, data, pretrain epochs, finetune epochs, batch)
@@ -96,13 +95,13 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
         "pretrain": pre,
         "finetune": ft.to_dict(),
         "export_checks": export_checks,
-        "verify": ver,
+        "verify": ver.to_dict(),
         "bench": lat,
         "build": build,
     }
-    write_bytes_atomic(d / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    write_json(d / "report.json", report)
     print(summary(report))
-    return 0 if ver["passed"] else 1
+    return 0 if ver.passed else 1
 
 
 def summary(report: dict[str, Any]) -> str:

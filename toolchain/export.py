@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -276,6 +277,7 @@ def export(
     from toolchain.core.fileio import check_output, sha256_file
     from toolchain.graphs.fuse import fuse_model
     from toolchain.graphs.onnx_io import save_onnx
+    from toolchain.graphs.provenance import Provenance, write_provenance
     from toolchain.models.registry import load_checkpoint
     from toolchain.peft.inject import apply_adapter
 
@@ -293,25 +295,22 @@ def export(
         kind = "unfused"
     exported = to_onnx(net, shape, opts, real=real)
     proto, check = exported.proto, exported.check
-    meta = {
-        "toolchain.kind": kind,
-        "toolchain.checkpoint_sha256": sha256_file(checkpoint),
-        "toolchain.version": __version__,
-        "toolchain.classes": json.dumps(payload["classes"]),
-    }
-    if ad is not None and not fuse:
-        meta["toolchain.adapter_sha256"] = sha256_file(str(adapter))
-    for k, v in meta.items():
-        proto.metadata_props.add(key=k, value=v)
+    prov = Provenance(
+        kind=kind,
+        version=__version__,
+        checkpoint_sha256=sha256_file(checkpoint),
+        classes=tuple(payload["classes"]),
+        adapter_sha256=sha256_file(str(adapter)) if ad is not None and not fuse else None,
+    )
+    write_provenance(proto, prov)
     if ad is not None and fuse:  # the base as a plain export writes it, then the graph pass
-        prov = {
-            "toolchain.fused": "true",
-            "toolchain.base_sha256": hashlib.sha256(proto.SerializeToString()).hexdigest(),
-            "toolchain.adapter_sha256": sha256_file(str(adapter)),
-            "toolchain.version": __version__,
-            "toolchain.kind": "fused",
-        }
-        proto = fuse_model(proto, ad, prov)
+        fused = dataclasses.replace(
+            prov,
+            kind="fused",
+            base_sha256=hashlib.sha256(proto.SerializeToString()).hexdigest(),
+            adapter_sha256=sha256_file(str(adapter)),
+        )
+        proto = fuse_model(proto, ad, fused.to_metadata())
         check = _check_fused(net, ad, proto, check.exporter, check_inputs(_batch(opts), shape, real))
     onnx.checker.check_model(proto)
     save_onnx(proto, out, force=force)

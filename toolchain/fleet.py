@@ -225,7 +225,7 @@ def fleet_task(inputs: dict[str, Any]) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(d, ignore_errors=True)
         raise
-    errs = report["comparisons"]["model"]["outputs"]
+    errs = report.comparisons["model"].outputs
     return {
         "name": inputs["name"],
         "status": "ok",
@@ -235,8 +235,8 @@ def fleet_task(inputs: dict[str, Any]) -> dict[str, Any]:
         "trainable_fraction": m.trainable_fraction,
         "adapter_bytes": m.adapter_bytes,
         "train_seconds": m.train_seconds,
-        "verify_passed": report["passed"],
-        "max_abs_error": max(v["max_abs"] for v in errs.values()),
+        "verify_passed": report.passed,
+        "max_abs_error": max(v.max_abs for v in errs.values()),
         "fused": str(d / "fused.onnx"),
     }
 

@@ -76,6 +76,9 @@ def _onnx(p: Path) -> dict[str, Any]:
 
     m = load_onnx(p)
     meta = {x.key: x.value for x in m.metadata_props}
+    from toolchain.graphs.provenance import read_provenance
+
+    prov = read_provenance(m)
     inits = {t.name for t in m.graph.initializer}
 
     def io(values: Any) -> list[dict[str, Any]]:
@@ -94,11 +97,11 @@ def _onnx(p: Path) -> dict[str, Any]:
         "kind": "onnx",
         "file": str(p),
         "sha256": sha256_file(p),
-        "fused": meta.get("toolchain.fused") == "true",
+        "fused": bool(prov and prov.fused),
         "exported_as": meta.get("toolchain.kind"),
-        "base_sha256": meta.get("toolchain.base_sha256"),
-        "adapter_sha256": meta.get("toolchain.adapter_sha256"),
-        "toolchain_version": meta.get("toolchain.version"),
+        "base_sha256": prov.base_sha256 if prov else None,
+        "adapter_sha256": prov.adapter_sha256 if prov else None,
+        "toolchain_version": prov.version if prov else None,
         "opset": [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")],
         "ir_version": m.ir_version,
         "inputs": io(m.graph.input),

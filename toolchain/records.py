@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from toolchain.core.jsonio import read_record, record_from_dict, write_json
+from toolchain.core.jsonio import read_json, read_record, record_from_dict, write_json
 
 PathLike = str | os.PathLike[str]
 
@@ -57,3 +57,65 @@ def read_metrics(path: PathLike) -> FinetuneMetrics:
 
 def metrics_from_dict(value: Any) -> FinetuneMetrics:
     return record_from_dict(FinetuneMetrics, value, "finetune metrics", "re-run toolchain finetune")
+
+
+@dataclass(frozen=True)
+class OutputErrors:
+    """One output's errors against the reference, and the smallest tolerances that would pass."""
+
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    mean_rel: float
+    min_passing_atol: float
+    min_passing_rtol: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One runner (the model, or the engine) judged against the reference at its own tolerances."""
+
+    against: str
+    atol: Any  # a float, or per-output {name: float} ("" keys the default)
+    rtol: Any
+    precision: str  # "fp32", "fp16", or "given" (an engine without a record, tolerances given)
+    passed: bool
+    outputs: dict[str, OutputErrors]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """``verify.json``: what was compared, on which inputs, and the verdict."""
+
+    reference: str
+    model: str
+    engine: str | None
+    iterations: int
+    real_batches: int
+    random_inputs: int
+    comparisons: dict[str, Comparison]
+    passed: bool
+    inputs: str
+    outputs: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write_verify_report(path: PathLike, report: VerifyReport) -> None:
+    write_json(path, report.to_dict())
+
+
+def read_verify_report(path: PathLike) -> VerifyReport:
+    remedy = "re-run toolchain verify"
+    raw = read_json(path, "the verify report", remedy)
+    if isinstance(raw, dict) and isinstance(raw.get("comparisons"), dict):
+        raw = {**raw, "comparisons": {k: _comparison(v, remedy) for k, v in raw["comparisons"].items()}}
+    return record_from_dict(VerifyReport, raw, "the verify report", remedy)
+
+
+def _comparison(value: Any, remedy: str) -> Comparison:
+    if isinstance(value, dict) and isinstance(value.get("outputs"), dict):
+        outputs = {k: record_from_dict(OutputErrors, v, "a verify output", remedy) for k, v in value["outputs"].items()}
+        value = {**value, "outputs": outputs}
+    return record_from_dict(Comparison, value, "a verify comparison", remedy)

@@ -4,7 +4,6 @@ through Polygraphy's Comparator on real windows and random inputs."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ import numpy as np
 
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import atomic_paths, check_output
+from toolchain.core.jsonio import dumps_json
+from toolchain.records import Comparison, OutputErrors, VerifyReport
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
@@ -166,7 +167,7 @@ def _engine_tolerance(
 
 def verify(
     model: str, reference: str, out_dir: str, *, engine: str | None = None, opts: VerifyOptions | None = None
-) -> dict[str, Any]:
+) -> VerifyReport:
     """Run the reference, the model (and the engine) on the same inputs; judge model vs reference at
     fp32 tolerances and engine vs reference at the engine's own, each pair separately."""
     opts = opts or VerifyOptions()
@@ -206,26 +207,20 @@ def verify(
         ok = Comparator.compare_accuracy(
             results, comparisons=[(0, index)], compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)
         )
-        comparisons[runner] = {
-            "against": "reference",
-            "atol": atol,
-            "rtol": rtol,
-            "precision": precision,
-            "passed": bool(ok),
-            "outputs": stats[runner],
-        }
-    report = {
-        "reference": str(reference),
-        "model": str(model),
-        "engine": engine,
-        "iterations": len(feeds),
-        "real_batches": len(feeds) - opts.random,
-        "random_inputs": opts.random,
-        "comparisons": comparisons,
-        "passed": all(c["passed"] for c in comparisons.values()),
-        "inputs": str(outdir / "inputs.json"),
-        "outputs": str(outdir / "outputs.json"),
-    }
+        errors = {k: OutputErrors(**v) for k, v in stats[runner].items()}
+        comparisons[runner] = Comparison("reference", atol, rtol, precision, bool(ok), errors)
+    report = VerifyReport(
+        reference=str(reference),
+        model=str(model),
+        engine=engine,
+        iterations=len(feeds),
+        real_batches=len(feeds) - opts.random,
+        random_inputs=opts.random,
+        comparisons=comparisons,
+        passed=all(c.passed for c in comparisons.values()),
+        inputs=str(outdir / "inputs.json"),
+        outputs=str(outdir / "outputs.json"),
+    )
     created = not outdir.exists()
     _create(outdir)
     try:
@@ -234,7 +229,7 @@ def verify(
             t_inputs,
             t_outputs,
         ):  # all three or none
-            t_report.write_bytes((json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+            t_report.write_bytes(dumps_json(report.to_dict()))
             save_json(feeds, str(t_inputs))
             results.save(str(t_outputs))
     except BaseException:

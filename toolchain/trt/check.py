@@ -17,12 +17,9 @@ import numpy as np
 import onnx
 
 from toolchain.core.errors import ToolchainError
-from toolchain.core.jsonio import loads_strict
 from toolchain.graphs.onnx_io import read_onnx
+from toolchain.graphs.provenance import read_provenance
 from toolchain.trt.runtime import TensorRT, logger, parser_tensorrt
-
-FUSED_WEIGHTS_KEY = "toolchain.fused_weights"
-BASE_KEY = "toolchain.base_sha256"
 
 
 @dataclass(frozen=True)
@@ -43,18 +40,8 @@ class ModelFacts:
 def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
     """Everything build, refit and check need from an ONNX model, from one read of the file."""
     model, data = read_onnx(path)
-    meta = {p.key: p.value for p in model.metadata_props}
-    fused = loads_strict(
-        meta.get(FUSED_WEIGHTS_KEY, "[]"),
-        f"model metadata {FUSED_WEIGHTS_KEY}",
-        "fuse the model again with `toolchain fuse`",
-    )
-    if not isinstance(fused, list) or not all(isinstance(n, str) for n in fused):
-        raise ToolchainError(
-            f"model metadata {FUSED_WEIGHTS_KEY} is not a JSON list of names",
-            seen=str(path),
-            remedy="fuse the model again with `toolchain fuse`",
-        )
+    prov = read_provenance(model)
+    fused = list(prov.fused_weights or ()) if prov else []
     sha = hashlib.sha256(data).hexdigest()
     inits = {t.name: (int(np.prod(t.dims, dtype=np.int64)), t.data_type) for t in model.graph.initializer}
     convs = tuple(
@@ -69,7 +56,7 @@ def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
         else ()
     )
     batch = dims[0] if dims else None
-    base = meta.get(BASE_KEY, sha)
+    base = (prov.base_sha256 if prov else None) or sha
     return ModelFacts(
         str(path), sha, base, tuple(fused), tuple(fused) or convs, batch, inputs[0].name if inputs else "", dims, inits
     )

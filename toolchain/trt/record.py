@@ -19,6 +19,7 @@ from typing import Any
 
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import write_bytes_atomic
+from toolchain.core.jsonio import dumps_json
 
 RECORD_FORMAT = 1
 PRECISIONS = ("fp32", "fp16")
@@ -54,7 +55,7 @@ class EngineRecord:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+        return dumps_json(asdict(self))
 
 
 def sidecar_path(plan: str | os.PathLike[str]) -> Path:
