@@ -1,5 +1,7 @@
-"""CNNs nobody on the project wrote, through every stage: Hugging Face transformers vision CNNs from
-config (no weights from a hub; skipped where transformers does not import), conv subclasses the
+"""CNNs nobody on the project wrote, through every stage: Hugging Face transformers vision CNNs and timm
+edge CNNs from config (no weights from a hub; skipped where transformers or timm does not import: timm
+needs torchvision, which the CPU torch 2.13.0 here cannot import, so they run in
+scripts/check_torch_compat.sh's torch 2.14.1 + torchvision venv), conv subclasses the
 wrapper cannot follow (refused), modules whose loaders need state-dict metadata, builders that only
 take **kwargs. Step 0 equals the original exactly, lean gradients equal the reference path's in
 float64, the export is checked against PyTorch, fusion is exact (Polygraphy)."""
@@ -78,6 +80,59 @@ def test_hugging_face_cnns_through_every_stage(name, tmp_path):
     assert tc.verify(tmp_path / "fused.onnx", tmp_path / "unfused.onnx", tmp_path / "v", inputs=x.numpy())["passed"]
 
 
+TIMM = [  # (model, what it exercises)
+    ("tf_mobilenetv3_small_minimal_100", "timm's Conv2dSame: TF 'SAME' padding computed in its own forward"),
+    ("tf_efficientnet_lite0", "Conv2dSame on depthwise convs"),
+    ("mobilenetv3_small_050", "plain convs, hard-swish, squeeze-excite"),
+    ("lcnet_050", "PP-LCNet: depthwise separable"),
+    ("resnet10t", "ResNet with a tiered stem"),
+]
+
+
+def _timm(name: str) -> nn.Module:
+    timm = pytest.importorskip("timm", reason="timm (which needs torchvision) does not import here")
+    return timm.create_model(name, pretrained=False, num_classes=10).eval()
+
+
+def _through_every_stage(model: nn.Module, method: str, tmp_path, x: torch.Tensor) -> None:
+    y = torch.arange(len(x)) % 10
+    with torch.no_grad():
+        before = model(x[:2]).clone()
+    adaptation = tc.adapt(model, method, rank=2)
+    with torch.no_grad():
+        assert torch.equal(model(x[:2]), before), "step 0 is the original model exactly"
+    with torch.no_grad():
+        for p in adaptation.parameters():
+            p.normal_(0, 0.05)
+    ref, lean = _grads(model.double(), x[:2].double(), lean=False), _grads(model.double(), x[:2].double(), lean=True)
+    _assert_same(ref, lean)
+    model.float()
+    opt = adaptation.optimizer()
+    with adaptation.training():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    adaptation.save(tmp_path / "a.safetensors")
+    tc.export_onnx(adaptation.base_model(), x[:1], tmp_path / "base.onnx")
+    tc.export_onnx(model, x[:1], tmp_path / "unfused.onnx")
+    tc.fuse(tmp_path / "base.onnx", tmp_path / "a.safetensors", tmp_path / "fused.onnx")
+    assert tc.verify(tmp_path / "fused.onnx", tmp_path / "unfused.onnx", tmp_path / "v", inputs=x.numpy())["passed"]
+
+
+@pytest.mark.parametrize("method", ["lora-edge", "lora"])
+@pytest.mark.parametrize("name", [n for n, _ in TIMM])
+def test_timm_cnns_through_every_stage(name, method, tmp_path):
+    torch.manual_seed(0)
+    _through_every_stage(_timm(name), method, tmp_path, torch.rand(8, 3, 64, 64))
+
+
+def test_timm_weight_standardised_convs_are_refused_by_class():
+    model = _timm("nf_resnet26")
+    with pytest.raises(ToolchainError, match="ScaledStdConv2d"):
+        tc.adapt(model, "lora-edge", rank=2)
+
+
 class SameConv2d(nn.Conv2d):
     """timm's Conv2dSame in miniature: pads dynamically in its own forward."""
 
@@ -102,6 +157,42 @@ def test_a_conv_subclass_with_its_own_forward_is_refused_by_class(conv):
         tc.adapt(model, "lora-edge", rank=2)
     adaptation = tc.adapt(model, "lora-edge", rank=2, layers=r"^2$")  # the plain conv alone is fine
     assert adaptation.wrapped == ["2"]
+
+
+class TfSameConv2d(nn.Conv2d):
+    """timm's Conv2dSame, written out: TF "SAME" padding from the input size, then a padding-0 conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        ph, pw = (
+            max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+            for n, k, s, d in zip((ih, iw), self.kernel_size, self.stride, self.dilation, strict=True)
+        )
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("method", ["lora-edge", "lora", "dora"])
+def test_a_pre_padding_conv_subclass_is_followed_exactly(method, tmp_path, monkeypatch):
+    """The mechanism timm's Conv2dSame goes through (``PRE_PADS``), on odd sizes and strides 2 and 1."""
+    from toolchain.peft import lora_edge
+
+    monkeypatch.setitem(lora_edge.PRE_PADS, lora_edge.class_path(TfSameConv2d(1, 1, 1)), lora_edge._tf_same_pad)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        TfSameConv2d(3, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        TfSameConv2d(8, 8, 5, groups=8),
+        nn.ReLU(),
+        nn.Conv2d(8, 10, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    _through_every_stage(model, method, tmp_path, torch.rand(8, 3, 33, 31))
+    assert TfSameConv2d(3, 8, 3, stride=2, padding=1).padding == (1, 1)  # own padding too: refused below
+    with pytest.raises(ToolchainError, match="TfSameConv2d"):
+        tc.adapt(nn.Sequential(TfSameConv2d(3, 8, 3, stride=2, padding=1)), "lora-edge", rank=2)
 
 
 class Versioned(nn.Module):

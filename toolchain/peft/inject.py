@@ -20,7 +20,7 @@ from toolchain.core.errors import ToolchainError
 from toolchain.kernels import weight_sha256
 from toolchain.peft.kinds import inner_attribute, torch_kind, wrapper_types
 from toolchain.peft.lora import BottleneckAdapter, LoRAConv
-from toolchain.peft.lora_edge import LoRAEdgeConv
+from toolchain.peft.lora_edge import PRE_PADS, LoRAEdgeConv, class_path
 
 __all__ = ["METHODS", "AdaptConfig", "apply_adapter", "extract_adapter", "inject"]
 TARGET_CHOICES = ("all", "pointwise")
@@ -81,11 +81,14 @@ _PLAIN = {nn.Conv1d: nn.Conv1d, nn.Conv2d: nn.Conv2d}
 
 
 def check_followable(name: str, conv: nn.Module) -> None:
-    """A Conv subclass with its own forward or _conv_forward (timm's Conv2dSame pads dynamically,
-    ScaledStdConv2d standardises its weight) computes something the wrapper cannot follow exactly:
-    refused, naming the class, rather than trained silently wrong."""
+    """A Conv subclass with its own forward or _conv_forward (timm's ScaledStdConv2d standardises its
+    weight) computes something the wrapper cannot follow exactly: refused, naming the class, rather than
+    trained silently wrong. Subclasses that only pad their input first (timm's Conv2dSame: TF "SAME"
+    padding) are followed exactly (``lora_edge.PRE_PADS``) when their own padding is 0."""
     plain = next((c for c in _PLAIN if isinstance(conv, c)), None)
     if plain is None:
+        return
+    if class_path(conv) in PRE_PADS and all(p == 0 for p in conv.padding) and conv.padding_mode == "zeros":  # type: ignore[union-attr]
         return
     own = [m for m in ("forward", "_conv_forward") if getattr(type(conv), m) is not getattr(plain, m)]
     if own:

@@ -24,7 +24,11 @@ from toolchain.peft.lean_ops import Conf
 
 
 def conv_inputs(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, Conf]:
-    """x padded as the conv pads it when the padding is a string or not zeros, and the numeric geometry."""
+    """x padded as the conv pads it when the padding is a string or not zeros (or in its own forward, for the
+    ``PRE_PADS`` subclasses), and the numeric geometry."""
+    from toolchain.peft.lora_edge import pre_pad
+
+    x = pre_pad(conv, x)
     nd = conv.weight.dim() - 2
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         pads = list(conv._reversed_padding_repeated_twice)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from toolchain.adapters.adapter_file import ConvGeometry
 from toolchain.core.errors import ToolchainError
 from toolchain.kernels import weight_sha256
-from toolchain.peft.lora_edge import ConvAttributes, ConvNd, conv_geometry
+from toolchain.peft.lora_edge import ConvAttributes, ConvNd, conv_geometry, plain_forward, pre_pad
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 
@@ -71,7 +71,7 @@ class LoRAConv(ConvAttributes, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return self.base(x)
+            return plain_forward(self.base, x)
         if self.lean_ready() and torch.is_grad_enabled():
             from toolchain.peft.lean import conv_inputs, fold, folded_bn
             from toolchain.peft.lean_ops import LoRAConv as LeanFn
@@ -81,10 +81,11 @@ class LoRAConv(ConvAttributes, nn.Module):
             xp, conf = conv_inputs(self.base, x)
             return LeanFn.apply(xp, w, b, self.lora_A, up, self.scaling, conf)
         if self.magnitude is not None:
-            return self.base._conv_forward(x, self.dora_weight(), self.base.bias)
-        h = self.base._conv_forward(x, self.lora_A, None)
+            return self.base._conv_forward(pre_pad(self.base, x), self.dora_weight(), self.base.bias)
+        h = self.base._conv_forward(pre_pad(self.base, x), self.lora_A, None)
         up = self.lora_B.reshape(*self.lora_B.shape, *([1] * (self.lora_A.dim() - 2)))
-        return self.base(x) + self.scaling * _CONV_FN[self.lora_A.dim() - 2](h, up, groups=self.base.groups)
+        aux = _CONV_FN[self.lora_A.dim() - 2](h, up, groups=self.base.groups)
+        return plain_forward(self.base, x) + self.scaling * aux
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -8,7 +8,8 @@ conv(x, suffix kernel, same geometry, r1 channels per group) -> grouped 1x1 conv
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,38 @@ def conv_geometry(conv: nn.Module) -> ConvGeometry:
         padding_mode=conv.padding_mode,
         bias=conv.bias is not None,
     )
+
+
+def _tf_same_pad(conv: Any, x: Tensor) -> Tensor:
+    """TensorFlow's "SAME" padding from the input's size (the odd pixel at the end), as timm's ``pad_same``."""
+    pads: list[int] = []
+    for i, k, s, d in reversed(list(zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation, strict=True))):
+        total = max((math.ceil(int(i) / s) - 1) * s + (k - 1) * d + 1 - int(i), 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads) if any(pads) else x
+
+
+# Conv subclasses whose own forward is "pad the input, then the plain convolution with padding 0": the
+# wrappers follow them exactly by padding first (``pre_pad``) and convolving as a plain conv.
+PRE_PADS: dict[str, Callable[[Any, Tensor], Tensor]] = {
+    "timm.layers.conv2d_same.Conv2dSame": _tf_same_pad,
+    "timm.layers.conv2d_same.Conv2dSameExport": lambda conv, x: conv.pad(x),  # type: ignore[operator]
+}
+
+
+def class_path(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def pre_pad(conv: nn.Module, x: Tensor) -> Tensor:
+    """``x`` as ``conv``'s own forward pads it before convolving (unchanged for plain convs)."""
+    fn = PRE_PADS.get(class_path(conv))
+    return x if fn is None else fn(conv, x)
+
+
+def plain_forward(conv: ConvNd, x: Tensor) -> Tensor:
+    """What ``conv(x)`` computes, followed exactly for the ``PRE_PADS`` subclasses too."""
+    return conv._conv_forward(pre_pad(conv, x), conv.weight, conv.bias)
 
 
 class ConvAttributes:
@@ -115,14 +148,14 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
     def _aux(self, x: Tensor) -> Tensor:
         g = self.base.groups
         reps = (g,) + (1,) * (self.suffix.dim() - 1)
-        h = self.base._conv_forward(x, self.suffix.repeat(reps), None)  # same stride/padding/dilation/mode
+        h = self.base._conv_forward(pre_pad(self.base, x), self.suffix.repeat(reps), None)  # same geometry
         up = self.delta_g1.reshape(*self.delta_g1.shape, *([1] * (self.suffix.dim() - 2)))
         return _CONV_FN[self.suffix.dim() - 2](h, up, groups=g)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.lean_ready() and torch.is_grad_enabled():
             return self._lean_forward(x)
-        y = self.base(x)
+        y = plain_forward(self.base, x)
         if self.merged:
             return y
         return y + self.scaling * self._aux(x)
