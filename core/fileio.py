@@ -14,7 +14,7 @@ import os
 import secrets
 import signal
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from toolchain.core.errors import ToolchainError
@@ -179,6 +179,11 @@ def _publish(tmp: Path, target: Path, force: bool) -> None:
     tmp.unlink()
 
 
+# Called (no arguments) right before ``atomic_paths`` moves its files into place; one that raises stops
+# the publication, and the staged files are removed. The CLI registers one for a deferred SIGTERM.
+BEFORE_PUBLISH: list[Callable[[], None]] = []
+
+
 @contextlib.contextmanager
 def atomic_paths(targets: Sequence[PathLike], *, force: bool = True) -> Iterator[list[Path]]:
     """``atomic_path`` for several files that must appear together: yield a temporary path for each;
@@ -194,6 +199,8 @@ def atomic_paths(targets: Sequence[PathLike], *, force: bool = True) -> Iterator
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())
+        for guard in BEFORE_PUBLISH:  # e.g. the CLI's: a termination it had to defer is raised here, not later
+            guard()
         held = {signal.SIGINT, signal.SIGTERM}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
         try:

@@ -16,6 +16,7 @@ from typing import Any
 from toolchain import __version__
 from toolchain.adapters.methods import METHODS, get_method
 from toolchain.core.errors import ToolchainError
+from toolchain.core.fileio import BEFORE_PUBLISH
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -722,6 +723,7 @@ _OURS = tuple(
         Path(__file__).parent,
         Path(__file__).parent / "core",
         Path(__file__).parent / "kernels",
+        Path(__file__).parent / "adapters",
         Path(__file__).parent / "graphs",
     )
 )
@@ -743,13 +745,29 @@ def _safe_to_raise(frame: Any) -> bool:
     return True
 
 
+_DEFERRED: list[bool] = []  # a SIGTERM arrived inside third-party code and is not raised yet
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     """Raise Terminated where that is safe; inside third-party code, look again every 50 ms (SIGALRM)."""
     if _safe_to_raise(frame):
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        raise Terminated()
+        _raise_terminated()
+    _DEFERRED[:] = [True]
     signal.signal(signal.SIGALRM, _on_sigterm)
     signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+
+
+def _raise_terminated() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _DEFERRED.clear()
+    raise Terminated()
+
+
+def _before_publish() -> None:
+    """A SIGTERM deferred while third-party code wrote the staged files is raised before they are
+    published, so an interrupted run leaves none of them (not all of them and exit 143)."""
+    if _DEFERRED:
+        _raise_terminated()
 
 
 # Every count and size an option can set, bounded before anything is allocated: (low, high).
@@ -798,6 +816,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"toolchain {args.command}"
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     previous_alarm = signal.getsignal(signal.SIGALRM)
+    _DEFERRED.clear()
+    BEFORE_PUBLISH.append(_before_publish)
     try:
         check_bounds(args)
         handler: Handler = args.func
@@ -831,6 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         return _fail(name, "terminated; no partial output was left", 143)
     finally:
+        BEFORE_PUBLISH.remove(_before_publish)
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous_alarm)
         signal.signal(signal.SIGTERM, previous)
