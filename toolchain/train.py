@@ -88,11 +88,14 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def predict(model: nn.Module, ds: WindowDataset, device: torch.device, batch: int = 512) -> np.ndarray:
+    from toolchain.peft.inject import merged_for_inference
+
     model.eval()
-    out = [
-        model(torch.from_numpy(ds.X[i : i + batch]).to(device)).argmax(1).cpu().numpy()
-        for i in range(0, len(ds), batch)
-    ]
+    with torch.no_grad(), merged_for_inference(model):  # no graph; adapted convs cost what fused ones cost
+        out = [
+            model(torch.from_numpy(ds.X[i : i + batch]).to(device)).argmax(1).cpu().numpy()
+            for i in range(0, len(ds), batch)
+        ]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 

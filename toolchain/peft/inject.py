@@ -6,7 +6,9 @@ low-rank gradients: an optimizer, see ``galore.py``), head, bitfit.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,6 +232,22 @@ def set_train_mode(model: nn.Module, update_bn_stats: bool) -> None:
         for m in model.modules():
             if isinstance(m, _BN):
                 m.eval()
+
+
+@contextlib.contextmanager
+def merged_for_inference(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, forward passes without grad run each conv wrapper as one conv with its merged
+    weight: what the fused model computes and costs (no auxiliary path, no extra full-width tensors).
+    The base weights are not touched; with grad enabled (training, export) nothing changes."""
+    layers = [m for m in adapter_layers(model).values() if hasattr(m, "merged_weight") and not m.merged]
+    with torch.no_grad():
+        for m in layers:
+            m.inference_weight = m.merged_weight()  # type: ignore[operator, union-attr]
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.inference_weight = None  # type: ignore[union-attr]
 
 
 def adapter_layers(model: nn.Module) -> dict[str, Wrapper]:

@@ -77,13 +77,13 @@ def folded_bn(conv: nn.Module) -> nn.Module | None:
     return bn if bn is not None and bn_is_frozen(bn) and lean_applies(conv) else None
 
 
-def fold(bn: nn.Module | None, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(w·scale, b·scale + shift, scale) for a folded BN; (w, b, None) without one."""
+def fold(bn: nn.Module | None, b: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(scale, b·scale + shift) for a folded BN; (None, b) without one. The weight is scaled inside the
+    lean ops (``lean_ops.scaled``), which keep the frozen weight itself, not a scaled copy."""
     if bn is None:
-        return w, b, None
+        return None, b
     scale, shift = bn_affine(bn)
-    view = (-1,) + (1,) * (w.dim() - 1)
-    return w * scale.reshape(view), shift + (b * scale if b is not None else 0), scale
+    return scale, shift + (b * scale if b is not None else 0)
 
 
 class _LeanConv:
@@ -93,9 +93,9 @@ class _LeanConv:
     def forward(self, x: Tensor) -> Tensor:
         if self.weight.requires_grad or not torch.is_grad_enabled():
             return super().forward(x)  # type: ignore[misc]
-        w, b, _ = fold(folded_bn(self), self.weight, self.bias)  # type: ignore[arg-type]
+        scale, b = fold(folded_bn(self), self.bias)  # type: ignore[arg-type]
         x, conf = conv_inputs(self, x)  # type: ignore[arg-type]
-        return lean_ops.FrozenConv.apply(x, w, b, conf)
+        return lean_ops.FrozenConv.apply(x, self.weight, scale, b, conf)
 
 
 class LeanConv1d(_LeanConv, nn.Conv1d):

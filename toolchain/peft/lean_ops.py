@@ -88,18 +88,25 @@ def lora_delta(a: Tensor, b: Tensor, groups: int) -> Tensor:
     return torch.bmm(b.reshape(groups, -1, r), a.reshape(groups, r, -1)).reshape(b.shape[0], *a.shape[1:])
 
 
+def scaled(w: Tensor, scale: Tensor | None) -> Tensor:
+    """The weight with a folded BatchNorm's per-output-channel scale (``w`` itself without one). The ops
+    keep ``w`` (the frozen parameter, no copy) and ``scale``, and recompute this in backward: a scaled
+    copy of every frozen weight would otherwise stay alive until backward."""
+    return w if scale is None else w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
+
+
 class FrozenConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, conf: Conf) -> Tensor:
-        ctx.save_for_backward(w)
+    def forward(ctx: Any, x: Tensor, w: Tensor, scale: Tensor | None, b: Tensor | None, conf: Conf) -> Tensor:
+        ctx.save_for_backward(w, scale)
         ctx.conf, ctx.shape = conf, x.shape
-        return conv(x, w, b, conf)
+        return conv(x, scaled(w, scale), b, conf)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
-        (w,) = ctx.saved_tensors
-        gx = conv_grad_input(ctx.shape, w, g, ctx.conf) if ctx.needs_input_grad[0] else None
-        return gx, None, bias_grad(g) if ctx.needs_input_grad[2] else None, None
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, Tensor | None, None]:
+        w, scale = ctx.saved_tensors
+        gx = conv_grad_input(ctx.shape, scaled(w, scale), g, ctx.conf) if ctx.needs_input_grad[0] else None
+        return gx, None, None, bias_grad(g) if ctx.needs_input_grad[3] else None, None
 
 
 class LoRAEdgeConv(torch.autograd.Function):
@@ -110,6 +117,7 @@ class LoRAEdgeConv(torch.autograd.Function):
         ctx: Any,
         x: Tensor,
         w: Tensor,
+        scale: Tensor | None,
         b: Tensor | None,
         suffix: Tensor,
         dg1: Tensor,
@@ -119,28 +127,28 @@ class LoRAEdgeConv(torch.autograd.Function):
     ) -> Tensor:
         groups = conf[3]
         if keep_x:
-            ctx.save_for_backward(w, suffix, dg1, x)
+            ctx.save_for_backward(w, scale, suffix, dg1, x)
         else:
             h = conv(x, suffix.repeat(groups, *([1] * (suffix.dim() - 1))), None, conf)
-            ctx.save_for_backward(w, suffix, dg1, h)
+            ctx.save_for_backward(w, scale, suffix, dg1, h)
         ctx.conf, ctx.shape, ctx.scaling, ctx.keep_x = conf, x.shape, scaling, keep_x
-        return conv(x, w + scaling * tt_delta(dg1, suffix), b, conf)
+        return conv(x, scaled(w, scale) + scaling * tt_delta(dg1, suffix), b, conf)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:
-        w, suffix, dg1, kept = ctx.saved_tensors
+        w, scale, suffix, dg1, kept = ctx.saved_tensors
         s, conf = ctx.scaling, ctx.conf
-        w_eff = w + s * tt_delta(dg1, suffix)
+        w_eff = scaled(w, scale) + s * tt_delta(dg1, suffix)
         gx = conv_grad_input(ctx.shape, w_eff, g, conf) if ctx.needs_input_grad[0] else None
         gdg1 = None
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[5]:
             if ctx.keep_x:  # grad of ΔW contracted with the suffix: ΔW[o] = Σ_j ΔG1[o, j] S[j]
                 gw = conv_grad_weight(kept, w_eff, g, conf)
                 gdg1 = s * gw.reshape(gw.shape[0], -1) @ suffix.reshape(suffix.shape[0], -1).T
             else:
                 gdg1 = s * group_outer(g, kept, conf[3])
-        gb = bias_grad(g) if ctx.needs_input_grad[2] else None
-        return gx, None, gb, None, gdg1, None, None, None
+        gb = bias_grad(g) if ctx.needs_input_grad[3] else None
+        return gx, None, None, gb, None, gdg1, None, None, None
 
 
 class LoRAConv(torch.autograd.Function):
@@ -148,23 +156,32 @@ class LoRAConv(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, conf: Conf
+        ctx: Any,
+        x: Tensor,
+        w: Tensor,
+        scale: Tensor | None,
+        b: Tensor | None,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scaling: float,
+        conf: Conf,
     ) -> Tensor:
         h = conv(x, lora_a, None, conf)
-        ctx.save_for_backward(w, lora_a, lora_b, x, h)
+        ctx.save_for_backward(w, scale, lora_a, lora_b, x, h)
         ctx.conf, ctx.scaling = conf, scaling
-        return conv(x, w + scaling * lora_delta(lora_a, lora_b, conf[3]), b, conf)
+        return conv(x, scaled(w, scale) + scaling * lora_delta(lora_a, lora_b, conf[3]), b, conf)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:
-        w, a, b_up, x, h = ctx.saved_tensors
+        w, scale, a, b_up, x, h = ctx.saved_tensors
         s, conf = ctx.scaling, ctx.conf
         groups = conf[3]
-        gx = conv_grad_input(x.shape, w + s * lora_delta(a, b_up, groups), g, conf) if ctx.needs_input_grad[0] else None
-        gb_up = s * group_outer(g, h, groups) if ctx.needs_input_grad[4] else None
-        ga = conv_grad_weight(x, a, s * group_up_transpose(g, b_up, groups), conf) if ctx.needs_input_grad[3] else None
-        gbias = bias_grad(g) if ctx.needs_input_grad[2] else None
-        return gx, None, gbias, ga, gb_up, None, None
+        w_eff = scaled(w, scale) + s * lora_delta(a, b_up, groups)
+        gx = conv_grad_input(x.shape, w_eff, g, conf) if ctx.needs_input_grad[0] else None
+        gb_up = s * group_outer(g, h, groups) if ctx.needs_input_grad[5] else None
+        ga = conv_grad_weight(x, a, s * group_up_transpose(g, b_up, groups), conf) if ctx.needs_input_grad[4] else None
+        gbias = bias_grad(g) if ctx.needs_input_grad[3] else None
+        return gx, None, None, gbias, ga, gb_up, None, None
 
 
 class FrozenLinear(torch.autograd.Function):

@@ -46,6 +46,7 @@ class LoRAConv(ConvAttributes, nn.Module):
         self.magnitude = nn.Parameter(w.detach().flatten(1).norm(dim=1).clone()) if dora else None
         self.merged = False
         self.lean = False  # set by ``toolchain.peft.lean.lean_training``
+        self.inference_weight: Tensor | None = None  # set by ``merged_for_inference``
         self._unmerged_weight: Tensor | None = None
 
     @property
@@ -69,17 +70,23 @@ class LoRAConv(ConvAttributes, nn.Module):
         norm = v.flatten(1).norm(dim=1)
         return v * (self.magnitude / norm).reshape(-1, *([1] * (v.dim() - 1)))
 
+    def merged_weight(self) -> Tensor:
+        """W + ΔW (DoRA: m·(W + ΔW)/||W + ΔW||), what the fused model's Conv holds (the base is not touched)."""
+        return self.dora_weight() if self.magnitude is not None else self.base.weight + self.delta_weight()
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.inference_weight is not None and not torch.is_grad_enabled():
+            return self.base._conv_forward(pre_pad(self.base, x), self.inference_weight, self.base.bias)
         if self.merged:
             return plain_forward(self.base, x)
         if self.lean_ready() and torch.is_grad_enabled():
             from toolchain.peft.lean import conv_inputs, fold, folded_bn
             from toolchain.peft.lean_ops import LoRAConv as LeanFn
 
-            w, b, scale = fold(folded_bn(self), self.base.weight, self.base.bias)  # a frozen BN after it, folded in
+            scale, b = fold(folded_bn(self), self.base.bias)  # a frozen BN after it, folded in
             up = self.lora_B if scale is None else self.lora_B * scale[:, None]
             xp, conf = conv_inputs(self.base, x)
-            return LeanFn.apply(xp, w, b, self.lora_A, up, self.scaling, conf)
+            return LeanFn.apply(xp, self.base.weight, scale, b, self.lora_A, up, self.scaling, conf)
         if self.magnitude is not None:
             return self.base._conv_forward(pre_pad(self.base, x), self.dora_weight(), self.base.bias)
         h = self.base._conv_forward(pre_pad(self.base, x), self.lora_A, None)

@@ -127,6 +127,7 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
         self.delta_g1 = nn.Parameter(init.to(dev).clone())
         self.merged = False
         self.lean = False  # set by ``toolchain.peft.lean.lean_training``
+        self.inference_weight: Tensor | None = None  # set by ``merged_for_inference``
 
     @classmethod
     def from_pretrained(cls, base: ConvNd, rank: int, scaling: float = 1.0) -> LoRAEdgeConv:
@@ -153,6 +154,8 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
         return _CONV_FN[self.suffix.dim() - 2](h, up, groups=g)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.inference_weight is not None and not torch.is_grad_enabled():
+            return self.base._conv_forward(pre_pad(self.base, x), self.inference_weight, self.base.bias)
         if self.lean_ready() and torch.is_grad_enabled():
             return self._lean_forward(x)
         y = plain_forward(self.base, x)
@@ -163,6 +166,10 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
     def lean_ready(self) -> bool:
         return self.lean and not self.merged
 
+    def merged_weight(self) -> Tensor:
+        """W + ΔW, what the fused model's Conv holds (the base weight is not touched)."""
+        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+
     def _lean_forward(self, x: Tensor) -> Tensor:
         """One conv with W + s·ΔW, keeping the r1-channel projection or x, whichever is smaller.
 
@@ -172,7 +179,7 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
         from toolchain.peft.lean import conv_inputs, fold, folded_bn
         from toolchain.peft.lean_ops import LoRAEdgeConv as LeanFn
 
-        w, b, scale = fold(folded_bn(self), self.base.weight, self.base.bias)
+        scale, b = fold(folded_bn(self), self.base.bias)
         dg1 = self.delta_g1 if scale is None else self.delta_g1 * scale[:, None]
         xp, conf = conv_inputs(self.base, x)
         spatial = [
@@ -181,7 +188,7 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
         ]
         h_numel = self.base.groups * self.ranks[1] * math.prod(spatial)
         keep_x = math.prod(xp.shape[1:]) < h_numel
-        return LeanFn.apply(xp, w, b, self.suffix, dg1, self.scaling, conf, keep_x)
+        return LeanFn.apply(xp, self.base.weight, scale, b, self.suffix, dg1, self.scaling, conf, keep_x)
 
     @torch.no_grad()
     def merge(self) -> None:
