@@ -275,3 +275,34 @@ def test_rslora_scales_by_the_square_root_of_the_rank(rank):
     x = torch.randn(2, 6, 32)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), rs.eval()(x))
+
+
+@pytest.mark.parametrize("method", ["lora-edge", "lora", "rslora", "dora"])
+def test_evaluation_runs_the_merged_weight_and_leaves_the_base_alone(method):
+    """``merged_for_inference`` (what ``evaluate`` uses): one conv with W + ΔW per wrapper, equal to the
+    two-path forward to float rounding; base weights bit-identical after; grad-enabled passes (training,
+    export) keep the auxiliary path; a layer already merged is not merged twice."""
+    from toolchain.peft.inject import merged_for_inference
+
+    model = _tiny()
+    inject(model, AdaptConfig(method=method, rank=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 6, 32)
+    with torch.no_grad():
+        two_path = model(x)
+        with merged_for_inference(model):
+            merged = model(x)
+            assert all(m.inference_weight is not None for m in adapter_layers(model).values())
+            with torch.enable_grad():
+                torch.testing.assert_close(model(x), two_path, rtol=0, atol=0)
+    torch.testing.assert_close(merged, two_path, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.inference_weight is None for m in adapter_layers(model).values())
+    layer = next(iter(adapter_layers(model).values()))
+    layer.merge()
+    with torch.no_grad(), merged_for_inference(model):
+        assert layer.inference_weight is None
