@@ -1,13 +1,14 @@
 """Training memory a user can rely on: whole-process peak RSS with the allocator controlled.
 
-For each backbone (resnet1d on watch windows at batch 512, resnet18 on digits images at batch 256) and
-each configuration (head only, full fine-tuning, LoRA-Edge on the lean path, PEFT's LoRA on every
-conv), run 3 training steps in a fresh process under `/usr/bin/time -f %M` (GNU time, not this
-project's code), twice with glibc's default allocator and twice with `MALLOC_MMAP_THRESHOLD_=131072`
-(large blocks come from mmap and go back to the system when freed). Report peak RSS above the head-only
-run as a fraction of full fine-tuning's, per allocator, every run shown.
+For each built-in backbone (cnn1d, resnet1d, mobilenet1d on watch windows at batch 512; resnet18,
+mobilenetv2 on digits images at batch 256; the mobilenets adapt their pointwise convs) and each
+configuration (head only, full fine-tuning, LoRA-Edge on the lean path, PEFT's LoRA on the same convs),
+run 3 training steps in a fresh process under `/usr/bin/time -f %M` (GNU time, not this project's
+code), twice with glibc's default allocator and twice with `MALLOC_MMAP_THRESHOLD_=131072` (large
+blocks come from mmap and go back to the system when freed). Report peak RSS above the head-only run
+as a fraction of full fine-tuning's, per allocator, every run shown.
 
-    python3 scripts/bench_memory.py --out runs/bench_memory.json     # about 10 min on 2 cores
+    python3 scripts/bench_memory.py --out runs/bench_memory.json     # about 30 min on 2 cores
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-BACKBONES = {"resnet1d": ("watch", 512), "resnet18": ("digits", 256)}
+BACKBONES = {  # data, batch, layers adapted (LoRA-Edge and PEFT's LoRA alike)
+    "cnn1d": ("watch", 512, "all"),
+    "resnet1d": ("watch", 512, "all"),
+    "mobilenet1d": ("watch", 512, "pointwise"),
+    "resnet18": ("digits", 256, "all"),
+    "mobilenetv2": ("digits", 256, "pointwise"),
+}
 CONFIGS = ("head", "full", "lora-edge", "peft-lora")
 ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=131072": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 PEFT_DRIVER = """
@@ -28,10 +35,11 @@ import sys, torch, peft
 import torch.nn.functional as F
 from toolchain.data.sources import load_data
 from toolchain.models.registry import load_checkpoint
-ckpt, data, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ckpt, data, batch, layers = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 torch.manual_seed(0)
 net, payload = load_checkpoint(ckpt)
-convs = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))]
+convs = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))
+         and (layers == "all" or (all(k == 1 for k in m.kernel_size) and m.groups == 1))]
 model = peft.get_peft_model(net, peft.LoraConfig(r=4, lora_alpha=4, target_modules=convs))
 model.train()
 for m in model.modules():
@@ -70,9 +78,9 @@ def _pretrain(d: Path, backbone: str, data: str) -> Path:
     return ck
 
 
-def _command(config: str, ck: Path, data: str, batch: int, out: Path) -> list[str]:
+def _command(config: str, ck: Path, data: str, batch: int, out: Path, layers: str = "all") -> list[str]:
     if config == "peft-lora":
-        return [sys.executable, "-c", PEFT_DRIVER, str(ck), data, str(batch)]
+        return [sys.executable, "-c", PEFT_DRIVER, str(ck), data, str(batch), layers]
     method = {"lora-edge": "lora-edge"}.get(config, config)
     return [
         "toolchain",
@@ -85,6 +93,8 @@ def _command(config: str, ck: Path, data: str, batch: int, out: Path) -> list[st
         str(batch),
         "--steps",
         "3",
+        "--layers",
+        layers,
         "--out",
         str(out),
         "--force",
@@ -104,14 +114,15 @@ def peak_mib(cmd: list[str], env: dict[str, str]) -> float:
         return int(Path(f.name).read_text().split()[-1]) / 1024
 
 
-def measure(work: Path, repeats: int) -> list[dict]:
+def measure(work: Path, repeats: int, backbones: list[str]) -> list[dict]:
     rows = []
-    for backbone, (data, batch) in BACKBONES.items():
+    for backbone in backbones:
+        data, batch, layers = BACKBONES[backbone]
         ck = _pretrain(work, backbone, data)
         for alloc, env in ALLOCATORS.items():
             for run in range(repeats):
                 for config in CONFIGS:  # interleaved: a run of every config, then the next repeat
-                    mib = peak_mib(_command(config, ck, data, batch, work / "a.safetensors"), env)
+                    mib = peak_mib(_command(config, ck, data, batch, work / "a.safetensors", layers), env)
                     rows.append(
                         {"backbone": backbone, "allocator": alloc, "run": run, "config": config, "peak_mib": mib}
                     )
@@ -186,6 +197,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_memory.json")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     ap.add_argument(
         "--accounted",
         action="store_true",
@@ -201,6 +213,6 @@ if __name__ == "__main__":
         sys.exit(0)
     work = Path(a.out).parent / "bench_memory"
     work.mkdir(parents=True, exist_ok=True)
-    result = measure(work, a.repeats)
+    result = measure(work, a.repeats, a.backbones)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(summary(result))

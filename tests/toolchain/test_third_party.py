@@ -53,31 +53,7 @@ def _hf(name: str) -> nn.Module:
 @pytest.mark.parametrize("name", ["mobilenet_v2_tf_padding", "resnet", "convnext"])
 def test_hugging_face_cnns_through_every_stage(name, tmp_path):
     torch.manual_seed(0)
-    model = _hf(name)
-    x = torch.rand(16, 3, 32, 32)
-    y = torch.arange(16) % 10
-    with torch.no_grad():
-        before = model(x[:2]).clone()
-    adaptation = tc.adapt(model, "lora-edge", rank=2)
-    with torch.no_grad():
-        assert torch.equal(model(x[:2]), before), "step 0 is the original model exactly"
-    with torch.no_grad():
-        for p in adaptation.parameters():
-            p.normal_(0, 0.05)
-    ref, lean = _grads(model.double(), x[:2].double(), lean=False), _grads(model.double(), x[:2].double(), lean=True)
-    _assert_same(ref, lean)
-    model.float()
-    opt = adaptation.optimizer()
-    with adaptation.training():
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
-    adaptation.save(tmp_path / "a.safetensors")
-    tc.export_onnx(adaptation.base_model(), x[:1], tmp_path / "base.onnx")
-    tc.export_onnx(model, x[:1], tmp_path / "unfused.onnx")
-    tc.fuse(tmp_path / "base.onnx", tmp_path / "a.safetensors", tmp_path / "fused.onnx")
-    assert tc.verify(tmp_path / "fused.onnx", tmp_path / "unfused.onnx", tmp_path / "v", inputs=x.numpy())["passed"]
+    _through_every_stage(_hf(name), "lora-edge", tmp_path, torch.rand(16, 3, 32, 32))
 
 
 TIMM = [  # (model, what it exercises)
