@@ -20,7 +20,7 @@ from toolchain.adapters.adapter_file import Adapter
 from toolchain.adapters.methods import get_method
 from toolchain.core.errors import ToolchainError
 from toolchain.data.windows import WindowDataset
-from toolchain.memory import MIB, account, batch_for_budget
+from toolchain.memory import account, batch_for_budget
 from toolchain.peft.galore import GaLoreAdam
 from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_train_mode
 from toolchain.peft.lean import lean_training
@@ -192,7 +192,6 @@ def extract(outcome: Outcome, info: dict[str, object]) -> Adapter:
 
 
 __all__ = [
-    "MIB",
     "HeadChange",
     "Outcome",
     "adapt",
