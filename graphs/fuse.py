@@ -25,12 +25,11 @@ from toolchain.adapters.adapter_file import Adapter, ExtraRecord, LayerRecord, l
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import check_output
 from toolchain.core.version import package_version
-from toolchain.graphs.provenance import Provenance, read_provenance, write_provenance
+from toolchain.graphs.provenance import Provenance, read_provenance, set_metadata, write_provenance
 from toolchain.graphs.weights import Weight, check_finite, conv_weights, index_weights
 from toolchain.kernels import weight_sha256
 
 SCALES_KEY = "toolchain.weight_scales"  # written by `toolchain export --fold-bn`
-PROVENANCE = ("toolchain.fused", "toolchain.base_sha256", "toolchain.adapter_sha256", "toolchain.version")
 HEAD_INPUTS: dict[str, tuple[int, ...]] = {"Gemm": (1, 2)}  # a classifier head: Gemm's B (weight) and C (bias)
 SHAPE_READERS: dict[str, tuple[int, ...]] = {"Shape": (0,), "Size": (0,)}  # read the shape only, which fusion keeps
 
@@ -276,7 +275,7 @@ def fuse_model(model: onnx.ModelProto, adapter: Adapter, provenance: dict[str, s
     fused = onnx.ModelProto()
     fused.CopyFrom(model)
     changed = fuse_in_place(fused, adapter, provenance.get("toolchain.adapter_sha256", ""))
-    _set_metadata(fused, {**provenance, "toolchain.fused_weights": json.dumps(changed)})
+    set_metadata(fused, {**provenance, "toolchain.fused_weights": json.dumps(changed)})
     return fused
 
 
@@ -303,15 +302,6 @@ def fuse_in_place(model: onnx.ModelProto, adapter: Adapter, adapter_sha256: str)
     check_finite(model.graph)
     changed = _fuse_layers(model.graph, adapter, read_scales(model))
     return changed + _apply_extras(model, adapter.extras, adapter)
-
-
-def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
-    """Update existing keys in place and append new ones in sorted order (deterministic output)."""
-    for p in model.metadata_props:
-        if p.key in values:
-            p.value = values.pop(p.key)
-    for key in sorted(values):
-        model.metadata_props.add(key=key, value=values[key])
 
 
 def fuse_files(

@@ -51,8 +51,13 @@ class Provenance:
 
 
 def write_provenance(model: onnx.ModelProto, provenance: Provenance) -> None:
-    """Set the record's entries: existing keys updated in place, new ones appended in sorted order."""
-    values = provenance.to_metadata()
+    """Set the record's entries in the model's metadata_props (``set_metadata``)."""
+    set_metadata(model, provenance.to_metadata())
+
+
+def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    """Update existing keys in place and append new ones in sorted order (deterministic output)."""
+    values = dict(values)
     for p in model.metadata_props:
         if p.key in values:
             p.value = values.pop(p.key)
