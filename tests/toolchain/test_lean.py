@@ -174,3 +174,27 @@ def test_bit_packed_masks_round_trip_on_both_paths(shape):
     assert torch.equal(_pack_torch(mask.reshape(-1)), packed), "the torch path (GPUs) packs as numpy does"
     assert torch.equal(unpack_bits(packed, mask.shape), mask)
     assert torch.equal(_unpack_torch(packed, mask.numel()).view(shape), mask)
+
+
+@pytest.mark.parametrize("numel", [1, 9, 8 * 1000 + 3, (1 << 17) * 2 + 5])
+@pytest.mark.parametrize("upper", [None, 6.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_chunked_clamp_masks_equal_the_whole_tensor_ones(numel, upper, dtype):
+    """The ReLU mask is packed, and applied in backward, MASK_CHUNK elements at a time (no full-size
+    boolean or float mask): the same bits and the same gradient as the one-pass versions, across chunk
+    edges, odd sizes and a non-contiguous gradient."""
+    from toolchain.peft.lean_ops import MASK_CHUNK, masked_grad, pack_bits, pack_clamp_mask
+
+    assert MASK_CHUNK % 8 == 0
+    torch.manual_seed(numel)
+    x = (torch.randn(numel) * 5).to(dtype)
+    x[::7] = 0.0  # exact zeros (and, with upper, exact 6s) sit on the boundary
+    if upper is not None:
+        x[::11] = upper
+    mask = (x > 0) if upper is None else (x > 0) & (x < upper)
+    packed = pack_clamp_mask(x, upper)
+    assert torch.equal(packed, pack_bits(mask))
+    g = torch.randn(numel).to(dtype)
+    g_t = torch.randn(numel, 2).to(dtype)[:, 0]
+    for grad in (g, g_t):
+        assert torch.equal(masked_grad(grad, packed), grad * mask)

@@ -60,18 +60,23 @@ def bias_grad(g: Tensor) -> Tensor:
 
 
 def group_outer(g: Tensor, h: Tensor, groups: int) -> Tensor:
-    """Σ_{batch, space} g[:, o] h[:, group(o)·r + j] -> (C_out, r) for a grouped 1x1 up-projection."""
+    """Σ_{batch, space} g[:, o] h[:, group(o)·r + j] -> (C_out, r) for a grouped 1x1 up-projection.
+
+    One batched matmul over (batch, group) with h transposed as a view: an einsum here permutes g into
+    a contiguous copy, a transient as large as the layer's output gradient."""
     b, c_out = g.shape[:2]
     r = h.shape[1] // groups
-    gg = g.reshape(b, groups, c_out // groups, -1)
-    hh = h.reshape(b, groups, r, -1)
-    return torch.einsum("bgol,bgjl->goj", gg, hh).reshape(c_out, r)
+    gg = g.reshape(b * groups, c_out // groups, -1)
+    hh = h.reshape(b * groups, r, -1)
+    return torch.bmm(gg, hh.transpose(1, 2)).reshape(b, c_out, r).sum(0)
 
 
 def group_up_transpose(g: Tensor, up: Tensor, groups: int) -> Tensor:
     """grad of h through the grouped 1x1 up-projection ``up`` (C_out, r): (B, g·r, *space)."""
     b, c_out = g.shape[:2]
     r = up.shape[1]
+    if groups == 1:  # a matmul reads g in place; the einsum would permute a copy of it
+        return torch.matmul(up.T, g.reshape(b, c_out, -1)).reshape(b, r, *g.shape[2:])
     gg = g.reshape(b, groups, c_out // groups, -1)
     uu = up.reshape(groups, c_out // groups, r)
     return torch.einsum("bgol,goj->bgjl", gg, uu).reshape(b, groups * r, *g.shape[2:])
@@ -179,7 +184,7 @@ class LoRAConv(torch.autograd.Function):
         w_eff = scaled(w, scale) + s * lora_delta(a, b_up, groups)
         gx = conv_grad_input(x.shape, w_eff, g, conf) if ctx.needs_input_grad[0] else None
         gb_up = s * group_outer(g, h, groups) if ctx.needs_input_grad[5] else None
-        ga = conv_grad_weight(x, a, s * group_up_transpose(g, b_up, groups), conf) if ctx.needs_input_grad[4] else None
+        ga = conv_grad_weight(x, a, group_up_transpose(g, s * b_up, groups), conf) if ctx.needs_input_grad[4] else None
         gbias = bias_grad(g) if ctx.needs_input_grad[3] else None
         return gx, None, None, gbias, ga, gb_up, None, None
 
@@ -197,6 +202,9 @@ class FrozenLinear(torch.autograd.Function):
         return (g @ w if ctx.needs_input_grad[0] else None), None, gb
 
 
+MASK_CHUNK = 1 << 17  # elements per chunk (a multiple of 8) when a ReLU mask is packed or applied on the CPU
+
+
 def pack_bits(mask: Tensor) -> Tensor:
     """A boolean tensor as 1 bit per element: (ceil(numel / 8),) uint8, bit i of byte j = element 8j + i
     (MemFLoRA's point: a ReLU's backward needs one bit, not a byte). numpy's packbits on the CPU."""
@@ -204,6 +212,39 @@ def pack_bits(mask: Tensor) -> Tensor:
     if flat.device.type == "cpu":
         return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
     return _pack_torch(flat)
+
+
+def pack_clamp_mask(x: Tensor, upper: float | None) -> Tensor:
+    """``pack_bits(0 < x (< upper))`` without a full-size boolean tensor: on the CPU the mask is built and
+    packed ``MASK_CHUNK`` elements at a time (a cache-sized transient; also faster than one pass)."""
+    flat = x.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        return _pack_torch(_clamp_mask(flat, upper))
+    n = flat.numel()
+    packed = np.empty((n + 7) // 8, dtype=np.uint8)
+    for start in range(0, n, MASK_CHUNK):
+        chunk = _clamp_mask(flat[start : start + MASK_CHUNK], upper).numpy()
+        packed[start // 8 : (start + chunk.size + 7) // 8] = np.packbits(chunk, bitorder="little")
+    return torch.from_numpy(packed)
+
+
+def masked_grad(g: Tensor, packed: Tensor) -> Tensor:
+    """g where the packed mask's bit is set, 0 elsewhere. On the CPU chunk by chunk: a float-bool product
+    over the whole tensor first copies the mask to g's dtype (as many bytes as g itself)."""
+    if g.device.type != "cpu":
+        return g * unpack_bits(packed, g.shape)
+    out = torch.empty(g.shape, dtype=g.dtype)
+    flat_g, flat_out, bits = g.reshape(-1), out.view(-1), packed.numpy()
+    n = flat_g.numel()
+    for start in range(0, n, MASK_CHUNK):
+        stop = min(n, start + MASK_CHUNK)
+        mask = np.unpackbits(bits[start // 8 : (stop + 7) // 8], count=stop - start, bitorder="little")
+        torch.mul(flat_g[start:stop], torch.from_numpy(mask.view(np.bool_)), out=flat_out[start:stop])
+    return out
+
+
+def _clamp_mask(x: Tensor, upper: float | None) -> Tensor:
+    return (x > 0) if upper is None else (x > 0) & (x < upper)
 
 
 def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
@@ -238,15 +279,14 @@ class MaskedClamp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, upper: float | None) -> Tensor:
-        mask = (x > 0) if upper is None else (x > 0) & (x < upper)
-        ctx.save_for_backward(pack_bits(mask))
-        ctx.shape = mask.shape
+        ctx.save_for_backward(pack_clamp_mask(x, upper))
+        ctx.shape = x.shape
         return x.clamp(0, upper)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         (packed,) = ctx.saved_tensors
-        return g * unpack_bits(packed, ctx.shape), None
+        return masked_grad(g, packed), None
 
 
 class WindowMax(torch.autograd.Function):
