@@ -81,8 +81,10 @@ def count_flops(fn: Any) -> int:
 
 
 def activation_bytes(model: nn.Module, x: Tensor) -> int:
-    """Bytes of the distinct non-parameter tensors autograd keeps for backward in one forward pass."""
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    """Bytes of the distinct tensors autograd keeps for backward in one forward pass, beyond the model's
+    own parameters and buffers (counted as parameters) and the input batch ``x`` (the caller's, alive
+    through the step whatever the method): the intermediate results a method adds."""
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
     seen: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:

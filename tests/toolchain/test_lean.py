@@ -198,3 +198,42 @@ def test_chunked_clamp_masks_equal_the_whole_tensor_ones(numel, upper, dtype):
     g_t = torch.randn(numel, 2).to(dtype)[:, 0]
     for grad in (g, g_t):
         assert torch.equal(masked_grad(grad, packed), grad * mask)
+
+
+@pytest.mark.parametrize("method", ["lora-edge", "lora"])
+def test_first_conv_keeps_the_callers_batch_not_a_standardised_copy(method):
+    """A 1-channel image into resnet18: LoRA-Edge keeps its stem's input (1 channel, smaller than the
+    4-channel projection) and LoRA keeps it for A's gradient. The input is the standardisation's output;
+    the lean ops keep the caller's batch and recompute (x - mean) / std in backward, bit for bit."""
+    from toolchain.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 1, 5, 2)
+    with torch.no_grad():
+        model.norm.mean.fill_(0.3)
+        model.norm.std.fill_(1.7)
+    inject(model, AdaptConfig(method=method, rank=4, scaling=0.5))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and ("delta_g1" in n or "lora_B" in n):
+                p.normal_(0, 0.1)
+    model, x = model.double(), torch.randn(3, 1, 32, 32, dtype=torch.float64)
+    _assert_same(_grads(model, x, lean=False), _grads(model, x, lean=True))
+
+    set_train_mode(model, False)
+    batch_shaped: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.shape == x.shape:
+            batch_shaped.append(t)
+        return t
+
+    with lean_training(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    assert batch_shaped, "the stem keeps its input (or the batch)"
+    assert all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in batch_shaped)
+    with lean_training(model):
+        out = model(x)
+    x.add_(1.0)  # the batch changed after forward: autograd refuses, no silently wrong gradient
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

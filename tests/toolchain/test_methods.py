@@ -225,7 +225,9 @@ def test_memory_accounting_of_one_linear():
     n = 10 * 3 + 3
     assert prof.param_bytes == prof.grad_bytes == 4 * n
     assert prof.optimizer_bytes == 2 * 4 * n + 2 * 4  # two moments per element plus Adam's step counters
-    assert activation_bytes(lin, x) == 7 * 10 * 4  # the saved input
+    assert activation_bytes(lin, x) == 0  # it saves only the caller's batch, which every method holds
+    two = nn.Sequential(nn.Linear(10, 5), nn.Linear(5, 3))
+    assert activation_bytes(two, x) == 7 * 5 * 4  # the intermediate the second layer saves
     assert prof.forward_flops == 2 * 7 * 10 * 3
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolchain.models.registry import Standardize
 from toolchain.peft import lean_ops
 from toolchain.peft.lean_ops import Conf
 
@@ -206,6 +207,15 @@ class LeanAdaptiveAvgPool2d(_LeanGlobalPool, nn.AdaptiveAvgPool2d):
     pass
 
 
+class LeanStandardize(Standardize):
+    """The input standardisation, its output marked as recomputable from the caller's batch: a first conv
+    that needs its input in backward (LoRA-Edge keeping x, LoRA's A) keeps the batch, not a copy."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return lean_ops.mark_standardized(y, x, self.mean, self.std) if torch.is_grad_enabled() else y
+
+
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
     return tuple(int(x) for x in v) if isinstance(v, tuple | list) else (int(v),) * n
 
@@ -222,6 +232,7 @@ LEAN_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nn.MaxPool2d: LeanMaxPool2d,
     nn.AdaptiveAvgPool1d: LeanAdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d: LeanAdaptiveAvgPool2d,
+    Standardize: LeanStandardize,
 }
 
 

@@ -100,6 +100,29 @@ def scaled(w: Tensor, scale: Tensor | None) -> Tensor:
     return w if scale is None else w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
 
 
+RECIPE = "_lean_standardized_from"  # tensor attribute: (raw, mean, std) with tensor = (raw - mean) / std
+
+
+def mark_standardized(y: Tensor, raw: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Note on ``y`` that it is (raw - mean) / std, so an op that needs ``y`` in backward can keep
+    ``raw`` (the caller's batch, alive anyway) and recompute ``y`` bit for bit instead of keeping a copy."""
+    setattr(y, RECIPE, (raw, mean, std))
+    return y
+
+
+def keep_input(x: Tensor) -> tuple[Tensor, ...]:
+    """What to save for ``x``: its recipe's (raw, mean, std) where it has one, else x itself."""
+    return getattr(x, RECIPE, None) or (x,)
+
+
+def restore_input(kept: tuple[Tensor, ...]) -> Tensor:
+    """``keep_input``'s inverse."""
+    if len(kept) == 1:
+        return kept[0]
+    raw, mean, std = kept
+    return (raw - mean) / std  # the same ops as the standardisation itself: bit-identical
+
+
 class FrozenConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, scale: Tensor | None, b: Tensor | None, conf: Conf) -> Tensor:
@@ -132,7 +155,7 @@ class LoRAEdgeConv(torch.autograd.Function):
     ) -> Tensor:
         groups = conf[3]
         if keep_x:
-            ctx.save_for_backward(w, scale, suffix, dg1, x)
+            ctx.save_for_backward(w, scale, suffix, dg1, *keep_input(x))
         else:
             h = conv(x, suffix.repeat(groups, *([1] * (suffix.dim() - 1))), None, conf)
             ctx.save_for_backward(w, scale, suffix, dg1, h)
@@ -141,17 +164,17 @@ class LoRAEdgeConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:
-        w, scale, suffix, dg1, kept = ctx.saved_tensors
+        w, scale, suffix, dg1, *kept = ctx.saved_tensors
         s, conf = ctx.scaling, ctx.conf
         w_eff = scaled(w, scale) + s * tt_delta(dg1, suffix)
         gx = conv_grad_input(ctx.shape, w_eff, g, conf) if ctx.needs_input_grad[0] else None
         gdg1 = None
         if ctx.needs_input_grad[5]:
             if ctx.keep_x:  # grad of ΔW contracted with the suffix: ΔW[o] = Σ_j ΔG1[o, j] S[j]
-                gw = conv_grad_weight(kept, w_eff, g, conf)
+                gw = conv_grad_weight(restore_input(tuple(kept)), w_eff, g, conf)
                 gdg1 = s * gw.reshape(gw.shape[0], -1) @ suffix.reshape(suffix.shape[0], -1).T
             else:
-                gdg1 = s * group_outer(g, kept, conf[3])
+                gdg1 = s * group_outer(g, kept[0], conf[3])
         gb = bias_grad(g) if ctx.needs_input_grad[3] else None
         return gx, None, None, gb, None, gdg1, None, None, None
 
@@ -172,13 +195,14 @@ class LoRAConv(torch.autograd.Function):
         conf: Conf,
     ) -> Tensor:
         h = conv(x, lora_a, None, conf)
-        ctx.save_for_backward(w, scale, lora_a, lora_b, x, h)
+        ctx.save_for_backward(w, scale, lora_a, lora_b, h, *keep_input(x))
         ctx.conf, ctx.scaling = conf, scaling
         return conv(x, scaled(w, scale) + scaling * lora_delta(lora_a, lora_b, conf[3]), b, conf)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:
-        w, scale, a, b_up, x, h = ctx.saved_tensors
+        w, scale, a, b_up, h, *kept = ctx.saved_tensors
+        x = restore_input(tuple(kept))
         s, conf = ctx.scaling, ctx.conf
         groups = conf[3]
         w_eff = scaled(w, scale) + s * lora_delta(a, b_up, groups)
