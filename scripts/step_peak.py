@@ -28,13 +28,20 @@ def _status_mib(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def step_peaks(checkpoint: str, method: str, batch: int, layers: str, data: str, steps: int = 3) -> list[float]:
+def prepared(
+    checkpoint: str, method: str, batch: int, layers: str, data: str
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    """The checkpoint adapted with ``method`` (rank 4), its optimizer and the first ``batch`` samples."""
     model, _ = load_checkpoint(checkpoint)
     cfg = AdaptConfig(method=method, rank=4, layers=layers)
     inject(model, cfg)
     ds = load_data(data)
     x, y = torch.from_numpy(ds.X[:batch]), torch.from_numpy(ds.y[:batch])
-    opt = make_optimizer(model, cfg, 1e-3)
+    return model, make_optimizer(model, cfg, 1e-3), x, y
+
+
+def step_peaks(checkpoint: str, method: str, batch: int, layers: str, data: str, steps: int = 3) -> list[float]:
+    model, opt, x, y = prepared(checkpoint, method, batch, layers, data)
     peaks = []
     with lean_training(model, method != "full"):
         for _ in range(steps):

@@ -16,22 +16,15 @@ import argparse
 import time
 
 import torch
+from step_peak import prepared  # scripts/ is on the path when run as python3 scripts/step_time.py
 
-from toolchain.adaptation import make_optimizer
-from toolchain.data.sources import load_data
-from toolchain.models.registry import load_checkpoint
-from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
+from toolchain.peft.inject import set_train_mode
 from toolchain.peft.lean import lean_training
 
 
 def step_seconds(checkpoint: str, method: str, batch: int, data: str, layers: str, steps: int = 16) -> float:
     torch.set_num_threads(1)
-    model, _ = load_checkpoint(checkpoint)
-    cfg = AdaptConfig(method=method, rank=4, layers=layers)
-    inject(model, cfg)
-    ds = load_data(data)
-    x, y = torch.from_numpy(ds.X[:batch]), torch.from_numpy(ds.y[:batch])
-    opt = make_optimizer(model, cfg, 1e-3)
+    model, opt, x, y = prepared(checkpoint, method, batch, layers, data)
     times = []
     with lean_training(model, method != "full"):
         for _ in range(steps):
