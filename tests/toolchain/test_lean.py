@@ -237,3 +237,30 @@ def test_first_conv_keeps_the_callers_batch_not_a_standardised_copy(method):
     x.add_(1.0)  # the batch changed after forward: autograd refuses, no silently wrong gradient
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_an_input_changed_in_place_after_standardisation_is_kept_as_it_is():
+    """The recipe holds only while the standardised tensor is unchanged: an in-place op between the
+    standardisation and the first conv makes the lean op keep the tensor itself (same gradients)."""
+    from toolchain.models.registry import HARModel
+
+    class Doubled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 8, 3, padding=1, bias=False)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.conv(x.mul_(2.0)).mean(-1))
+
+    torch.manual_seed(0)
+    model = HARModel(Doubled(), 2)
+    with torch.no_grad():
+        model.norm.mean.fill_(0.5)
+        model.norm.std.fill_(2.0)
+    inject(model, AdaptConfig(method="lora-edge", rank=4, scaling=0.5))
+    with torch.no_grad():
+        model.net.conv.delta_g1.normal_(0, 0.1)
+    model, x = model.double(), torch.randn(3, 2, 16, dtype=torch.float64)
+    # 2 input channels x 16 < 4 projection channels x 16: LoRA-Edge keeps the conv's input
+    _assert_same(_grads(model, x, lean=False), _grads(model, x, lean=True))

@@ -100,19 +100,21 @@ def scaled(w: Tensor, scale: Tensor | None) -> Tensor:
     return w if scale is None else w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
 
 
-RECIPE = "_lean_standardized_from"  # tensor attribute: (raw, mean, std) with tensor = (raw - mean) / std
+RECIPE = "_lean_standardized_from"  # tensor attribute: ((raw, mean, std), version) with tensor = (raw - mean) / std
 
 
 def mark_standardized(y: Tensor, raw: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """Note on ``y`` that it is (raw - mean) / std, so an op that needs ``y`` in backward can keep
     ``raw`` (the caller's batch, alive anyway) and recompute ``y`` bit for bit instead of keeping a copy."""
-    setattr(y, RECIPE, (raw, mean, std))
+    setattr(y, RECIPE, ((raw, mean, std), y._version))
     return y
 
 
 def keep_input(x: Tensor) -> tuple[Tensor, ...]:
-    """What to save for ``x``: its recipe's (raw, mean, std) where it has one, else x itself."""
-    return getattr(x, RECIPE, None) or (x,)
+    """What to save for ``x``: its recipe's (raw, mean, std) where it has one and x has not been changed in
+    place since (its version counter), else x itself."""
+    recipe = getattr(x, RECIPE, None)
+    return recipe[0] if recipe is not None and recipe[1] == x._version else (x,)
 
 
 def restore_input(kept: tuple[Tensor, ...]) -> Tensor:
