@@ -40,19 +40,22 @@ def prepared(
     return model, make_optimizer(model, cfg, 1e-3), x, y
 
 
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One optimizer step with BatchNorm frozen, as ``finetune`` trains."""
+    set_train_mode(model, False)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def step_peaks(checkpoint: str, method: str, batch: int, layers: str, data: str, steps: int = 3) -> list[float]:
     model, opt, x, y = prepared(checkpoint, method, batch, layers, data)
     peaks = []
     with lean_training(model, method != "full"):
         for _ in range(steps):
-            set_train_mode(model, False)
             before = _status_mib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
+            train_step(model, opt, x, y)
             peaks.append(round(_status_mib("VmHWM") - before, 1))
     return peaks
 

@@ -16,9 +16,8 @@ import argparse
 import time
 
 import torch
-from step_peak import prepared  # scripts/ is on the path when run as python3 scripts/step_time.py
+from step_peak import prepared, train_step  # scripts/ is on the path when run as python3 scripts/step_time.py
 
-from toolchain.peft.inject import set_train_mode
 from toolchain.peft.lean import lean_training
 
 
@@ -28,11 +27,8 @@ def step_seconds(checkpoint: str, method: str, batch: int, data: str, layers: st
     times = []
     with lean_training(model, method != "full"):
         for _ in range(steps):
-            set_train_mode(model, False)
             t0 = time.process_time()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, x, y)
             times.append(time.process_time() - t0)
     kept = sorted(times[2:])
     return kept[len(kept) // 2]

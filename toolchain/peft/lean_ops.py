@@ -245,7 +245,7 @@ def pack_clamp_mask(x: Tensor, upper: float | None) -> Tensor:
     packed ``MASK_CHUNK`` elements at a time (a cache-sized transient; also faster than one pass)."""
     flat = x.detach().reshape(-1)
     if flat.device.type != "cpu":
-        return _pack_torch(_clamp_mask(flat, upper))
+        return pack_bits(_clamp_mask(flat, upper))
     n = flat.numel()
     packed = np.empty((n + 7) // 8, dtype=np.uint8)
     for start in range(0, n, MASK_CHUNK):
