@@ -264,3 +264,16 @@ def test_an_input_changed_in_place_after_standardisation_is_kept_as_it_is():
     model, x = model.double(), torch.randn(3, 2, 16, dtype=torch.float64)
     # 2 input channels x 16 < 4 projection channels x 16: LoRA-Edge keeps the conv's input
     _assert_same(_grads(model, x, lean=False), _grads(model, x, lean=True))
+
+
+@pytest.mark.parametrize("upper", [None, 6.0])
+def test_lean_clamp_passes_a_nan_gradient_as_pytorch_does(upper):
+    """PyTorch's ReLU/ReLU6 backward stops the gradient only where x <= 0 (or x >= 6): at a NaN it passes."""
+    from toolchain.peft.lean_ops import MaskedClamp
+
+    x = torch.tensor([float("nan"), -1.0, 0.0, 2.0, 6.0, 7.0], requires_grad=True)
+    g = torch.arange(1.0, 7.0)
+    ref = torch.relu if upper is None else torch.nn.functional.relu6
+    (lean,) = torch.autograd.grad(MaskedClamp.apply(x, upper), x, g)
+    (expected,) = torch.autograd.grad(ref(x), x, g)
+    assert torch.equal(lean, expected)

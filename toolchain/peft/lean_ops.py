@@ -270,7 +270,10 @@ def masked_grad(g: Tensor, packed: Tensor) -> Tensor:
 
 
 def _clamp_mask(x: Tensor, upper: float | None) -> Tensor:
-    return (x > 0) if upper is None else (x > 0) & (x < upper)
+    """Where the clamp's gradient passes, as PyTorch's ReLU / ReLU6 backward decide it: not (x <= 0 or
+    x >= upper), so a NaN passes its gradient (x > 0 would stop it)."""
+    stop = x <= 0 if upper is None else (x <= 0) | (x >= upper)
+    return stop.logical_not_()
 
 
 def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
