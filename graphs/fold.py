@@ -12,7 +12,12 @@ initializer named as its output. What it keeps: every other node (order, names, 
 metadata), every existing initializer's name and bytes (conv weights above all: fusion and refit
 find them by name), graph inputs and outputs, and ``metadata_props``. A graph output is never
 folded. ``Constant`` nodes become initializers of the same name, so a weight given as a Constant is
-an initializer afterwards. No torch, no onnxruntime: it runs wherever the graph stage runs.
+an initializer afterwards. A node that reads a weight's values (a float initializer of more than
+one element) is never folded: weights keep their names and their readers. Two rewrites besides, for
+torch 2.5's exporter: a Transpose of a 2-D weight read only as Gemm's B is absorbed into the Gemm
+(transB flipped), as newer exporters write a Linear head, and nodes and optional outputs nothing
+reads (dead code, MaxPool's Indices) are dropped. No torch, no onnxruntime: it runs wherever the
+graph stage runs.
 """
 
 from __future__ import annotations
@@ -47,10 +52,14 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     consts = _initial_constants(graph)
     opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 18)
     protected = {o.name for o in graph.output}
+    prune_dead(graph)
+    drop_unread_outputs(graph)
+    _absorb_transposes(graph, protected)
+    weights = _weights(graph)
     folded: dict[str, Value] = {}
     keep: list[onnx.NodeProto] = []
     for node in graph.node:
-        values = _try_fold(node, consts, types, protected, opset)
+        values = None if _reads_weight(node, weights) else _try_fold(node, consts, types, protected, opset)
         if values is None:
             keep.append(node)
             continue
@@ -60,6 +69,101 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         return out
     _rewrite(graph, keep, folded)
     return out
+
+
+def _weights(graph: onnx.GraphProto) -> set[str]:
+    """The model's weights: floating-point initializers of more than one element. A node that reads one
+    is never folded, so every weight keeps its name and its readers (torch 2.5's dynamo exporter writes
+    a Linear head as Gemm(Transpose(head.weight)): folded, head.weight would vanish into a tensor named
+    ``t``, and neither fusion of a trained head nor refit could find it)."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    return {t.name for t in graph.initializer if t.data_type in floats and int(np.prod(t.dims, dtype=np.int64)) > 1}
+
+
+def prune_dead(graph: onnx.GraphProto) -> None:
+    """Drop nodes none of whose outputs is read, until none is left (torch 2.5's exporter leaves an
+    inlined BatchNorm's batch statistics and MaxPool's index arithmetic unread), then the
+    initializers only they read. ONNX nodes have no side effects, so nothing a reader sees changes."""
+    before = _readers(graph.node, graph.output)
+    while True:
+        read = _readers(graph.node, graph.output)
+        live = [n for n in graph.node if any(o and o in read for o in n.output)]
+        if len(live) == len(graph.node):
+            break
+        kept = [onnx.NodeProto() for _ in live]
+        for dst, src in zip(kept, live, strict=True):
+            dst.CopyFrom(src)
+        del graph.node[:]
+        graph.node.extend(kept)
+    names = {n for node in graph.node for n in node.output}
+    keep = [t for t in graph.initializer if t.name in read or t.name not in before]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    value_info = [vi for vi in graph.value_info if vi.name in names or vi.name in read]
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+
+
+OPTIONAL_OUTPUTS = {"MaxPool": 1, "Dropout": 1}  # op -> the outputs it must keep (the rest are optional)
+
+
+def drop_unread_outputs(graph: onnx.GraphProto) -> None:
+    """Drop the optional outputs nothing reads: torch 2.5's dynamo exporter writes MaxPool with its
+    Indices output, which TensorRT's parser refuses ("doesn't support more than 1 outputs for MaxPool")."""
+    read = _readers(graph.node, graph.output)
+    for node in graph.node:
+        keep = OPTIONAL_OUTPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if keep is None or len(node.output) <= keep or any(o in read for o in node.output[keep:]):
+            continue
+        gone = set(node.output[keep:])
+        del node.output[keep:]
+        value_info = [vi for vi in graph.value_info if vi.name not in gone]
+        del graph.value_info[:]
+        graph.value_info.extend(value_info)
+
+
+def _absorb_transposes(graph: onnx.GraphProto, protected: set[str]) -> None:
+    """Gemm(A, Transpose(W)) -> Gemm(A, W, transB flipped), for a 2-D weight W read only as Gemm's B:
+    torch 2.5's dynamo exporter writes a Linear head that way, newer ones write Gemm(A, W, transB=1).
+    The head's weight then feeds its Gemm directly, under its own name, as fusion and refit expect."""
+    weights = {t.name for t in graph.initializer if len(t.dims) == 2}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+    drop = []
+    for node in graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or perm != [1, 0]:
+            continue
+        if node.input[0] not in weights or node.output[0] in protected:
+            continue
+        users = readers.get(node.output[0], [])
+        if not users or any(u.op_type != "Gemm" or i != 1 for u, i in users):
+            continue
+        for user, _ in users:
+            user.input[1] = node.input[0]
+            attr = next((a for a in user.attribute if a.name == "transB"), None)
+            if attr is None:
+                user.attribute.append(helper.make_attribute("transB", 1))
+            else:
+                attr.i = 1 - attr.i
+        drop.append(node)
+    for node in drop:
+        graph.node.remove(node)
+    if drop:
+        gone = {n.output[0] for n in drop}
+        value_info = [vi for vi in graph.value_info if vi.name not in gone]
+        del graph.value_info[:]
+        graph.value_info.extend(value_info)
+
+
+def _reads_weight(node: onnx.NodeProto, weights: set[str]) -> bool:
+    """Whether ``node`` reads a weight's values (a Shape or Size of it, a CastLike's type input, do not)."""
+    if node.op_type in SHAPE_OPS:
+        return False
+    type_only = TYPE_ONLY.get(node.op_type, ())
+    return any(name in weights for i, name in enumerate(node.input) if i not in type_only)
 
 
 def _initial_constants(graph: onnx.GraphProto) -> dict[str, Value]:

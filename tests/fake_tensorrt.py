@@ -56,6 +56,7 @@ SUPPORTED_OPS = {
     "Shape",
     "Gather",
     "Expand",
+    "Tile",
     "Cast",
     "Sigmoid",
     "HardSigmoid",

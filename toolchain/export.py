@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner
 import torch
 from torch import nn
 
@@ -141,17 +142,25 @@ def _dynamo(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions,
         verbose=False,
         external_data=False,
     )
-    if opts.fold_bn and "optimize" not in kwargs:
-        raise ToolchainError(
-            "--fold-bn needs torch.onnx.export's optimize option (torch 2.6 or newer)",
-            seen=torch.__version__,
-            remedy="export without --fold-bn",
-        )
     with _quiet():
         program = torch.onnx.export(model, (x,), **kwargs)
-    if program is None:
-        raise ToolchainError("torch.onnx.export returned nothing", seen=type(model).__name__)
-    return program.model_proto
+        if program is None:
+            raise ToolchainError("torch.onnx.export returned nothing", seen=type(model).__name__)
+        if opts.fold_bn and "optimize" not in kwargs:
+            _optimize(program)
+    proto = program.model_proto
+    if proto.functions:  # torch 2.5's exporter writes BatchNorm as a local function; TensorRT's parser wants ops
+        proto = onnx.inliner.inline_local_functions(proto)
+    return proto
+
+
+def _optimize(program: Any) -> None:
+    """What ``optimize=True`` does on torch 2.6+ (onnxscript's optimizer on the exported IR: constant
+    folding, BatchNorm folded into Conv weights under their names), for torch 2.5, whose export has no
+    such option and whose onnxscript hook is a no-op unless an internal flag is set."""
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize_ir(program.model)
 
 
 def _torchscript(model: nn.Module, input_shape: tuple[int, ...], opts: ExportOptions, batch: int) -> onnx.ModelProto:

@@ -134,8 +134,9 @@ def test_lean_training_reaches_the_reference_weights():
         results.append({n: p.detach() for n, p in m.named_parameters() if p.requires_grad})
     for k in results[0]:
         torch.testing.assert_close(
-            results[1][k], results[0][k], rtol=1e-4, atol=2e-5
-        )  # float32 Adam: 1 thread or 2 reorder sums
+            results[1][k], results[0][k], rtol=1e-4, atol=1e-4
+        )  # float32 Adam amplifies reduction order (threads, the torch release's kernels): torch 2.5.1 moved one
+        # of 256 elements by 5.5e-5 after 6 steps of lr 5e-3 (1% of one step); exactness is the float64 tests' job
 
 
 @pytest.mark.parametrize(

@@ -148,8 +148,10 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
 
     def _aux(self, x: Tensor) -> Tensor:
         g = self.base.groups
-        reps = (g,) + (1,) * (self.suffix.dim() - 1)
-        h = self.base._conv_forward(pre_pad(self.base, x), self.suffix.repeat(reps), None)  # same geometry
+        # grouped: the suffix kernel serves every group; ungrouped, no repeat (torch 2.5 exports even a
+        # repeat by ones as Expand + Tile nodes)
+        suffix = self.suffix if g == 1 else self.suffix.repeat((g,) + (1,) * (self.suffix.dim() - 1))
+        h = self.base._conv_forward(pre_pad(self.base, x), suffix, None)  # same geometry
         up = self.delta_g1.reshape(*self.delta_g1.shape, *([1] * (self.suffix.dim() - 2)))
         return _CONV_FN[self.suffix.dim() - 2](h, up, groups=g)
 
