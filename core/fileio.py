@@ -94,6 +94,22 @@ def check_output(
     return target
 
 
+def check_distinct(outputs: dict[str, PathLike], inputs: dict[str, PathLike | None]) -> None:
+    """Refuse a command's outputs (role -> path) where one is an input or another output: a
+    ``--timing-cache`` naming the model would replace the model, one naming ``-o`` the engine.
+    Roles name the options, so the message says which two collide."""
+    outs = list(outputs.items())
+    for i, (role, out) in enumerate(outs):
+        others = [*inputs.items(), *outs[:i]]
+        for other_role, other in others:
+            if other is not None and _same_file(Path(out), Path(other)):
+                raise ToolchainError(
+                    f"{role} must not be the same file as {other_role}",
+                    seen=os.fspath(out),
+                    remedy=f"choose another path for {role}",
+                )
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if a.resolve() == b.resolve():
         return True
@@ -117,10 +133,7 @@ def atomic_path(target: PathLike, *, force: bool = True) -> Iterator[Path]:
     try:
         _create_partial(target, tmp_path)
         yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # created 0600; give the file the mode open() would
-        _publish(tmp_path, target, force)
+        _publish_all([target], [tmp_path], force)
     except OSError as err:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -179,8 +192,9 @@ def _publish(tmp: Path, target: Path, force: bool) -> None:
     tmp.unlink()
 
 
-# Called (no arguments) right before ``atomic_paths`` moves its files into place; one that raises stops
-# the publication, and the staged files are removed. The CLI registers one for a deferred SIGTERM.
+# Called (no arguments) right before ``atomic_path`` or ``atomic_paths`` moves its files into place; one
+# that raises stops the publication, and the staged files are removed. The CLI registers one for a
+# deferred SIGTERM.
 BEFORE_PUBLISH: list[Callable[[], None]] = []
 
 
@@ -195,19 +209,7 @@ def atomic_paths(targets: Sequence[PathLike], *, force: bool = True) -> Iterator
         for target, tmp in zip(paths, tmps, strict=True):
             _create_partial(target, tmp)
         yield tmps
-        for tmp in tmps:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
-        for guard in BEFORE_PUBLISH:  # e.g. the CLI's: a termination it had to defer is raised here, not later
-            guard()
-        held = {signal.SIGINT, signal.SIGTERM}
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        try:
-            for target, tmp in zip(paths, tmps, strict=True):
-                _publish(tmp, target, force)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _publish_all(paths, tmps, force)
     except OSError as err:
         _remove(tmps)
         raise ToolchainError(
@@ -218,6 +220,24 @@ def atomic_paths(targets: Sequence[PathLike], *, force: bool = True) -> Iterator
     except BaseException:
         _remove(tmps)
         raise
+
+
+def _publish_all(paths: Sequence[Path], tmps: Sequence[Path], force: bool) -> None:
+    """fsync and chmod the staged files, run every BEFORE_PUBLISH guard (a termination the CLI had to
+    defer is raised here, before anything appears), then move them all into place with SIGINT and
+    SIGTERM held back. ``atomic_path`` and ``atomic_paths`` both publish through here."""
+    for tmp in tmps:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # created 0600; give the file the mode open() would
+    for guard in BEFORE_PUBLISH:
+        guard()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for target, tmp in zip(paths, tmps, strict=True):
+            _publish(tmp, target, force)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _remove(paths: Sequence[Path]) -> None:

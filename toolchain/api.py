@@ -154,6 +154,7 @@ def adapt(
 
     if not isinstance(model, nn.Module):
         raise ToolchainError("adapt takes a torch.nn.Module", seen=type(model).__name__, remedy="pass your model")
+    _check_weights(model)
     if adapter_layers(model):
         raise ToolchainError(
             "the model is already adapted",
@@ -191,11 +192,66 @@ def export_onnx(
     from toolchain.graphs.onnx_io import check_onnx, save_onnx
 
     out = check_output(path, force=force)
+    if example.dim() < 2 or int(example.shape[0]) < 1:
+        raise ToolchainError(
+            "the example must be a batch of at least one input (N >= 1, then the input's shape)",
+            seen=list(example.shape),
+            remedy="pass e.g. x[:1]",
+        )
     opts = ExportOptions(dynamic_batch=dynamic_batch, fold_bn=fold_bn, batch=int(example.shape[0]), exporter=exporter)
-    proto = to_onnx(model, tuple(example.shape[1:]), opts, real=check_inputs).proto
+    with _restored(model):
+        proto = to_onnx(model, tuple(example.shape[1:]), opts, real=check_inputs).proto
     check_onnx(proto, str(out))
     save_onnx(proto, out, force=force)
     return out
+
+
+def _check_weights(model: nn.Module) -> None:
+    """Adaptation trains in float32 on materialised weights: a half, bfloat16 or meta-device model
+    would fail at its first step with a PyTorch error, so it is refused here, naming a tensor."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise ToolchainError(
+                "the model's weights are not materialised (meta device)",
+                seen=name,
+                remedy="load real weights first (e.g. model.to_empty(device='cpu') then load_state_dict)",
+            )
+        if t.is_floating_point() and t.dtype != torch_float32():
+            raise ToolchainError(
+                "adaptation needs float32 weights",
+                seen=f"{name}: {str(t.dtype).replace('torch.', '')}",
+                remedy="call model.float() before adapt (export and fusion are float32 too)",
+            )
+
+
+def torch_float32() -> Any:
+    import torch
+
+    return torch.float32
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """Export runs the module in eval mode on the CPU; give it back as it came (each submodule's train
+    or eval mode, its device), so a user exporting once per epoch trains on unchanged."""
+    modes = [(m, m.training) for m in model.modules()]
+    placed = [
+        (m, name, t.device)
+        for m in model.modules()
+        for name, t in [*m._parameters.items(), *m._buffers.items()]
+        if t is not None
+    ]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for m, name, device in placed:  # parameters keep their identity (an optimizer holds them)
+            param, buffer = m._parameters.get(name), m._buffers.get(name)
+            if param is not None and param.device != device:
+                param.data = param.data.to(device)
+            elif param is None and buffer is not None and buffer.device != device:
+                m._buffers[name] = buffer.to(device)
 
 
 def fuse(

@@ -18,6 +18,8 @@ from toolchain.adapters.methods import METHODS, get_method
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import BEFORE_PUBLISH
 
+GATE_ATTEMPTS = 3  # the latency gate measures again up to this many times before failing
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -203,6 +205,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from toolchain.core.fileio import check_output
     from toolchain.core.jsonio import write_json
 
+    if a.attempts is not None and a.max_ratio is None:
+        raise ToolchainError(
+            "--attempts applies to the latency gate, which needs --max-ratio",
+            seen=f"--attempts {a.attempts} without --max-ratio",
+            remedy="add --max-ratio (e.g. 1.05), or drop --attempts",
+        )
+    a.attempts = GATE_ATTEMPTS if a.attempts is None else a.attempts
+    if not 1 <= a.attempts <= 100:
+        raise ToolchainError("--attempts must be an integer from 1 to 100", seen=a.attempts, remedy="pass --attempts 3")
     if a.json:
         check_output(a.json, [a.model, *a.vs], force=a.force)
     kwargs = dict(warmup=a.warmup, runs=a.runs, provider=a.provider, threads=a.threads)
@@ -460,8 +471,8 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument(
         "--attempts",
         type=int,
-        default=3,
-        help="with --max-ratio: measure again when over the bound, up to this many times (default 3)",
+        default=None,
+        help=f"with --max-ratio: measure again when over the bound, up to this many times (default {GATE_ATTEMPTS})",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_bench)
@@ -821,7 +832,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_bounds(args)
         handler: Handler = args.func
-        return handler(args)
+        code = handler(args)
+        _before_publish()  # a SIGTERM still deferred when the command ends: never exit 0 past it
+        return code
     except ToolchainError as err:
         return _fail(name, str(err), 2)
     except ModuleNotFoundError as err:

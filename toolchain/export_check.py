@@ -88,14 +88,34 @@ def against_torch(
         for name, a, b in zip(names, got, refs, strict=True):
             if a.shape != b.shape:
                 raise ValueError(f"output {name} has shape {list(a.shape)} in ONNX, {list(b.shape)} in PyTorch")
-            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-            errors[name] = max(
-                errors[name], float(diff.max()) if diff.size else 0.0, float("inf") if not np.isfinite(a).all() else 0.0
-            )
-            peaks[name] = max(peaks[name], float(np.abs(b).max()) if b.size else 0.0)
+            error, peak = output_error(a, b)
+            errors[name] = max(errors[name], error)
+            peaks[name] = max(peaks[name], peak)
     bound = {k: EXPORT_ATOL + EXPORT_RTOL * peaks[k] for k in names}
     passed = all(errors[k] <= bound[k] for k in names)
     return ExportCheck(exporter, str(torch.__version__), real, len(feeds) - real, errors, bound, passed)
+
+
+def output_error(onnx_out: np.ndarray, torch_out: np.ndarray) -> tuple[float, float]:
+    """(max abs error, peak |torch| over its finite values) of one output.
+
+    Non-finite values must match exactly: the same positions, NaN for NaN and an infinity of the same
+    sign; any other non-finite value on either side is an infinite error (``max(0.0, nan)`` would hide
+    a NaN, and an infinite peak would make the bound infinite). The finite rest is compared as usual,
+    so one masked (-inf) logit cannot hide an error on the others."""
+    a, b = onnx_out.astype(np.float64), torch_out.astype(np.float64)
+    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+    same_nan = np.isnan(a) & np.isnan(b)
+    same_inf = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
+    if not np.array_equal(~finite_a, same_nan | same_inf) or not np.array_equal(~finite_b, same_nan | same_inf):
+        return float("inf"), _peak(b[finite_b])
+    both = finite_a & finite_b
+    diff = np.abs(a[both] - b[both])
+    return (float(diff.max()) if diff.size else 0.0), _peak(b[finite_b])
+
+
+def _peak(values: np.ndarray) -> float:
+    return float(np.abs(values).max()) if values.size else 0.0
 
 
 def record(proto: onnx.ModelProto, check: ExportCheck) -> None:

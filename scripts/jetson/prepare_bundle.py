@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from toolchain.cli import main
@@ -31,11 +32,31 @@ EXPECT = {
 
 def _run(argv: list[str]) -> None:
     if main(argv) != 0:
-        sys.exit(f"failed: toolchain {' '.join(argv)}")
+        raise BundleError(f"failed: toolchain {' '.join(argv)} (no bundle was left)")
+
+
+class BundleError(Exception):
+    """The bundle cannot be made where asked; the message says why and what to do."""
 
 
 def prepare(out: Path, epochs: int, steps: int, only: set[str] | None = None) -> list[str]:
-    out.mkdir(parents=True, exist_ok=False)
+    """Make the bundle in a temporary folder beside ``out`` and rename it to ``out`` at the end: a run
+    that fails (or is interrupted) leaves no partial bundle, and an existing ``out`` is never touched."""
+    if out.exists() or out.is_symlink():
+        raise BundleError(f"{out} exists; choose another --out or remove it first (nothing was written)")
+    if not out.parent.is_dir():
+        raise BundleError(f"the folder {out.parent} does not exist; create it first")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        cases = _prepare(staging, epochs, steps, only)
+        staging.rename(out)  # fails if out appeared meanwhile: then nothing of another run is replaced
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return cases
+
+
+def _prepare(out: Path, epochs: int, steps: int, only: set[str] | None) -> list[str]:
     ckpt = out / "base.pt"
     _run(["pretrain", "--out", str(ckpt), "--epochs", str(epochs), "--no-progress"])
     cases = []
@@ -97,4 +118,9 @@ if __name__ == "__main__":
         "--only", default=None, help="comma-separated case names, e.g. le_all-default,bitfit-default (default: all six)"
     )
     a = ap.parse_args()
-    print("\n".join(prepare(Path(a.out), a.epochs, a.steps, set(a.only.split(",")) if a.only else None)))
+    try:
+        names = prepare(Path(a.out), a.epochs, a.steps, set(a.only.split(",")) if a.only else None)
+    except BundleError as err:
+        print(f"prepare_bundle.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(names))

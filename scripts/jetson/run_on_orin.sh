@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Fuse, build, verify, refit and time a bundle of cases on a Jetson Orin Nano (JetPack 6.x, TensorRT 10.3).
-# usage: run_on_orin.sh BUNDLE [OUT]
+# usage: run_on_orin.sh [--force] BUNDLE [OUT]
 #   BUNDLE: made on a host by scripts/jetson/prepare_bundle.py (no torch needed here)
-#   OUT:    results (default orin_results): environment.txt, summary.tsv, one folder per case
+#   OUT:    results (default orin_results): environment.txt, summary.tsv, one folder per case. A
+#           non-empty OUT that is not an earlier results folder of this script (it holds .orin_results)
+#           is refused unless --force; case names from the bundle's cases.txt must be plain names.
 # Per case: fuse both adapters into base.onnx on the device; build the first fused model with
 # `toolchain build --fp16 --refit` (it checks the engine against the ONNX and writes the sidecar);
 # build base and unfused engines for timing; verify the engine against the fused and the unfused
@@ -11,9 +13,34 @@
 # Exit status 0 only when every case gives what its `expect` file says.
 set -euo pipefail
 
-bundle=${1:?usage: run_on_orin.sh BUNDLE [OUT]}
+usage="usage: run_on_orin.sh [--force] BUNDLE [OUT]"
+force=0
+if [ "${1:-}" = --force ]; then
+  force=1
+  shift
+fi
+bundle=${1:?$usage}
 out=${2:-orin_results}
+marker=.orin_results  # written into OUT: an earlier results folder of this script may be written again
+refuse() {
+  echo "run_on_orin.sh: error: $1" >&2
+  exit 2
+}
+[ -f "$bundle/cases.txt" ] || refuse "$bundle is not a bundle (no cases.txt); make one with scripts/jetson/prepare_bundle.py"
+# Every case name becomes a folder under BUNDLE and OUT: plain names only (no '/', no '..', no leading '-' or '.').
+while read -r name; do
+  [ -n "$name" ] || continue
+  [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] && [[ $name != *..* ]] \
+    || refuse "case name '$name' in $bundle/cases.txt is not a plain name (letters, digits, '.', '_', '-'); fix cases.txt"
+done < "$bundle/cases.txt"
+if [ -e "$out" ] && [ ! -d "$out" ]; then
+  refuse "$out exists and is not a folder; choose another OUT"
+fi
+if [ -d "$out" ] && [ -n "$(ls -A "$out")" ] && [ ! -f "$out/$marker" ] && [ "$force" != 1 ]; then
+  refuse "$out is not empty and is not a results folder of this script; its files would be replaced. Choose another OUT, or pass --force"
+fi
 mkdir -p "$out"
+echo "results of scripts/jetson/run_on_orin.sh" > "$out/$marker"
 
 trtexec_bin=$(command -v trtexec || true)
 if [ -z "$trtexec_bin" ] && [ -x /usr/src/tensorrt/bin/trtexec ]; then

@@ -90,3 +90,57 @@ def test_shell_scripts_are_shellcheck_clean():
     files = [SCRIPT, *sorted(STUBS.iterdir()), ROOT / ".ci" / "run"]
     run = subprocess.run([shellcheck, *map(str, files)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout
+
+
+def _refusal(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_a_non_empty_out_that_is_not_a_results_folder_is_left_alone(tmp_path):
+    bundle, out = tmp_path / "bundle", tmp_path / "mine"
+    bundle.mkdir()
+    (bundle / "cases.txt").write_text("a\n")
+    out.mkdir()
+    (out / "summary.tsv").write_text("my own results\n")
+    run = _refusal([str(bundle), str(out)])
+    assert run.returncode == 2 and "is not a results folder of this script" in run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["summary.tsv"] and (out / "summary.tsv").read_text() == (
+        "my own results\n"
+    )
+
+
+@pytest.mark.parametrize("name", ["../../outside", "a/b", "..", ".hidden", "-rf", "a b"])
+def test_a_case_name_that_is_not_a_plain_name_is_refused_before_anything_is_written(tmp_path, name):
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    bundle.mkdir()
+    (bundle / "cases.txt").write_text(f"ok\n{name}\n")
+    run = _refusal([str(bundle), str(out)])
+    assert run.returncode == 2 and "is not a plain name" in run.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_a_folder_without_cases_is_not_a_bundle(tmp_path):
+    run = _refusal([str(tmp_path), str(tmp_path / "out")])
+    assert run.returncode == 2 and "is not a bundle" in run.stderr and not (tmp_path / "out").exists()
+
+
+def _prepare_cli(*args: str) -> subprocess.CompletedProcess:
+    script = ROOT / "scripts" / "jetson" / "prepare_bundle.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_prepare_bundle_refuses_an_existing_out_in_one_line(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mine.txt").write_text("keep")
+    run = _prepare_cli("--out", str(tmp_path / "b"))
+    assert run.returncode == 2 and "exists" in run.stderr and "Traceback" not in run.stderr
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["mine.txt"]
+
+
+def test_prepare_bundle_leaves_nothing_when_it_fails(tmp_path):
+    run = _prepare_cli("--out", str(tmp_path / "b"), "--epochs", "0")  # pretrain refuses 0 epochs
+    assert run.returncode == 2 and "no bundle was left" in run.stderr and "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []
+    rerun = _prepare_cli("--out", str(tmp_path / "b"), "--epochs", "0")
+    assert rerun.returncode == 2 and "FileExistsError" not in rerun.stderr

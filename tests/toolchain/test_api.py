@@ -97,3 +97,42 @@ def test_api_module_is_typed():
 
     assert importlib.resources.files("toolchain").joinpath("py.typed").is_file()
     assert onnx is not None
+
+
+def _small():
+    return torch.nn.Sequential(
+        torch.nn.Conv1d(2, 4, 3, padding=1),
+        torch.nn.BatchNorm1d(4),
+        torch.nn.Dropout(0.5),
+        torch.nn.AdaptiveAvgPool1d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )
+
+
+def test_export_onnx_gives_the_module_back_in_the_mode_it_came(tmp_path):
+    model = _small().train()
+    model[1].eval()  # a user's own mix: BN frozen, the rest training
+    params = list(model.parameters())
+    tc.export_onnx(model, torch.randn(1, 2, 16), tmp_path / "m.onnx")
+    assert model.training and model[2].training and not model[1].training
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))  # an optimizer's tensors
+
+
+def test_export_onnx_refuses_an_empty_batch(tmp_path):
+    with pytest.raises(tc.ToolchainError, match="at least one input"):
+        tc.export_onnx(_small(), torch.randn(0, 2, 16), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_adapt_refuses_weights_that_are_not_float32(dtype):
+    with pytest.raises(tc.ToolchainError, match="adaptation needs float32 weights"):
+        tc.adapt(_small().to(dtype))
+
+
+def test_adapt_refuses_a_meta_model():
+    with torch.device("meta"):
+        model = _small()
+    with pytest.raises(tc.ToolchainError, match="not materialised"):
+        tc.adapt(model)

@@ -165,3 +165,53 @@ def test_the_fused_export_is_checked_against_the_adapted_module(pipeline, tmp_pa
     )
     assert "the fused ONNX model differs from the adapted PyTorch module" in capsys.readouterr().err
     assert not (tmp_path / "g.onnx").exists()
+
+
+INF, NAN = float("inf"), float("nan")
+NON_FINITE_CASES = {
+    # name: (onnx output, torch output, passes)
+    "equal finite": ([1.0, 2.0], [1.0, 2.0], True),
+    "a masked -inf logit on both, the rest off by 1": ([-INF, 2.0, 4.0], [-INF, 1.0, 3.0], False),
+    "a masked -inf logit on both, the rest equal": ([-INF, 2.0, 4.0], [-INF, 2.0, 4.0], True),
+    "NaN in torch, finite in ONNX": ([0.5, 1.0], [NAN, 1.0], False),
+    "finite in torch, NaN in ONNX": ([NAN, 1.0], [0.5, 1.0], False),
+    "NaN on both at the same place": ([NAN, 1.0], [NAN, 1.0], True),
+    "NaN on both at other places": ([NAN, 1.0], [1.0, NAN], False),
+    "infinities of opposite sign": ([INF, 1.0], [-INF, 1.0], False),
+    "inf in ONNX only": ([INF, 1.0], [3.0, 1.0], False),
+}
+
+
+@pytest.mark.parametrize("case", list(NON_FINITE_CASES))
+def test_non_finite_outputs_must_match_exactly_and_cannot_widen_the_bound(case):
+    import numpy as np
+
+    from toolchain.export_check import EXPORT_ATOL, EXPORT_RTOL, output_error
+
+    got, ref, passes = NON_FINITE_CASES[case]
+    error, peak = output_error(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+    assert np.isfinite(peak)  # the bound comes from the finite values alone
+    assert (error <= EXPORT_ATOL + EXPORT_RTOL * peak) is passes
+
+
+class _MaskedLogit(torch.nn.Module):
+    """Logits with class 0 masked to -inf; ``offset`` shifts the others in the ONNX graph only."""
+
+    def __init__(self, offset: float) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(2, 3, 3, padding=1)
+        self.offset = offset
+
+    def forward(self, x):
+        y = self.conv(x).mean(-1)
+        mask = torch.tensor([-float("inf"), 0.0, 0.0])
+        if torch.onnx.is_in_onnx_export():
+            y = y + self.offset
+        return y + mask
+
+
+def test_a_masked_logit_does_not_hide_an_export_that_is_off_elsewhere(tmp_path):
+    ok = to_onnx(_MaskedLogit(0.0), (2, 16), ExportOptions(exporter="torchscript"))
+    assert ok.check.passed and ok.check.max_abs["logits"] < 1e-5
+    with pytest.raises(ToolchainError, match="differs from PyTorch"):
+        to_onnx(_MaskedLogit(1.0), (2, 16), ExportOptions(exporter="torchscript"))

@@ -49,6 +49,9 @@ def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
             n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits
         )
     )
+    _check_fused_names(
+        path, fused, set(inits) | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    )
     inputs = [i for i in model.graph.input if i.name not in inits]
     dims = (
         tuple(d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim)
@@ -60,6 +63,18 @@ def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
     return ModelFacts(
         str(path), sha, base, tuple(fused), tuple(fused) or convs, batch, inputs[0].name if inputs else "", dims, inits
     )
+
+
+def _check_fused_names(path: str | os.PathLike[str], fused: list[str], weights: set[str]) -> None:
+    """The provenance's fused weights must be weights of this graph: a name it lacks would be taken for a
+    weight the parser combined (BatchNorm) and plan whole-engine refit for a model that is not what it says."""
+    missing = [name for name in fused if name not in weights]
+    if missing:
+        raise ToolchainError(
+            "the model's provenance (toolchain.fused_weights) names weights the graph does not have",
+            seen=f"{path}: {missing[:3]}",
+            remedy="fuse again with `toolchain fuse` (the metadata does not belong to this graph)",
+        )
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,16 @@ from typing import Any
 import numpy as np
 
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import atomic_path, check_output, sha256_file
+from toolchain.core.fileio import atomic_path, check_distinct, check_output, sha256_file
 from toolchain.trt.check import ModelFacts, model_facts, parse_network, refit_marks, refit_mode
-from toolchain.trt.record import EngineRecord, check_plan_version, read_record, sidecar_path, write_record
+from toolchain.trt.record import (
+    EngineRecord,
+    check_plan_version,
+    read_plan,
+    read_record,
+    sidecar_path,
+    write_record,
+)
 from toolchain.trt.runtime import last_error, logger, require_tensorrt, trt_errors
 
 FP32_TOL = 1e-4
@@ -98,8 +105,15 @@ def build_engine(
     onnx_path: str, out: str, opts: BuildOptions, *, force: bool = False
 ) -> tuple[EngineRecord, str | None]:
     """Build, check and write ``out`` and ``out.json``; returns the record and a note on the refit mode."""
+    outputs: dict[str, str | os.PathLike[str]] = {"-o": out, "the engine record (-o + .json)": sidecar_path(out)}
+    check_distinct(
+        {**outputs, **({"--timing-cache": opts.timing_cache} if opts.timing_cache else {})},
+        {"the ONNX model": onnx_path},
+    )
     check_output(out, [onnx_path, opts.timing_cache], force=force)
     check_output(sidecar_path(out), [onnx_path], force=force)
+    if opts.timing_cache and Path(opts.timing_cache).is_dir():
+        raise ToolchainError("--timing-cache must name a file", seen=opts.timing_cache, remedy="add a file name")
     trt = require_tensorrt()
     facts = model_facts(onnx_path)
     _refuse_dynamic_on_static(facts, opts)
@@ -263,6 +277,10 @@ def _check_prototypes(refitter: Any, facts: ModelFacts) -> None:
 
 def refit_engine(plan: str, fused_onnx: str, out: str, *, force: bool = False, check: bool = True) -> EngineRecord:
     """Refit ``plan`` from ``fused_onnx`` into ``out`` (every refittable weight, never on top of an earlier refit)."""
+    check_distinct(
+        {"-o": out, "the engine record (-o + .json)": sidecar_path(out)},
+        {"the plan": plan, "the fused ONNX model": fused_onnx, "the plan's record": sidecar_path(plan)},
+    )
     check_output(out, [plan, fused_onnx], force=force)
     check_output(sidecar_path(out), [plan, fused_onnx, sidecar_path(plan)], force=force)
     record = _refit_record(plan)
@@ -272,7 +290,7 @@ def refit_engine(plan: str, fused_onnx: str, out: str, *, force: bool = False, c
     check_refit_provenance(record, facts)
     log = logger(trt)
     with trt_errors() as errors:
-        engine = trt.Runtime(log).deserialize_cuda_engine(Path(plan).read_bytes())
+        engine = trt.Runtime(log).deserialize_cuda_engine(read_plan(plan))
         if engine is None:
             raise ToolchainError(
                 "TensorRT could not deserialize the engine",
@@ -323,7 +341,7 @@ def engine_runner(plan: str) -> Any:
     """A Polygraphy TrtRunner for an engine file built by the installed TensorRT."""
     trt = require_tensorrt()
     check_plan_version(plan, str(trt.__version__))
-    return runner_from_bytes(Path(plan).read_bytes())
+    return runner_from_bytes(read_plan(plan))
 
 
 def runner_from_bytes(plan: bytes) -> Any:

@@ -11,15 +11,16 @@ its input's record. No TensorRT import: ``toolchain inspect`` reads both on any 
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from toolchain.core.errors import ToolchainError
-from toolchain.core.fileio import write_bytes_atomic
-from toolchain.core.jsonio import dumps_json
+from toolchain.core.fileio import read_regular_file, write_bytes_atomic
+from toolchain.core.jsonio import dumps_json, read_json
 
 RECORD_FORMAT = 1
 PRECISIONS = ("fp32", "fp16")
@@ -28,6 +29,9 @@ KINDS = ("build", "refit")
 HEADER_VERSION_OFFSET = 24
 PLAN_MAGIC = b"ftrt"  # the first bytes of every serialized plan (seen on TensorRT 8.x-10.x plans)
 MAX_SIDECAR_BYTES = 1 << 20
+MAX_PLAN_BYTES = 4 << 30  # an Orin Nano has 8 GB in all; a larger file is no engine of ours
+MAX_BATCH = 1 << 16  # the largest batch an optimisation profile may name (export's Dim allows 4096)
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -67,47 +71,85 @@ def write_record(plan: str | os.PathLike[str], record: EngineRecord) -> None:
 
 
 def read_record(plan: str | os.PathLike[str]) -> EngineRecord | None:
-    """The plan's record; None when it has no sidecar; a one-line error when the sidecar is not one."""
+    """The plan's record; None when it has no sidecar; a one-line error when the sidecar is not one
+    (read with the strict JSON reader, every field checked) or when the plan beside it is not the
+    plan it records (its SHA-256 differs: a plan replaced under its record, say by trtexec)."""
     side = sidecar_path(plan)
     if not side.exists():
         return None
     remedy = "rebuild the engine with `toolchain build` (it writes the sidecar)"
+    raw = read_json(side, "the engine's sidecar", remedy, limit=MAX_SIDECAR_BYTES)
     try:
-        if not side.is_file() or side.stat().st_size > MAX_SIDECAR_BYTES:
-            raise ValueError("not a regular file of at most 1 MiB")
-        raw = json.loads(side.read_bytes())
-        if not isinstance(raw, dict) or raw.get("format") != RECORD_FORMAT:
-            raise ValueError(
-                f"format {raw.get('format') if isinstance(raw, dict) else type(raw).__name__} (expected "
-                f"{RECORD_FORMAT})"
-            )
-        known = {f.name for f in fields(EngineRecord)}
-        if set(raw) - known:
-            raise ValueError(f"unknown keys {sorted(set(raw) - known)}")
-        raw["refittable_weights"] = tuple(_strings(raw.get("refittable_weights")))
-        if raw.get("dynamic_batch") is not None:
-            raw["dynamic_batch"] = tuple(int(v) for v in raw["dynamic_batch"])
-        record = EngineRecord(**raw)
-        _check_types(record)
-        return record
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, TypeError, ValueError) as err:
+        record = _record(raw)
+    except (TypeError, ValueError) as err:
         raise ToolchainError(
             "the engine's sidecar is not a toolchain engine record", seen=f"{side}: {str(err)[:120]}", remedy=remedy
         ) from None
+    digest = hashlib.sha256(read_plan(plan)).hexdigest()
+    if digest != record.plan_sha256:
+        raise ToolchainError(
+            "the plan is not the one its record describes (its SHA-256 differs from the record's plan_sha256)",
+            seen=f"{plan}: {digest[:12]} vs the record's {record.plan_sha256[:12]}",
+            remedy="rebuild the engine with `toolchain build`, or put back the plan the record was written for",
+        )
+    return record
 
 
-def _strings(value: object) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+def _record(raw: object) -> EngineRecord:
+    """An EngineRecord from parsed JSON, each field of its exact type (bool is no int, no float is an int)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a JSON object is expected, not {type(raw).__name__}")
+    if type(raw.get("format")) is not int or raw["format"] != RECORD_FORMAT:
+        raise ValueError(f"format {raw.get('format')!r} (expected {RECORD_FORMAT})")
+    known = {f.name for f in fields(EngineRecord)}
+    if set(raw) - known:
+        raise ValueError(f"unknown keys {sorted(set(raw) - known)}")
+    required = {f.name for f in fields(EngineRecord) if f.default is MISSING and f.default_factory is MISSING}
+    if required - set(raw):
+        raise ValueError(f"missing keys {sorted(required - set(raw))}")
+    for name in ("kind", "onnx", "precision", "refit_mode", "tensorrt_version"):
+        _exact(raw, name, str)
+    for name in ("onnx_sha256", "base_sha256", "plan_sha256", "parent_plan_sha256"):
+        value = raw.get(name)
+        if value is not None and not (isinstance(value, str) and SHA256.fullmatch(value)):
+            raise ValueError(f"{name} must be a SHA-256 (64 hex digits), got {str(value)[:20]!r}")
+    weights = raw.get("refittable_weights")
+    if not isinstance(weights, list) or not all(isinstance(v, str) for v in weights):
         raise ValueError("refittable_weights must be a list of names")
-    return value
+    _exact(raw, "workspace_mb", int, optional=True)
+    if raw.get("workspace_mb", 1) < 1:
+        raise ValueError("workspace_mb must be at least 1")
+    if raw.get("engine_check") is not None and not isinstance(raw["engine_check"], dict):
+        raise ValueError("engine_check must be an object or null")
+    return EngineRecord(
+        **{**raw, "refittable_weights": tuple(weights), "dynamic_batch": _dynamic_batch(raw.get("dynamic_batch"))}
+    )
 
 
-def _check_types(record: EngineRecord) -> None:
-    for name in ("onnx", "onnx_sha256", "base_sha256", "tensorrt_version", "plan_sha256"):
-        if not isinstance(getattr(record, name), str):
-            raise ValueError(f"{name} must be a string")
-    if not isinstance(record.workspace_mb, int):
-        raise ValueError("workspace_mb must be an integer")
+def _exact(raw: dict, name: str, kind: type, *, optional: bool = False) -> None:
+    if optional and raw.get(name) is None:
+        return
+    if type(raw.get(name)) is not kind:
+        raise ValueError(f"{name} must be a {kind.__name__}, got {type(raw.get(name)).__name__}")
+
+
+def _dynamic_batch(value: object) -> tuple[int, int, int] | None:
+    """None, or [min, opt, max] batch sizes: three integers with 1 <= min <= opt <= max <= MAX_BATCH."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 3 and all(type(v) is int for v in value)):
+        raise ValueError(f"dynamic_batch must be null or three integers [min, opt, max], got {str(value)[:40]}")
+    lo, mid, hi = value
+    if not 1 <= lo <= mid <= hi <= MAX_BATCH:
+        raise ValueError(f"dynamic_batch must have 1 <= min <= opt <= max <= {MAX_BATCH}, got {value}")
+    return lo, mid, hi
+
+
+def read_plan(plan: str | os.PathLike[str]) -> bytes:
+    """A plan's bytes: a regular file (a FIFO or a device would hang the reader) of at most MAX_PLAN_BYTES."""
+    return read_regular_file(
+        Path(plan), MAX_PLAN_BYTES, what="TensorRT plan", remedy="pass an engine file built by `toolchain build`"
+    )
 
 
 def plan_version(header: bytes) -> str | None:
@@ -122,7 +164,10 @@ def plan_version(header: bytes) -> str | None:
 
 
 def read_plan_version(plan: str | os.PathLike[str]) -> str | None:
-    with open(plan, "rb") as f:
+    path = Path(plan)
+    if not path.is_file():  # a FIFO or a device: never opened (open() on a FIFO blocks)
+        return None
+    with open(path, "rb") as f:
         return plan_version(f.read(HEADER_VERSION_OFFSET + 3))
 
 
