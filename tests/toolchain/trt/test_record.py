@@ -64,8 +64,16 @@ def _record(**kw):
     return EngineRecord(**{**base, **kw})
 
 
+PLAN = b"ftrt plan bytes"
+
+
 def test_record_round_trip(tmp_path):
-    record = _record(dynamic_batch=(1, 4, 8), engine_check={"max_abs": 1e-3})
+    import hashlib
+
+    (tmp_path / "m.plan").write_bytes(PLAN)
+    record = _record(
+        dynamic_batch=(1, 4, 8), engine_check={"max_abs": 1e-3}, plan_sha256=hashlib.sha256(PLAN).hexdigest()
+    )
     write_record(tmp_path / "m.plan", record)
     assert read_record(tmp_path / "m.plan") == record
     assert read_record(tmp_path / "none.plan") is None
