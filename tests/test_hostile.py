@@ -403,9 +403,9 @@ def test_fp16_engine_without_sidecar_needs_explicit_tolerances(tmp_path):
     (tmp_path / "e.plan").write_bytes(b"engine")
     with pytest.raises(ToolchainError, match="precision is unknown"):
         _engine_tolerance(str(tmp_path / "e.plan"), VerifyOptions())
-    from toolchain.trt.record import EngineRecord, write_record
-
     import hashlib
+
+    from toolchain.trt.record import EngineRecord, write_record
 
     plan_sha = hashlib.sha256(b"engine").hexdigest()
     record = EngineRecord("build", "m.onnx", "0" * 64, "0" * 64, "fp16", "none", (), "10.3.0", plan_sha)
