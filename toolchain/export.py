@@ -89,7 +89,7 @@ def to_onnx(
         except ToolchainError:
             raise
         except Exception as err:  # the exporter's own failure, or a model ONNX Runtime cannot run
-            failures.append(f"{name} exporter failed ({type(err).__name__}: {_plain(str(err))[:70]})")
+            failures.append(f"{name} exporter failed ({type(err).__name__}: {_plain(str(err))[:70]}){_hint(name)}")
             continue
         if check.passed:
             _strip_stack_traces(proto)
@@ -106,6 +106,25 @@ def to_onnx(
         seen="; ".join(reversed(failures)),
         remedy="nothing was written; replace the op the exporter translates wrongly, or report the module",
     )
+
+
+def _hint(exporter: str) -> str:
+    """A known cause of a dynamo failure: torch < 2.7 with onnxscript >= 0.5.4 (BatchNorm, onnxscript#2651)."""
+    if exporter != "dynamo":
+        return ""
+    try:
+        from importlib.metadata import version
+
+        torch_v = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+        script_v = tuple(int(p) for p in version("onnxscript").split(".")[:3] if p.isdigit())
+    except Exception:  # no onnxscript, or a version string of another shape: no hint
+        return ""
+    if torch_v < (2, 7) and script_v >= (0, 5, 4):
+        return (
+            f" [torch {torch.__version__} needs onnxscript < 0.5.4 for its dynamo exporter: "
+            "pip install -c constraints/jetpack6.txt 'onnxscript<0.5.4']"
+        )
+    return ""
 
 
 def _plain(text: str) -> str:
