@@ -18,6 +18,7 @@ import onnx
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 CLASSES_KEY = "pkg.torch.onnx.class_hierarchy"  # its last entry: the aten op, e.g. 'aten.conv2d.default'
 REWRITTEN_KEY = "pkg.onnxscript.rewriter.rule_name"
+_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")  # a dotted module path: blocks.0.conv
 _REPEAT = re.compile(r"_\d+$")  # the TorchScript exporter's suffix for a module's second, third... call
 
 
@@ -35,7 +36,10 @@ def module_of(node: onnx.NodeProto) -> str | None:
         return None
     if not isinstance(scopes, list) or len(scopes) < 2 or not all(isinstance(s, str) for s in scopes):
         return None
-    return scopes[-2]
+    modules = scopes[1:-1]  # '' (the root), then each module's path, then the op's own name
+    if scopes[0] != "" or not all(_PATH.fullmatch(m) for m in modules):
+        return None  # torch 2.5 writes tracing expressions here for some models ("getattr(L['fn'], '0')")
+    return modules[-1] if modules else ""
 
 
 def belongs_to(node: onnx.NodeProto, module: str) -> bool | None:
