@@ -3,9 +3,10 @@
 torch's dynamo exporter writes ``pkg.torch.onnx.name_scopes`` on every node: ``['', 'blocks',
 'blocks.0', 'blocks.0.conv', 'conv2d_1']``, the module path being the entry before the op's own name
 (``''`` for a call in the root module's forward). The TorchScript-based exporter names nodes by scope:
-``/blocks/blocks.0/conv/Conv``, whose last folder is the module's attribute name (``conv_1`` for its
-second call, ``conv2d`` for a functional call in ``blocks.0``'s forward) and ``/Conv`` a call in the
-root's. A hand-made graph carries neither; then nothing is known (None).
+``/blocks/blocks.0/conv/Conv``, whose last folder ends the module's path (``conv_1`` for its second
+call; torch 2.5 writes ``features.0.0`` for ``net.features.0.0``), ``/blocks/blocks.0/Conv`` being a
+functional call in ``blocks.0``'s forward and ``/Conv`` one in the root's. A hand-made graph carries
+neither; then nothing is known (None).
 """
 
 from __future__ import annotations
@@ -53,6 +54,6 @@ def belongs_to(node: onnx.NodeProto, module: str) -> bool | None:
     folders = name.split("/")[1:-1]
     if not folders:
         return module == ""
-    last = folders[-1]
-    leaf = module.rsplit(".", 1)[-1]
-    return last in (module, leaf) or _REPEAT.sub("", last) in (module, leaf)
+    # the last folder names the module: its attribute ("conv", "conv_1" for a second call) on torch 2.13,
+    # its path below the root's first child ("features.0.0" for net.features.0.0) on torch 2.5
+    return any(module == name or module.endswith("." + name) for name in {folders[-1], _REPEAT.sub("", folders[-1])})
