@@ -95,13 +95,11 @@ def prune_dead(graph: onnx.GraphProto) -> None:
             dst.CopyFrom(src)
         del graph.node[:]
         graph.node.extend(kept)
-    names = {n for node in graph.node for n in node.output}
     keep = [t for t in graph.initializer if t.name in read or t.name not in before]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    value_info = [vi for vi in graph.value_info if vi.name in names or vi.name in read]
-    del graph.value_info[:]
-    graph.value_info.extend(value_info)
+    produced = {n for node in graph.node for n in node.output}
+    _drop_value_info(graph, {vi.name for vi in graph.value_info} - produced - read)
 
 
 OPTIONAL_OUTPUTS = {"MaxPool": 1, "Dropout": 1}  # op -> the outputs it must keep (the rest are optional)
@@ -117,9 +115,7 @@ def drop_unread_outputs(graph: onnx.GraphProto) -> None:
             continue
         gone = set(node.output[keep:])
         del node.output[keep:]
-        value_info = [vi for vi in graph.value_info if vi.name not in gone]
-        del graph.value_info[:]
-        graph.value_info.extend(value_info)
+        _drop_value_info(graph, gone)
 
 
 def _absorb_transposes(graph: onnx.GraphProto, protected: set[str]) -> None:
@@ -151,11 +147,7 @@ def _absorb_transposes(graph: onnx.GraphProto, protected: set[str]) -> None:
         drop.append(node)
     for node in drop:
         graph.node.remove(node)
-    if drop:
-        gone = {n.output[0] for n in drop}
-        value_info = [vi for vi in graph.value_info if vi.name not in gone]
-        del graph.value_info[:]
-        graph.value_info.extend(value_info)
+    _drop_value_info(graph, {n.output[0] for n in drop})
 
 
 def _reads_weight(node: onnx.NodeProto, weights: set[str]) -> bool:
@@ -288,9 +280,15 @@ def _rewrite(graph: onnx.GraphProto, keep: list[onnx.NodeProto], folded: dict[st
     graph.initializer.extend(
         numpy_helper.from_array(v, name) for name, v in folded.items() if name in read and name not in names
     )
-    value_info = [vi for vi in graph.value_info if vi.name not in folded]
-    del graph.value_info[:]
-    graph.value_info.extend(value_info)
+    _drop_value_info(graph, set(folded))
+
+
+def _drop_value_info(graph: onnx.GraphProto, gone: set[str]) -> None:
+    """Remove the value_info of values that no longer exist."""
+    if gone:
+        keep = [vi for vi in graph.value_info if vi.name not in gone]
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
 
 
 def _readers(nodes: object, outputs: object) -> set[str]:

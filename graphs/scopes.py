@@ -49,7 +49,7 @@ def belongs_to(node: onnx.NodeProto, module: str) -> bool | None:
     if recorded is not None:
         return recorded == module
     name = node.name
-    if not name.startswith("/") or name.count("/") < 1:
+    if not name.startswith("/"):
         return None
     folders = name.split("/")[1:-1]
     if not folders:

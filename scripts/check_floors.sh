@@ -12,13 +12,9 @@ root=${1:-.venvs}
 mkdir -p "$root"
 log="$root/floors.log"
 : > "$log"
-py310=""
-for candidate in python3.10 "$(pyenv root 2> /dev/null || echo /nonexistent)"/versions/3.10*/bin/python3.10; do
-  if "$candidate" -c "" 2> /dev/null; then
-    py310=$candidate
-    break
-  fi
-done
+# shellcheck source=scripts/lib/py310.sh
+source scripts/lib/py310.sh
+py310=$(find_py310)
 if [ -z "$py310" ]; then
   echo "no Python 3.10 here: the floors run on python3" | tee -a "$log"
   py310=python3

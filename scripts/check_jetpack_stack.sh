@@ -18,13 +18,9 @@ log="$venv.log"
 mkdir -p "$(dirname "$venv")"
 : > "$log"
 
-py310=""
-for candidate in python3.10 "$(pyenv root 2> /dev/null || echo /nonexistent)"/versions/3.10*/bin/python3.10; do
-  if "$candidate" -c "" 2> /dev/null; then
-    py310=$candidate
-    break
-  fi
-done
+# shellcheck source=scripts/lib/py310.sh
+source scripts/lib/py310.sh
+py310=$(find_py310)
 if [ -z "$py310" ]; then
   echo "check_jetpack_stack: no Python 3.10 here (JetPack 6's); install one (pyenv install 3.10)" | tee -a "$log"
   exit 1

@@ -209,6 +209,8 @@ def export_onnx(
 def _check_weights(model: nn.Module) -> None:
     """Adaptation trains in float32 on materialised weights: a half, bfloat16 or meta-device model
     would fail at its first step with a PyTorch error, so it is refused here, naming a tensor."""
+    import torch
+
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise ToolchainError(
@@ -216,18 +218,12 @@ def _check_weights(model: nn.Module) -> None:
                 seen=name,
                 remedy="load real weights first (e.g. model.to_empty(device='cpu') then load_state_dict)",
             )
-        if t.is_floating_point() and t.dtype != torch_float32():
+        if t.is_floating_point() and t.dtype != torch.float32:
             raise ToolchainError(
                 "adaptation needs float32 weights",
                 seen=f"{name}: {str(t.dtype).replace('torch.', '')}",
                 remedy="call model.float() before adapt (export and fusion are float32 too)",
             )
-
-
-def torch_float32() -> Any:
-    import torch
-
-    return torch.float32
 
 
 @contextlib.contextmanager
