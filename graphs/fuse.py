@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import check_output
 from toolchain.core.version import package_version
 from toolchain.graphs.provenance import Provenance, read_provenance, set_metadata, write_provenance
+from toolchain.graphs.qdq import QuantizedWeight, integer_kernels, quantized_weights, refuse_integer
 from toolchain.graphs.scopes import belongs_to
 from toolchain.graphs.weights import Weight, check_finite, conv_weights, index_weights
 from toolchain.kernels import weight_sha256
@@ -162,9 +164,18 @@ def _check_consumers(layer: LayerRecord, w: Weight, outputs: set[str]) -> None:
             )
 
 
-def _fuse_layers(graph: onnx.GraphProto, adapter: Adapter, scales: dict[str, dict]) -> list[str]:
-    """Resolve every layer's weight (hashes in parallel), then compute the fused weights in parallel."""
-    convs = conv_weights(index_weights(graph))
+def _fuse_layers(
+    graph: onnx.GraphProto, adapter: Adapter, scales: dict[str, dict], chains: dict[str, QuantizedWeight]
+) -> list[str]:
+    """Resolve every layer's weight (hashes in parallel), then compute the fused weights in parallel.
+
+    A kernel behind QuantizeLinear -> DequantizeLinear is fused in float and its per-channel scales
+    are recomputed (``graphs.qdq``); everything else about the quantized graph stays."""
+    weights = index_weights(graph)
+    if adapter.layers and integer_kernels(graph, weights):
+        raise refuse_integer(integer_kernels(graph, weights))
+    convs = conv_weights(weights)
+    convs.update({n: c.kernel_view() for n, c in chains.items() if c.readers[0].node.op_type == "Conv"})
     named = [convs[x.param] for x in adapter.layers if x.param in convs]
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # hashlib and numpy release the GIL
         digests = dict(zip([w.name for w in named], pool.map(Weight.sha256, named), strict=True))
@@ -184,6 +195,8 @@ def _fuse_layers(graph: onnx.GraphProto, adapter: Adapter, scales: dict[str, dic
         fused = list(pool.map(lambda item: _fused(item[0], item[1], item[2], adapter), plan))
     for (_, w, _), values in zip(plan, fused, strict=True):
         w.set_values(values)
+        if w.name in chains:
+            chains[w.name].requantize()
     return [w.name for _, w, _ in plan]
 
 
@@ -205,8 +218,11 @@ def _fused(layer: LayerRecord, w: Weight, scale: np.ndarray | None, adapter: Ada
     return fused
 
 
-def _apply_extras(model: onnx.ModelProto, extras: list[ExtraRecord], adapter: Adapter) -> list[str]:
+def _apply_extras(
+    model: onnx.ModelProto, extras: list[ExtraRecord], adapter: Adapter, chains: dict[str, QuantizedWeight]
+) -> list[str]:
     weights = index_weights(model.graph)
+    weights.update({n: c.kernel_view() for n, c in chains.items()})  # a quantized head: its readers behind DQ
     inits = {t.name for t in model.graph.initializer}
     resized: list[Weight] = []
     for extra in extras:
@@ -230,8 +246,10 @@ def _apply_extras(model: onnx.ModelProto, extras: list[ExtraRecord], adapter: Ad
             _check_head(w, old_shape, tuple(value.shape))
             resized.append(w)
         w.set_values(value)
+        if w.name in chains:
+            chains[w.name].requantize()
     if resized:
-        _resize_outputs(model, resized)
+        _resize_outputs(model, resized, chains)
     return [e.param for e in extras]
 
 
@@ -255,7 +273,7 @@ def _check_head(w: Weight, old: tuple[int, ...], new: tuple[int, ...]) -> None:
         )
 
 
-def _resize_outputs(model: onnx.ModelProto, resized: list[Weight]) -> None:
+def _resize_outputs(model: onnx.ModelProto, resized: list[Weight], chains: dict[str, QuantizedWeight]) -> None:
     """New class count: the heads' Gemm outputs (graph outputs, value_info) and the tensors' own value_info."""
     classes: dict[str, int] = {}
     for w in resized:
@@ -269,6 +287,11 @@ def _resize_outputs(model: onnx.ModelProto, resized: list[Weight]) -> None:
                     remedy="the adapter is corrupt; re-export it",
                 )
     shapes = {w.name: list(w.tensor.dims) for w in resized}
+    for w in resized:  # a quantized head's Q and DQ outputs have the weight's shape too
+        if w.name in chains:
+            shapes |= dict.fromkeys(
+                [chains[w.name].quantize.output[0], chains[w.name].dequantize.output[0]], shapes[w.name]
+            )
     for vi in [*model.graph.output, *model.graph.value_info]:
         dims = vi.type.tensor_type.shape.dim
         if vi.name in classes and len(dims) == 2:
@@ -309,9 +332,10 @@ def fuse_in_place(model: onnx.ModelProto, adapter: Adapter, adapter_sha256: str)
             remedy="deploy the unfused export (toolchain export --adapter FILE, without --fuse) and measure its "
             "cost with toolchain bench",
         )
+    chains = quantized_weights(model.graph, index_weights(model.graph))  # checks every QDQ kernel first
     check_finite(model.graph)
-    changed = _fuse_layers(model.graph, adapter, read_scales(model))
-    return changed + _apply_extras(model, adapter.extras, adapter)
+    changed = _fuse_layers(model.graph, adapter, read_scales(model), chains)
+    return changed + _apply_extras(model, adapter.extras, adapter, chains)
 
 
 def fuse_files(
@@ -320,10 +344,12 @@ def fuse_files(
     out: str | os.PathLike[str],
     *,
     force: bool = False,
+    after: Callable[[onnx.ModelProto], None] | None = None,
 ) -> Provenance:
     """`toolchain fuse`: read (hashing while parsing), fuse, validate the output, write it atomically.
 
     ``adapter_path`` is a toolchain adapter file or a PEFT adapter folder (``toolchain.graphs.peft``).
+    ``after`` edits the fused model before it is written (``fuse --recalibrate``: activation scales).
     """
     from toolchain.graphs import peft
     from toolchain.graphs.onnx_io import external_files, load_external, parse_onnx, read_model_bytes, save_onnx
@@ -358,6 +384,8 @@ def fuse_files(
             adapter_format="peft" if is_peft else "toolchain",
             fused_weights=tuple(changed),
         )
+    if after is not None:
+        after(model)
     write_provenance(model, provenance)
     save_onnx(model, Path(out), force=force, validate=True)
     return provenance

@@ -79,7 +79,7 @@ class Weight:
                 "only float, float16 and double tensors can be rewritten",
                 seen=(self.name, onnx.TensorProto.DataType.Name(self.tensor.data_type)),
             )
-        arr: np.ndarray = np.ascontiguousarray(values, dtype=dtype)
+        arr: np.ndarray = np.asarray(values, dtype=dtype, order="C")  # keeps a 0-d scalar 0-d
         for f in ("float_data", "double_data", "int32_data", "raw_data", "external_data"):
             self.tensor.ClearField(f)
         self.tensor.data_location = onnx.TensorProto.DEFAULT

@@ -103,7 +103,7 @@ class Logger(ILogger):
     pass
 
 
-BuilderFlag = _enum("BuilderFlag", ["FP16", "REFIT", "REFIT_INDIVIDUAL", "STRIP_PLAN", "TF32"])
+BuilderFlag = _enum("BuilderFlag", ["FP16", "INT8", "REFIT", "REFIT_INDIVIDUAL", "STRIP_PLAN", "TF32"])
 MemoryPoolType = _enum("MemoryPoolType", ["WORKSPACE"])
 DataType = _enum("DataType", ["FLOAT", "HALF", "INT32", "INT64", "BOOL"])
 _DTYPES = {1: DataType.FLOAT, 10: DataType.HALF, 6: DataType.INT32, 7: DataType.INT64}

@@ -17,6 +17,9 @@ from toolchain import __version__
 from toolchain.adapters.methods import METHODS, get_method
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import BEFORE_PUBLISH
+from toolchain.data.windows import SPLITS
+from toolchain.quantize import CALIBRATION_BATCHES, CALIBRATION_SPLIT, DEFAULT_OPS, RECALIBRATE_SPLIT
+from toolchain.verify import MIN_AGREEMENT
 
 GATE_ATTEMPTS = 3  # the latency gate measures again up to this many times before failing
 
@@ -166,8 +169,41 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_fuse(a: argparse.Namespace) -> int:
     from toolchain.graphs.fuse import fuse_files
 
-    prov = fuse_files(a.base, a.adapter, a.output, force=a.force)
+    after = None
+    if a.recalibrate:
+        from toolchain.quantize import Calibration, recalibrate
+
+        cal = Calibration(a.recalibrate, a.recalibrate_split, a.calibration_batches)
+        cal.check()
+
+        def after(model: Any) -> None:
+            rec = recalibrate(model, cal)
+            print(f"recalibrated activation scales on {rec['windows']} windows of {rec['data']} ({rec['split']})")
+
+    elif a.recalibrate_split != RECALIBRATE_SPLIT or a.calibration_batches != CALIBRATION_BATCHES:
+        raise ToolchainError(
+            "--recalibrate-split and --calibration-batches need --recalibrate",
+            seen=(a.recalibrate_split, a.calibration_batches),
+            remedy="add --recalibrate SPEC, or drop them",
+        )
+    prov = fuse_files(a.base, a.adapter, a.output, force=a.force, after=after)
     print(f"fused {a.adapter} into {a.base} -> {a.output} (adapter sha256 {str(prov.adapter_sha256)[:12]})")
+    return 0
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from toolchain.quantize import Calibration, quantize_file
+
+    ops = tuple(o.strip() for o in a.ops.split(",") if o.strip())
+    scheme = quantize_file(
+        a.model, a.output, Calibration(a.data, a.split, a.calibration_batches), ops=ops, force=a.force
+    )
+    cal = scheme["calibration"]
+    print(
+        f"quantized {a.model} -> {a.output}: INT8 QDQ, {len(scheme['quantized_weights'])} weights per output channel "
+        f"({'/'.join(scheme['ops'])}), activations per tensor calibrated on {cal['windows']} windows of "
+        f"{cal['data']} ({cal['split']}, sha256 {cal['sha256'][:12]})"
+    )
     return 0
 
 
@@ -178,7 +214,14 @@ def cmd_verify(a: argparse.Namespace) -> int:
         k: parse_tolerance(getattr(a, k)) if getattr(a, k) is not None else None
         for k in ("atol", "rtol", "engine_atol", "engine_rtol")
     }
-    opts = VerifyOptions(data=None if a.data == "none" else a.data, real=a.real, random=a.random, force=a.force)
+    opts = VerifyOptions(
+        data=None if a.data == "none" else a.data,
+        real=a.real,
+        random=a.random,
+        force=a.force,
+        min_agreement=a.min_agreement,
+        split=a.split,
+    )
     opts.atol, opts.rtol, opts.engine_atol, opts.engine_rtol = (
         tol["atol"],
         tol["rtol"],
@@ -193,9 +236,18 @@ def cmd_verify(a: argparse.Namespace) -> int:
                 f"(atol {comp.atol}, rtol {comp.rtol}, {comp.precision}): "
                 f"{'PASSED' if comp.passed else 'FAILED'}"
             )
+    ag = report.agreement
+    if ag is not None:
+        print(
+            f"INT8 model vs FP32 reference on {ag.windows} labelled windows of {ag.data} ({ag.split}): top-1 "
+            f"agreement {ag.top1_agreement:.4f} (min {ag.min_agreement}), macro-F1 {ag.f1_model:.4f} vs "
+            f"{ag.f1_reference:.4f}: {'PASSED' if ag.passed else 'FAILED'}"
+        )
+    worst = max(st.max_abs for st in report.comparisons["model"].outputs.values())
+    tol = f" --atol {worst * 1.01:.3g} --rtol 1e9" if ag is not None else ""  # INT8: the errors measured
     print(
         f"{'PASSED' if report.passed else 'FAILED'}: report {a.out_dir}/verify.json; re-check with "
-        f"polygraphy run {a.model} --onnxrt --load-inputs {report.inputs} --load-outputs {report.outputs}"
+        f"polygraphy run {a.model} --onnxrt --load-inputs {report.inputs} --load-outputs {report.outputs}{tol}"
     )
     return 0 if report.passed else 1
 
@@ -271,6 +323,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 
     opts = BuildOptions(
         fp16=a.fp16,
+        int8=a.int8,
         refit=a.refit,
         timing_cache=a.timing_cache,
         dynamic_batch=a.dynamic_batch,
@@ -427,8 +480,50 @@ def _add_graph_commands(sub: Any) -> None:
     p.add_argument("base")
     p.add_argument("adapter")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument(
+        "--recalibrate",
+        default=None,
+        metavar="SPEC",
+        help="into an INT8 (QDQ) model: re-derive the activation scales on this data (needs onnxruntime)",
+    )
+    p.add_argument(
+        "--recalibrate-split",
+        default=RECALIBRATE_SPLIT,
+        choices=SPLITS,
+        help=f"which windows of --recalibrate (default {RECALIBRATE_SPLIT}: those the adapter was trained on)",
+    )
+    p.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=CALIBRATION_BATCHES,
+        help=f"model batches to calibrate on (default {CALIBRATION_BATCHES})",
+    )
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("quantize", help="explicit INT8 (QDQ) quantization for TensorRT, calibrated on real data")
+    p.add_argument("model", help="an FP32 ONNX model (base or fused)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--data", default="watch", help="calibration data spec (default watch)")
+    p.add_argument(
+        "--split",
+        default=CALIBRATION_SPLIT,
+        choices=SPLITS,
+        help=f"which windows of --data (default {CALIBRATION_SPLIT}: the subjects the base was pretrained on)",
+    )
+    p.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=CALIBRATION_BATCHES,
+        help=f"model batches to calibrate on, spread over the split (default {CALIBRATION_BATCHES})",
+    )
+    p.add_argument(
+        "--ops",
+        default=",".join(DEFAULT_OPS),
+        help=f"op types whose weights and inputs are quantized (default {','.join(DEFAULT_OPS)}; also Gemm, MatMul)",
+    )
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("verify", help="Polygraphy parity of a fused model (and engine) against the unfused reference")
     p.add_argument("model")
@@ -450,6 +545,16 @@ def _add_graph_commands(sub: Any) -> None:
         "sidecar is missing)",
     )
     p.add_argument("--engine-rtol", default=None, help="engine vs reference (defaults as --engine-atol)")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=MIN_AGREEMENT,
+        help=f"an INT8 model vs its FP32 reference: the least top-1 agreement on --data's labelled windows "
+        f"(default {MIN_AGREEMENT}); the error statistics are reported beside it",
+    )
+    p.add_argument(
+        "--split", default="all", choices=SPLITS, help="which windows of --data the INT8 agreement uses (default all)"
+    )
     p.add_argument("--out-dir", default="verify_out", help="report and Polygraphy RunResults (default verify_out)")
     p.add_argument("--force", action="store_true", help="replace an earlier report in --out-dir")
     p.set_defaults(func=cmd_verify)
@@ -491,6 +596,12 @@ def _add_graph_commands(sub: Any) -> None:
         "nodes, refittable weights; exit 1 if it would not build",
     )
     p.add_argument("--fp16", action="store_true")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="an explicitly quantized (QDQ) model from `toolchain quantize`: INT8 from its own scales, no "
+        "calibrator (with --fp16, the unquantized layers run in FP16); not with --refit",
+    )
     p.add_argument(
         "--refit",
         action="store_true",

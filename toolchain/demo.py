@@ -81,6 +81,7 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
     ver = verify(
         p["fused"], p["unfused"], str(d / "verify"), opts=VerifyOptions(data=data, real=8 if quick else 16, force=True)
     )
+    int8 = _int8_line(p, d, data)
     print("5/6 bench base, fused and unfused with ONNX Runtime")
     lat = bench([p["base"], p["fused"], p["unfused"]], warmup=10, runs=50 if quick else 300)
     missing = tensorrt_status()
@@ -96,6 +97,7 @@ def run_demo(out: str, *, quick: bool = False, force: bool = False, images: bool
         "finetune": ft.to_dict(),
         "export_checks": export_checks,
         "verify": ver.to_dict(),
+        "int8": int8,
         "bench": lat,
         "build": build,
     }
@@ -120,6 +122,7 @@ def summary(report: dict[str, Any]) -> str:
             "parity fused vs unfused",
             f"max abs err {worst:.2e} ({'PASSED' if comp['passed'] else 'FAILED'}, atol {comp['atol']})",
         ),
+        ("INT8 fused vs FP32 fused", _int8_summary(report["int8"])),
         ("latency median base", f"{lat[0]['median_ms']:.4f} ms"),
         ("latency fused / base", f"{lat[1]['ratio_to_first']:.3f}"),
         ("latency unfused / base", f"{lat[2]['ratio_to_first']:.3f}"),
@@ -129,6 +132,30 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(
         ["", f"{'step'.ljust(width)} | result", f"{'-' * width}-|-{'-' * 40}"]
         + [f"{k.ljust(width)} | {v}" for k, v in rows]
+    )
+
+
+def _int8_line(p: dict[str, str], d: Path, data: str) -> dict[str, Any]:
+    """Quantize the base once (calibrated on the source split), fuse the adapter into it, and measure the
+    fused INT8 model against the fused FP32 one on the target users' test windows."""
+    from toolchain.graphs.fuse import fuse_files
+    from toolchain.quantize import Calibration, quantize_file
+    from toolchain.verify import VerifyOptions, task_agreement
+
+    print("4b/6 INT8: quantize the base once, fuse the adapter into it, compare with FP32 on target test data")
+    base8, fused8 = str(d / "base.int8.onnx"), str(d / "fused.int8.onnx")
+    scheme = quantize_file(p["base"], base8, Calibration(data), force=True)
+    fuse_files(base8, p["adapter"], fused8, force=True)
+    agreement = task_agreement(fused8, p["fused"], VerifyOptions(data=data, split="target-test"))
+    return {"calibration": scheme["calibration"], "agreement": asdict(agreement)}
+
+
+def _int8_summary(int8: dict[str, Any]) -> str:
+    a = int8["agreement"]
+    return (
+        f"top-1 agreement {a['top1_agreement']:.3f} on {a['windows']} target test windows, macro-F1 "
+        f"{a['f1_model']:.3f} vs {a['f1_reference']:.3f} ({'PASSED' if a['passed'] else 'FAILED'}, min "
+        f"{a['min_agreement']})"
     )
 
 

@@ -84,6 +84,23 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class Agreement:
+    """A quantized model against its float reference on labelled real data: top-1 agreement and the
+    task metric of both (``verify`` of an INT8 model)."""
+
+    data: str
+    split: str
+    windows: int
+    top1_agreement: float
+    min_agreement: float
+    f1_model: float
+    f1_reference: float
+    accuracy_model: float
+    accuracy_reference: float
+    passed: bool
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     """``verify.json``: what was compared, on which inputs, and the verdict."""
 
@@ -97,6 +114,7 @@ class VerifyReport:
     passed: bool
     inputs: str
     outputs: str
+    agreement: Agreement | None = None  # an INT8 model against an FP32 reference
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +129,11 @@ def read_verify_report(path: PathLike) -> VerifyReport:
     raw = read_json(path, "the verify report", remedy)
     if isinstance(raw, dict) and isinstance(raw.get("comparisons"), dict):
         raw = {**raw, "comparisons": {k: _comparison(v, remedy) for k, v in raw["comparisons"].items()}}
+    if isinstance(raw, dict):  # reports written before INT8 verification have no agreement
+        agreement = raw.get("agreement")
+        if agreement is not None:
+            agreement = record_from_dict(Agreement, agreement, "a verify agreement", remedy)
+        raw = {**raw, "agreement": agreement}
     return record_from_dict(VerifyReport, raw, "the verify report", remedy)
 
 

@@ -4,6 +4,7 @@ through Polygraphy's Comparator on real windows and random inputs."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,11 @@ import numpy as np
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import atomic_paths, check_output
 from toolchain.core.jsonio import dumps_json
-from toolchain.records import Comparison, OutputErrors, VerifyReport
+from toolchain.records import Agreement, Comparison, OutputErrors, VerifyReport
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
+MIN_AGREEMENT = 0.99  # an INT8 model's top-1 agreement with its FP32 reference on labelled real data
 
 
 @dataclass
@@ -36,6 +38,8 @@ class VerifyOptions:
     seed: int = 0
     force: bool = False
     inputs: np.ndarray | None = None  # real inputs (N, ...) to feed instead of windows from ``data``
+    min_agreement: float = MIN_AGREEMENT
+    split: str = "all"  # which windows of ``data`` the INT8 agreement is measured on
 
     def check(self) -> None:
         if type(self.real) is not int or self.real < 0:
@@ -49,6 +53,10 @@ class VerifyOptions:
                 "--random must be an integer >= 1: random inputs probe the model beyond the data",
                 seen=self.random,
                 remedy="pass --random 8 or more",
+            )
+        if not (isinstance(self.min_agreement, int | float) and 0.0 <= self.min_agreement <= 1.0):
+            raise ToolchainError(
+                "--min-agreement must be a number in [0, 1]", seen=self.min_agreement, remedy="e.g. 0.99"
             )
         for name in ("atol", "rtol", "engine_atol", "engine_rtol"):
             value = getattr(self, name)
@@ -179,6 +187,7 @@ def verify(
     from polygraphy.logger import G_LOGGER
 
     from toolchain.graphs.onnx_io import input_of, load_onnx
+    from toolchain.graphs.qdq import is_quantized
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
     model_proto, reference_proto = load_onnx(model), load_onnx(reference)  # each read once
@@ -188,7 +197,14 @@ def verify(
         raise ToolchainError("the model and the reference have different inputs", seen=(model_input, (name, shape)))
     outputs = _same_outputs(model_proto, reference_proto)
     _check_tolerance_names(opts, outputs)
-    pairs = {"model": (1, _tolerance(opts.atol, FP32_TOL), _tolerance(opts.rtol, FP32_TOL), "fp32")}
+    int8 = is_quantized(model_proto) and not is_quantized(reference_proto)
+    if int8 and not opts.data:
+        raise ToolchainError(
+            "an INT8 model is judged against its FP32 reference on labelled real data",
+            seen="--data none",
+            remedy="pass the data spec the model serves, e.g. --data watch",
+        )
+    pairs = {"model": (1, _tolerance(opts.atol, FP32_TOL), _tolerance(opts.rtol, FP32_TOL), "int8" if int8 else "fp32")}
     runners = [
         OnnxrtRunner(SessionFromOnnx(str(reference), providers=["CPUExecutionProvider"]), name="reference"),
         OnnxrtRunner(SessionFromOnnx(str(model), providers=["CPUExecutionProvider"]), name="model"),
@@ -204,11 +220,19 @@ def verify(
     stats = _per_output(results)
     comparisons = {}
     for runner, (index, atol, rtol, precision) in pairs.items():
+        if precision == "int8":  # judged by task agreement below; the errors are reported, not gated
+            errors = {k: OutputErrors(**v) for k, v in stats[runner].items()}
+            comparisons[runner] = Comparison("reference", atol, rtol, precision, False, errors)
+            continue
         ok = Comparator.compare_accuracy(
             results, comparisons=[(0, index)], compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)
         )
         errors = {k: OutputErrors(**v) for k, v in stats[runner].items()}
         comparisons[runner] = Comparison("reference", atol, rtol, precision, bool(ok), errors)
+    agreement = None
+    if int8:  # the verdict is the task's: top-1 agreement on labelled data; the errors are reported beside it
+        agreement = task_agreement(model, reference, opts)
+        comparisons["model"] = dataclasses.replace(comparisons["model"], passed=agreement.passed)
     report = VerifyReport(
         reference=str(reference),
         model=str(model),
@@ -220,6 +244,7 @@ def verify(
         passed=all(c.passed for c in comparisons.values()),
         inputs=str(outdir / "inputs.json"),
         outputs=str(outdir / "outputs.json"),
+        agreement=agreement,
     )
     created = not outdir.exists()
     _create(outdir)
@@ -283,3 +308,45 @@ def _merge(stats: list[dict[str, float]]) -> dict[str, float]:
         k: (max(s[k] for s in stats) if k.startswith(("max", "min")) else float(np.mean([s[k] for s in stats])))
         for k in stats[0]
     }
+
+
+def predictions(model: str, x: np.ndarray) -> np.ndarray:
+    """The first output's argmax over axis 1 for every row of ``x``, batched at the model's batch size."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    batch = inp.shape[0] if isinstance(inp.shape[0], int) else 64
+    out = []
+    for i in range(0, len(x) - len(x) % batch, batch):
+        out.append(np.asarray(session.run(None, {inp.name: x[i : i + batch]})[0]).argmax(axis=1))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def task_agreement(model: str, reference: str, opts: VerifyOptions) -> Agreement:
+    """Top-1 agreement and macro-F1 of ``model`` and ``reference`` on the labelled windows of
+    ``opts.data`` (``opts.split`` of it), every window once."""
+    from toolchain.data.sources import default_target_subjects, load_data
+    from toolchain.data.windows import select_split
+    from toolchain.metrics import accuracy, macro_f1
+
+    ds = load_data(str(opts.data))
+    ds = select_split(ds, opts.split, default_target_subjects(ds) if opts.split != "all" else ())
+    x = np.ascontiguousarray(ds.X, dtype=np.float32)
+    got, ref = predictions(model, x), predictions(reference, x)
+    if not len(got):
+        raise ToolchainError("no labelled windows to measure agreement on", seen=(opts.data, opts.split, len(x)))
+    y, k = ds.y[: len(got)], len(ds.classes)
+    top1 = float(np.mean(got == ref))
+    return Agreement(
+        data=str(opts.data),
+        split=opts.split,
+        windows=len(got),
+        top1_agreement=top1,
+        min_agreement=float(opts.min_agreement),
+        f1_model=macro_f1(y, got, k),
+        f1_reference=macro_f1(y, ref, k),
+        accuracy_model=accuracy(y, got),
+        accuracy_reference=accuracy(y, ref),
+        passed=top1 >= opts.min_agreement,
+    )

@@ -18,7 +18,7 @@ from toolchain.adapters.methods import check_rank
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import check_output
 from toolchain.data.sources import data_files, default_target_subjects, load_data
-from toolchain.data.windows import WindowDataset, fit_standardization, split_subjects, time_split
+from toolchain.data.windows import ADAPT_FRACTION, WindowDataset, fit_standardization, split_subjects, time_split
 from toolchain.memory import MIB
 from toolchain.models.registry import build_model, load_checkpoint, model_files, save_checkpoint
 from toolchain.peft.inject import AdaptConfig
@@ -51,7 +51,7 @@ class FinetuneJob:
     data: str | None = None
     subjects: tuple[int, ...] | None = None  # to adapt to; None: those held out at pretraining
     train: TrainConfig = field(default_factory=lambda: copy.copy(FINETUNE_DEFAULTS))
-    adapt_fraction: float = 0.8
+    adapt_fraction: float = ADAPT_FRACTION
     force: bool = False
     model: str | None = None  # needed for a plain state_dict checkpoint; rebuilds a toolchain one otherwise
     lean: bool = True  # the lean training path for methods whose base weights stay frozen

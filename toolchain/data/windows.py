@@ -117,3 +117,24 @@ def fit_standardization(ds: WindowDataset) -> tuple[np.ndarray, np.ndarray]:
     mean = ds.X.mean(axis=axes, dtype=np.float64)
     std = ds.X.std(axis=axes, dtype=np.float64)
     return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+ADAPT_FRACTION = 0.8  # finetune's default: the first 80% of each target segment adapts, the rest tests
+SPLITS = ("all", "source", "target", "target-adapt", "target-test")
+
+
+def select_split(ds: WindowDataset, split: str, targets: Iterable[int]) -> WindowDataset:
+    """``all``; ``source`` (the subjects a base was pretrained on); ``target``; ``target-adapt`` and
+    ``target-test`` (the target windows finetune adapts on and holds out for testing, ``time_split``
+    at ``ADAPT_FRACTION``)."""
+    if split not in SPLITS:
+        raise ToolchainError("unknown data split", seen=split, remedy=f"use one of {', '.join(SPLITS)}")
+    if split == "all":
+        return ds
+    source, target = split_subjects(ds, targets)
+    if split == "source":
+        return source
+    if split == "target":
+        return target
+    adapt, test = time_split(target, ADAPT_FRACTION)
+    return adapt if split == "target-adapt" else test

@@ -35,6 +35,7 @@ class ModelFacts:
     input_name: str
     input_shape: tuple[int | None, ...]  # dynamic dims are None
     initializers: dict[str, tuple[int, int]]  # name -> (element count, ONNX data type), for refit's prototype check
+    quantized: bool = False  # explicit INT8: QuantizeLinear/DequantizeLinear nodes
 
 
 def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
@@ -60,8 +61,18 @@ def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
     )
     batch = dims[0] if dims else None
     base = (prov.base_sha256 if prov else None) or sha
+    quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     return ModelFacts(
-        str(path), sha, base, tuple(fused), tuple(fused) or convs, batch, inputs[0].name if inputs else "", dims, inits
+        str(path),
+        sha,
+        base,
+        tuple(fused),
+        tuple(fused) or convs,
+        batch,
+        inputs[0].name if inputs else "",
+        dims,
+        inits,
+        quantized,
     )
 
 

@@ -34,12 +34,16 @@ from toolchain.trt.runtime import last_error, logger, require_tensorrt, trt_erro
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
+# An INT8 engine against the same QDQ model in ONNX Runtime: both quantize with the same scales, but a
+# value on a rounding boundary may land one step apart. Not yet measured on an Orin (docs/DEVICE.md).
+INT8_TOL = 1e-1
 CHECK_BATCHES = 4
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     fp16: bool = False
+    int8: bool = False  # explicit quantization: the model's Q/DQ scales, no calibrator
     refit: bool = False
     timing_cache: str | None = None
     dynamic_batch: tuple[int, int, int] | None = None
@@ -48,7 +52,30 @@ class BuildOptions:
 
 
 def tolerance(precision: str) -> float:
-    return FP16_TOL if precision == "fp16" else FP32_TOL
+    return {"fp16": FP16_TOL, "int8": INT8_TOL}.get(precision, FP32_TOL)
+
+
+def _check_int8(facts: ModelFacts, opts: BuildOptions) -> None:
+    """--int8 exactly for explicitly quantized (QDQ) models, and never with refit (docs/DEVICE.md)."""
+    if opts.int8 and not facts.quantized:
+        raise ToolchainError(
+            "--int8 builds from the model's QuantizeLinear/DequantizeLinear scales, and this model has none",
+            seen=facts.path,
+            remedy="quantize it first with `toolchain quantize`, or build without --int8",
+        )
+    if facts.quantized and not opts.int8:
+        raise ToolchainError(
+            "the model is explicitly quantized (QDQ), so its engine is an INT8 engine",
+            seen=facts.path,
+            remedy="pass --int8",
+        )
+    if opts.int8 and opts.refit:
+        raise ToolchainError(
+            "INT8 engines are rebuilt per adapter, not refitted: TensorRT 10.3 documents no refit of "
+            "quantized weights or their scales",
+            seen="--int8 --refit",
+            remedy="build one INT8 engine per fused model (toolchain build --int8), without --refit",
+        )
 
 
 def _refuse_dynamic_on_static(facts: ModelFacts, opts: BuildOptions) -> None:
@@ -85,6 +112,8 @@ def _config(trt: Any, builder: Any, network: Any, facts: ModelFacts, opts: Build
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
     if opts.fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if opts.int8:  # weakly typed network with Q/DQ layers: explicit quantization, no calibrator is set
+        config.set_flag(trt.BuilderFlag.INT8)
     if mode == "individual":
         config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
     elif mode == "all":
@@ -117,6 +146,7 @@ def build_engine(
     trt = require_tensorrt()
     facts = model_facts(onnx_path)
     _refuse_dynamic_on_static(facts, opts)
+    _check_int8(facts, opts)
     with trt_errors() as errors:
         builder, network, parser, problems = parse_network(trt, onnx_path)
         if problems:
@@ -140,7 +170,7 @@ def build_engine(
         if opts.timing_cache:
             _save_timing_cache(config, opts.timing_cache)
     del parser, network, builder
-    precision = "fp16" if opts.fp16 else "fp32"
+    precision = "int8" if opts.int8 else "fp16" if opts.fp16 else "fp32"
     engine_check = check_engine_bytes(plan, onnx_path, precision, facts) if opts.check else None
     record = EngineRecord(
         kind="build",
@@ -284,6 +314,13 @@ def refit_engine(plan: str, fused_onnx: str, out: str, *, force: bool = False, c
     check_output(out, [plan, fused_onnx], force=force)
     check_output(sidecar_path(out), [plan, fused_onnx, sidecar_path(plan)], force=force)
     record = _refit_record(plan)
+    if record.precision == "int8":
+        raise ToolchainError(
+            "INT8 engines are rebuilt per adapter, not refitted (TensorRT 10.3 documents no refit of quantized "
+            "weights or their scales)",
+            seen=f"{plan}: precision int8",
+            remedy="build a new engine from the fused INT8 model: toolchain build FUSED.int8.onnx --int8",
+        )
     trt = require_tensorrt()
     check_plan_version(plan, str(trt.__version__))
     facts = model_facts(fused_onnx)

@@ -23,7 +23,7 @@ from toolchain.core.fileio import read_regular_file, write_bytes_atomic
 from toolchain.core.jsonio import dumps_json, read_json
 
 RECORD_FORMAT = 1
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 REFIT_MODES = ("none", "individual", "all")  # not refittable; REFIT_INDIVIDUAL on marked weights; whole-engine REFIT
 KINDS = ("build", "refit")
 HEADER_VERSION_OFFSET = 24
