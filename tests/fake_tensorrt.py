@@ -61,6 +61,8 @@ SUPPORTED_OPS = {
     "Sigmoid",
     "HardSigmoid",
     "HardSwish",
+    "QuantizeLinear",  # explicit quantization (TensorRT 10.3's parser: INT8 per tensor or per channel)
+    "DequantizeLinear",
 }
 AXES_INPUT = {"ReduceMean": 1, "Squeeze": 1, "Unsqueeze": 1}
 SHAPE_INPUTS = {

@@ -244,10 +244,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
             f"{ag.f1_reference:.4f}: {'PASSED' if ag.passed else 'FAILED'}"
         )
     worst = max(st.max_abs for st in report.comparisons["model"].outputs.values())
-    tol = f" --atol {worst * 1.01:.3g} --rtol 1e9" if ag is not None else ""  # INT8: the errors measured
+    hint = f" --atol {worst * 1.01:.3g} --rtol 1e9" if ag is not None else ""  # INT8: the errors measured
     print(
         f"{'PASSED' if report.passed else 'FAILED'}: report {a.out_dir}/verify.json; re-check with "
-        f"polygraphy run {a.model} --onnxrt --load-inputs {report.inputs} --load-outputs {report.outputs}{tol}"
+        f"polygraphy run {a.model} --onnxrt --load-inputs {report.inputs} --load-outputs {report.outputs}{hint}"
     )
     return 0 if report.passed else 1
 

@@ -261,6 +261,13 @@ def _refit_record(plan: str) -> EngineRecord:
             seen=str(sidecar_path(plan)),
             remedy="rebuild it with `toolchain build --refit`",
         )
+    if record.precision == "int8":
+        raise ToolchainError(
+            "INT8 engines are rebuilt per adapter, not refitted (TensorRT 10.3 documents no refit of quantized "
+            "weights or their scales)",
+            seen=f"{plan}: precision int8",
+            remedy="build a new engine from the fused INT8 model: toolchain build FUSED.int8.onnx --int8",
+        )
     if record.refit_mode == "none":
         raise ToolchainError(
             "the engine is not refittable", seen=plan, remedy="rebuild it with `toolchain build --refit`"
@@ -314,13 +321,6 @@ def refit_engine(plan: str, fused_onnx: str, out: str, *, force: bool = False, c
     check_output(out, [plan, fused_onnx], force=force)
     check_output(sidecar_path(out), [plan, fused_onnx, sidecar_path(plan)], force=force)
     record = _refit_record(plan)
-    if record.precision == "int8":
-        raise ToolchainError(
-            "INT8 engines are rebuilt per adapter, not refitted (TensorRT 10.3 documents no refit of quantized "
-            "weights or their scales)",
-            seen=f"{plan}: precision int8",
-            remedy="build a new engine from the fused INT8 model: toolchain build FUSED.int8.onnx --int8",
-        )
     trt = require_tensorrt()
     check_plan_version(plan, str(trt.__version__))
     facts = model_facts(fused_onnx)

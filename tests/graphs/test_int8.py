@@ -1,0 +1,296 @@
+"""INT8: quantize the base once, fuse an adapter into the QDQ model exactly, verify against FP32 on real
+labelled windows, refuse QDQ layouts that fusion cannot keep exact."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from toolchain.cli import main
+from toolchain.graphs.qdq import dequantized, quantized_weights
+from toolchain.graphs.weights import index_weights
+from toolchain.kernels.quant import channel_scales
+from toolchain.quantize import Calibration, quantize_model, recalibrate
+
+Q = ["--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    d = tmp_path_factory.mktemp("int8")
+    p = {
+        k: d / v
+        for k, v in dict(
+            ckpt="base.pt",
+            adapter="adapter.safetensors",
+            base="base.onnx",
+            fused="fused.onnx",
+            base8="base.int8.onnx",
+            fused8="fused.int8.onnx",
+        ).items()
+    }
+    assert main(["pretrain", "--out", str(p["ckpt"]), "--epochs", "2", *Q]) == 0
+    assert main(["finetune", "--checkpoint", str(p["ckpt"]), "--out", str(p["adapter"]), "--steps", "60", *Q]) == 0
+    assert main(["export", "--checkpoint", str(p["ckpt"]), "-o", str(p["base"])]) == 0
+    assert main(["fuse", str(p["base"]), str(p["adapter"]), "-o", str(p["fused"])]) == 0
+    assert main(["quantize", str(p["base"]), "-o", str(p["base8"]), "--calibration-batches", "64"]) == 0
+    assert main(["fuse", str(p["base8"]), str(p["adapter"]), "-o", str(p["fused8"])]) == 0
+    p["dir"] = d
+    return p
+
+
+def _inits(path):
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_quantize_writes_the_layout_tensorrt_and_fusion_need(art):
+    m = onnx.load(str(art["base8"]))
+    chains = quantized_weights(m.graph, index_weights(m.graph))
+    convs = [n.input[1] for n in onnx.load(str(art["base"])).graph.node if n.op_type == "Conv"]
+    assert sorted(chains) == sorted(convs)  # every Conv kernel, float weight behind Q -> DQ
+    base = _inits(art["base"])
+    for name, c in chains.items():
+        assert np.array_equal(c.weight.values(), base[name])  # the float weight is the base's, bit for bit
+        assert np.array_equal(c.scale.values(), channel_scales(base[name], 0))  # our rule is the quantizer's
+        assert c.zero_point.values().dtype == np.int8 and not c.zero_point.values().any()
+    meta = {p.key: p.value for p in m.metadata_props}
+    scheme = json.loads(meta["toolchain.quantization"])
+    assert scheme["calibration"]["batches"] == 64 and scheme["calibration"]["split"] == "source"
+    assert len(scheme["calibration"]["sha256"]) == 64 and scheme["ops"] == ["Conv"]
+    assert meta["toolchain.kind"] == "base" and "toolchain.checkpoint_sha256" in meta  # provenance kept
+    head = next(n for n in m.graph.node if n.op_type == "Gemm")
+    assert head.input[1] in base  # the head stays float by default
+
+
+def test_fuse_into_qdq_is_exact_and_requantizes_only_the_changed_scales(art):
+    fused, fused8, base8 = _inits(art["fused"]), _inits(art["fused8"]), _inits(art["base8"])
+    m = onnx.load(str(art["fused8"]))
+    chains = quantized_weights(m.graph, index_weights(m.graph))
+    changed = json.loads({p.key: p.value for p in m.metadata_props}["toolchain.fused_weights"])
+    assert changed and set(changed) <= set(chains)
+    for name in changed:
+        assert np.array_equal(fused8[name], fused[name])  # W + ΔW exactly as the FP32 fuse
+        assert np.array_equal(fused8[f"{name}_scale"], channel_scales(fused[name], 0))
+        assert not np.array_equal(fused8[f"{name}_scale"], base8[f"{name}_scale"])
+    moved = {k for k in base8 if not np.array_equal(base8[k], fused8[k])}
+    assert moved == set(changed) | {f"{n}_scale" for n in changed}  # activation scales and the rest stay
+    base_nodes = [(n.op_type, n.name, list(n.input)) for n in onnx.load(str(art["base8"])).graph.node]
+    assert [(n.op_type, n.name, list(n.input)) for n in m.graph.node] == base_nodes
+
+
+def test_fused_scales_equal_requantizing_the_fused_model_from_scratch(art):
+    fused8 = _inits(art["fused8"])
+    scratch = quantize_model(onnx.load(str(art["fused"])), Calibration("watch", batches=64))
+    for name, c in quantized_weights(scratch.graph, index_weights(scratch.graph)).items():
+        assert np.array_equal(c.scale.values(), fused8[f"{name}_scale"]), name
+
+
+def test_fuse_into_qdq_is_torch_free_and_deterministic(art, tmp_path):
+    code = (
+        "import sys; from toolchain.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    )
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"f{i}.onnx"
+        subprocess.run(
+            [sys.executable, "-c", code, "fuse", str(art["base8"]), str(art["adapter"]), "-o", str(out)], check=True
+        )
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == art["fused8"].read_bytes()
+
+
+def test_recalibration_reproduces_the_quantizers_own_activation_scales(art):
+    m = onnx.load(str(art["base8"]))
+    before = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    recalibrate(m, Calibration("watch", split="source", batches=64))  # the calibration quantize used
+    after = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    activation = [k for k in before if k.endswith("_scale") and before[k].ndim == 0]
+    assert activation and all(np.array_equal(before[k], after[k]) and after[k].shape == () for k in activation)
+    other = quantize_model(onnx.load(str(art["base"])), Calibration("watch", split="target-adapt", batches=64))
+    recalibrate(m, Calibration("watch", split="target-adapt", batches=64))
+    theirs = {t.name: numpy_helper.to_array(t) for t in other.graph.initializer}
+    mine = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    assert all(np.array_equal(mine[k], theirs[k]) for k in activation)
+    assert any(not np.array_equal(mine[k], before[k]) for k in activation)
+
+
+def test_dequantized_graph_computes_the_float_model(art):
+    import onnxruntime as ort
+
+    from toolchain.data.sources import load_data
+
+    x = load_data("watch").X[:1]
+    runs = []
+    for model in (onnx.load(str(art["base"])), dequantized(onnx.load(str(art["base8"])))):
+        s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        runs.append(s.run(None, {s.get_inputs()[0].name: x})[0])
+    assert np.array_equal(runs[0], runs[1])
+
+
+def test_verify_int8_reports_agreement_and_f1(art, tmp_path, capsys):
+    out = tmp_path / "v"
+    rc = main(["verify", str(art["fused8"]), "--reference", str(art["fused"]), "--split", "target-test",
+               "--min-agreement", "0.9", "--out-dir", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    report = json.loads((out / "verify.json").read_text())
+    ag = report["agreement"]
+    assert rc == 0 and report["passed"] and ag["windows"] > 100 and ag["top1_agreement"] >= 0.9
+    assert report["comparisons"]["model"]["precision"] == "int8"
+    assert 0 < report["comparisons"]["model"]["outputs"]["logits"]["max_abs"]  # INT8 differs, and says how much
+    assert "top-1 agreement" in text and "macro-F1" in text
+
+
+def test_verify_int8_fails_below_min_agreement(art, tmp_path):
+    m = onnx.load(str(art["fused8"]))
+    for t in m.graph.initializer:  # saturate every activation: the model still runs, but answers differently
+        if t.name.endswith("_scale") and not t.dims:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(1e-6, np.float32), t.name))
+    bad = tmp_path / "bad.int8.onnx"
+    onnx.save(m, str(bad))
+    out = tmp_path / "v"
+    assert main(["verify", str(bad), "--reference", str(art["fused"]), "--out-dir", str(out)]) == 1
+    report = json.loads((out / "verify.json").read_text())
+    assert not report["passed"] and report["agreement"]["top1_agreement"] < 0.99
+
+
+def test_verify_fp32_is_unchanged(art, tmp_path):
+    out = tmp_path / "v"
+    assert main(["verify", str(art["fused"]), "--reference", str(art["fused"]), "--out-dir", str(out)]) == 0
+    report = json.loads((out / "verify.json").read_text())
+    assert report["agreement"] is None and report["comparisons"]["model"]["precision"] == "fp32"
+
+
+def _first_chain(m):
+    return next(iter(quantized_weights(m.graph, index_weights(m.graph)).values()))
+
+
+def _set(m, name, value):
+    t = next(t for t in m.graph.initializer if t.name == name)
+    t.CopyFrom(numpy_helper.from_array(np.asarray(value), name))
+
+
+def _scale(value):
+    def mutate(m):
+        c = _first_chain(m)
+        s = c.scale.values()
+        s[0] = value
+        _set(m, c.scale.name, s.astype(np.float32))
+
+    return mutate
+
+
+def _zp(dtype, value=0):
+    def mutate(m):
+        c = _first_chain(m)
+        _set(m, c.zero_point.name, np.full(c.zero_point.values().shape, value, dtype))
+
+    return mutate
+
+
+def _attr_axis(axis):
+    def mutate(m):
+        c = _first_chain(m)
+        for node in (c.quantize, c.dequantize):
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("axis", axis))
+
+    return mutate
+
+
+def _per_tensor(m):
+    c = _first_chain(m)
+    _set(m, c.scale.name, np.float32(c.scale.values().max()))
+    _set(m, c.zero_point.name, np.int8(0))
+
+
+def _missing_scale(m):
+    c = _first_chain(m)
+    m.graph.initializer.remove(next(t for t in m.graph.initializer if t.name == c.scale.name))
+
+
+def _shared_dq(m):
+    c = _first_chain(m)
+    conv = c.readers[0].node
+    twin = onnx.NodeProto()
+    twin.CopyFrom(conv)
+    twin.name, twin.output[0] = conv.name + "_twin", conv.output[0] + "_twin"
+    m.graph.node.append(twin)
+    m.graph.output.append(onnx.helper.make_empty_tensor_value_info(twin.output[0]))
+
+
+def _integer_weights(m):
+    """Another quantizer's layout: the weight stored as INT8 feeding DQ, the float weight gone."""
+    c = _first_chain(m)
+    w = c.weight.values()
+    q = np.clip(np.rint(w / c.scale.values().reshape(-1, *[1] * (w.ndim - 1))), -127, 127).astype(np.int8)
+    _set(m, c.weight.name, q)
+    c.dequantize.input[0] = c.weight.name
+    m.graph.node.remove(c.quantize)
+
+
+def _integer_wrong_shape(m):
+    _integer_weights(m)
+    c = next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
+    w = next(t for t in m.graph.initializer if t.name == c.input[0])
+    _set(m, w.name, numpy_helper.to_array(w)[:-1])
+
+
+HOSTILE = [
+    (_scale(0.0), "scales must be finite, positive"),
+    (_scale(-0.5), "scales must be finite, positive"),
+    (_scale(np.nan), "scales must be finite, positive"),
+    (_scale(np.inf), "scales must be finite, positive"),
+    (_zp(np.int8, 3), "zero points must be 0"),
+    (_zp(np.uint8), "weights must be INT8"),
+    (_attr_axis(7), "axis is out of range"),
+    (_attr_axis(1), "one value per channel of the axis"),
+    (_per_tensor, "per-tensor weight scales"),
+    (_missing_scale, "scale or zero point is not a constant"),
+    (_shared_dq, "shared by several nodes"),
+    (_integer_weights, "stores its quantized weights as INT8 initializers"),
+    (_integer_wrong_shape, "shape does not fit its per-channel scales"),
+]
+
+
+@pytest.mark.parametrize("mutate, message", HOSTILE, ids=[m for _, m in HOSTILE])
+def test_hostile_qdq_is_refused_in_one_line_and_writes_nothing(art, tmp_path, capsys, mutate, message):
+    m = onnx.load(str(art["base8"]))
+    mutate(m)
+    bad = tmp_path / "bad.int8.onnx"
+    onnx.save(m, str(bad))
+    before = bad.read_bytes()
+    out = tmp_path / "out.onnx"
+    assert main(["fuse", str(bad), str(art["adapter"]), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not out.exists() and bad.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["quantize", "{base8}", "-o", "{out}"], "already quantized"),
+        (["quantize", "{base}", "-o", "{out}", "--ops", "Relu"], "--ops takes"),
+        (["quantize", "{base}", "-o", "{out}", "--calibration-batches", "0"], "--calibration-batches must be"),
+        (["quantize", "{base}", "-o", "{out}", "--data", "digits"], "does not fit the model input"),
+        (["quantize", "{base}", "-o", "{base}"], "must not be one of the inputs"),
+        (["fuse", "{base}", "{adapter}", "-o", "{out}", "--recalibrate", "watch"], "quantized activations"),
+        (["fuse", "{base8}", "{adapter}", "-o", "{out}", "--recalibrate-split", "all"], "need --recalibrate"),
+        (["verify", "{fused8}", "--reference", "{fused}", "--data", "none"], "labelled real data"),
+        (["verify", "{fused8}", "--reference", "{fused}", "--min-agreement", "2"], "--min-agreement must be"),
+    ],
+)
+def test_int8_refusals_leave_no_output(art, tmp_path, capsys, argv, message):
+    subs = {k: str(art[k]) for k in ("base", "base8", "fused", "fused8", "adapter")}
+    subs["out"] = str(tmp_path / "o.onnx")
+    before = {k: art[k].read_bytes() for k in ("base", "base8")}
+    assert main([a.format(**subs) if a.startswith("{") else a for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o.onnx").exists()
+    assert all(art[k].read_bytes() == v for k, v in before.items())
