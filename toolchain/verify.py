@@ -19,6 +19,7 @@ from toolchain.records import Agreement, Comparison, OutputErrors, VerifyReport
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
+INT8_ENGINE_TOL = 1e-1  # an INT8 engine against its own QDQ model (toolchain.trt.engine.INT8_TOL)
 MIN_AGREEMENT = 0.99  # an INT8 model's top-1 agreement with its FP32 reference on labelled real data
 
 
@@ -169,7 +170,7 @@ def _engine_tolerance(
             seen=engine,
             remedy="pass --engine-atol and --engine-rtol (1e-2 for fp16 engines), or rebuild it with `toolchain build`",
         )
-    default = FP16_TOL if precision == "fp16" else FP32_TOL
+    default = {"fp16": FP16_TOL, "int8": INT8_ENGINE_TOL}.get(str(precision), FP32_TOL)
     return _tolerance(opts.engine_atol, default), _tolerance(opts.engine_rtol, default), precision or "given"
 
 
@@ -220,7 +221,7 @@ def verify(
     stats = _per_output(results)
     comparisons = {}
     for runner, (index, atol, rtol, precision) in pairs.items():
-        if precision == "int8":  # judged by task agreement below; the errors are reported, not gated
+        if runner == "model" and int8:  # judged by task agreement below; the errors are reported, not gated
             errors = {k: OutputErrors(**v) for k, v in stats[runner].items()}
             comparisons[runner] = Comparison("reference", atol, rtol, precision, False, errors)
             continue

@@ -89,6 +89,10 @@ def _prepare(out: Path, epochs: int, steps: int, only: set[str] | None) -> list[
             case = out / f"{adapter}-{export}"
             case.mkdir()
             _run(["export", "--checkpoint", str(ckpt), *e_args, "-o", str(case / "base.onnx")])
+            # INT8: the base quantized once here (host side; the device has no quantizer); the device fuses into it
+            _run(
+                ["quantize", str(case / "base.onnx"), "-o", str(case / "base.int8.onnx"), "--calibration-batches", "64"]
+            )
             for seed in (1, 2):
                 shutil.copy(tensors / f"adapter{seed}.safetensors", case / f"adapter{seed}.safetensors")
                 _run(

@@ -9,7 +9,9 @@
 # `toolchain build --fp16 --refit` (it checks the engine against the ONNX and writes the sidecar);
 # build base and unfused engines for timing; verify the engine against the fused and the unfused
 # ONNX; refit with the second adapter and verify again; negative control: the old engine against the
-# new model must FAIL; time base, fused, unfused and refit engines with trtexec --loadEngine.
+# new model must FAIL; time base, fused, unfused and refit engines with trtexec --loadEngine. INT8
+# (when the bundle has base.int8.onnx): fuse into it, build --int8, engine vs INT8 ONNX, INT8 vs FP32
+# agreement on the target test windows, refit refused, trtexec timing.
 # Exit status 0 only when every case gives what its `expect` file says.
 set -euo pipefail
 
@@ -140,14 +142,28 @@ run_case() {
   fi
   [ -f "$o/fused1.plan" ] && t_fused=$(time_engine "$o/fused1.plan" "$o/trtexec_fused1.log")
   [ -f "$o/refit2.plan" ] && t_refit=$(time_engine "$o/refit2.plan" "$o/trtexec_refit2.log")
+  # INT8: fuse adapter 1 into the quantized base, build an explicitly quantized engine, judge the engine
+  # against the INT8 ONNX model, the INT8 model against the FP32 fused one (top-1 agreement on the
+  # target test windows); refit of an INT8 engine must be refused (rebuilt per adapter); time it.
+  local i8_engine="-" i8_agree="-" i8_refit="-" t_int8="-"
+  if [ -f "$c/base.int8.onnx" ] && [ -f "$o/fused1.onnx" ]; then
+    if [ "$(step "$o/fuse1_int8.log" toolchain fuse "$c/base.int8.onnx" "$c/adapter1.safetensors" -o "$o/fused1.int8.onnx" --force)" = 0 ] \
+      && [ "$(step "$o/build_int8.log" toolchain build "$o/fused1.int8.onnx" -o "$o/fused1.int8.plan" --int8 --fp16 --timing-cache "$out/timing.cache" --force)" = 0 ]; then
+      i8_engine=$(verdict "$(step "$o/verify_int8_engine.log" toolchain verify "$o/fused1.int8.onnx" --reference "$o/fused1.int8.onnx" --engine "$o/fused1.int8.plan" --data none --out-dir "$o/verify_int8_engine" --force)")
+      i8_agree=$(verdict "$(step "$o/verify_int8.log" toolchain verify "$o/fused1.int8.onnx" --reference "$o/fused1.onnx" --data watch --split target-test --out-dir "$o/verify_int8" --force)")
+      [ "$(step "$o/refit_int8.log" toolchain refit "$o/fused1.int8.plan" "$o/fused1.int8.onnx" -o "$o/refit_int8.plan" --force)" = 2 ] && i8_refit=refused || i8_refit=UNEXPECTED
+      t_int8=$(time_engine "$o/fused1.int8.plan" "$o/trtexec_int8.log")
+    fi
+    [ "$i8_engine" = PASSED ] && [ "$i8_agree" = PASSED ] && [ "$i8_refit" = refused ] || ok=0
+  fi
   local status=ok
   [ "$ok" = 1 ] || status=FAILED
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$expect" "$status" "$mode" "$v_fused" "$v_unfused" "$refit" "$v_refit" "$control" \
-    "$t_base" "$t_fused" "$t_unfused" "$t_refit" >> "$out/summary.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$expect" "$status" "$mode" "$v_fused" "$v_unfused" "$refit" "$v_refit" "$control" \
+    "$t_base" "$t_fused" "$t_unfused" "$t_refit" "$i8_engine" "$i8_agree" "$i8_refit" "$t_int8" >> "$out/summary.tsv"
   [ "$ok" = 1 ]
 }
 
-printf 'case\texpect\tstatus\trefit_mode\tengine_vs_fused\tengine_vs_unfused\trefit\trefit_vs_unfused2\tnegative_control\tbase_ms\tfused_ms\tunfused_ms\trefit_ms\n' > "$out/summary.tsv"
+printf 'case\texpect\tstatus\trefit_mode\tengine_vs_fused\tengine_vs_unfused\trefit\trefit_vs_unfused2\tnegative_control\tbase_ms\tfused_ms\tunfused_ms\trefit_ms\tint8_engine_vs_onnx\tint8_vs_fp32_agreement\tint8_refit\tint8_ms\n' > "$out/summary.tsv"
 failed=0
 while read -r name <&3; do  # fd 3: the commands inside must not eat the case list
   [ -n "$name" ] || continue

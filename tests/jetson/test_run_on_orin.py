@@ -66,7 +66,9 @@ def test_the_orin_script_runs_the_matrix(bundle, tmp_path):
         assert r["status"] == "ok" and r["refit_mode"] == mode, r
         assert r["engine_vs_fused"] == r["engine_vs_unfused"] == r["refit"] == r["refit_vs_unfused2"] == "PASSED", r
         assert r["negative_control"] == "FAILED", r
-        assert all(float(r[k]) > 0 for k in ("base_ms", "fused_ms", "unfused_ms", "refit_ms")), r
+        assert all(float(r[k]) > 0 for k in ("base_ms", "fused_ms", "unfused_ms", "refit_ms", "int8_ms")), r
+        assert r["int8_engine_vs_onnx"] == r["int8_vs_fp32_agreement"] == "PASSED", r
+        assert r["int8_refit"] == "refused", r
     assert by["le_bn-foldbn"]["expect"] == "refused-at-fuse" and by["le_bn-foldbn"]["status"].startswith(
         "ok: refused at fuse"
     )

@@ -85,7 +85,7 @@ def test_record_round_trip(tmp_path):
         "{broken",
         "[]",
         json.dumps({"format": 2}),
-        json.dumps({**json.loads(_record().to_json()), "precision": "int8"}),
+        json.dumps({**json.loads(_record().to_json()), "precision": "int4"}),
         json.dumps({**json.loads(_record().to_json()), "extra": 1}),
         json.dumps({**json.loads(_record().to_json()), "refittable_weights": [1]}),
         json.dumps({**json.loads(_record().to_json()), "onnx_sha256": 5}),
