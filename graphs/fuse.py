@@ -172,8 +172,9 @@ def _fuse_layers(
     A kernel behind QuantizeLinear -> DequantizeLinear is fused in float and its per-channel scales
     are recomputed (``graphs.qdq``); everything else about the quantized graph stays."""
     weights = index_weights(graph)
-    if adapter.layers and integer_kernels(graph, weights):
-        raise refuse_integer(integer_kernels(graph, weights))
+    integer = integer_kernels(graph, weights) if adapter.layers else []
+    if integer:
+        raise refuse_integer(integer)
     convs = conv_weights(weights)
     convs.update({n: c.kernel_view() for n, c in chains.items() if c.readers[0].node.op_type == "Conv"})
     named = [convs[x.param] for x in adapter.layers if x.param in convs]

@@ -68,13 +68,11 @@ def _ort() -> Any:
 def calibration_inputs(cal: Calibration, shape: list[int | None]) -> tuple[list[np.ndarray], dict[str, Any]]:
     """``cal.batches`` batches of the model's batch size, spread evenly over the split (at most every
     window once), and the record of what was used (spec, split, counts, SHA-256 of the inputs)."""
-    from toolchain.data.sources import default_target_subjects, load_data
-    from toolchain.data.windows import select_split
+    from toolchain.data.sources import load_split
     from toolchain.kernels import weight_sha256
 
     cal.check()
-    ds = load_data(cal.data)
-    ds = select_split(ds, cal.split, default_target_subjects(ds) if cal.split != "all" else ())
+    ds = load_split(cal.data, cal.split)
     if list(ds.X.shape[1:]) != [d or -1 for d in shape[1:]]:
         raise ToolchainError(
             "the calibration data's window or image shape does not fit the model input",

@@ -327,12 +327,10 @@ def predictions(model: str, x: np.ndarray) -> np.ndarray:
 def task_agreement(model: str, reference: str, opts: VerifyOptions) -> Agreement:
     """Top-1 agreement and macro-F1 of ``model`` and ``reference`` on the labelled windows of
     ``opts.data`` (``opts.split`` of it), every window once."""
-    from toolchain.data.sources import default_target_subjects, load_data
-    from toolchain.data.windows import select_split
+    from toolchain.data.sources import load_split
     from toolchain.metrics import accuracy, macro_f1
 
-    ds = load_data(str(opts.data))
-    ds = select_split(ds, opts.split, default_target_subjects(ds) if opts.split != "all" else ())
+    ds = load_split(str(opts.data), opts.split)
     x = np.ascontiguousarray(ds.X, dtype=np.float32)
     got, ref = predictions(model, x), predictions(reference, x)
     if not len(got):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.core.errors import ToolchainError
-from toolchain.data.windows import STEP, WINDOW, WindowDataset, concat, sliding_windows
+from toolchain.data.windows import STEP, WINDOW, WindowDataset, concat, select_split, sliding_windows
 
 HAPT_BASIC = ("WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING", "STANDING", "LAYING")
 HAPT_BASIC_IDS = (1, 2, 3, 4, 5, 6)
@@ -335,3 +335,9 @@ def default_target_subjects(ds: WindowDataset) -> tuple[int, ...]:
     if ds.name == "digits":
         return (1, 2, 3, 4)
     return tuple(ds.subjects()[-max(1, len(ds.subjects()) // 3) :])
+
+
+def load_split(spec: str, split: str) -> WindowDataset:
+    """``load_data(spec)`` narrowed to one of ``windows.SPLITS`` around its usual target subjects."""
+    ds = load_data(spec)
+    return select_split(ds, split, default_target_subjects(ds) if split != "all" else ())
