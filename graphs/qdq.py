@@ -166,7 +166,8 @@ def _check_chain(c: QuantizedWeight, index: dict[str, list[Consumer]], outputs: 
             "scale and zero point must have one value per channel of the axis", name, (scale.shape, zp.shape, channels)
         )
     if scale.dtype != np.float32 or not np.all(np.isfinite(scale)) or not np.all(scale > 0):
-        raise _fail("scales must be finite, positive float32", name, scale[~(np.isfinite(scale) & (scale > 0))][:4])
+        bad = str(scale.dtype) if scale.dtype != np.float32 else scale[~(np.isfinite(scale) & (scale > 0))][:4]
+        raise _fail("scales must be finite, positive float32", name, bad)
     if np.any(zp != 0):
         raise _fail("zero points must be 0 (symmetric; TensorRT takes no other)", name, zp[zp != 0][:4])
     for r in c.readers:
