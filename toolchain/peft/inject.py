@@ -22,7 +22,7 @@ from toolchain.core.errors import ToolchainError
 from toolchain.kernels import weight_sha256
 from toolchain.peft.kinds import inner_attribute, torch_kind, wrapper_types
 from toolchain.peft.lora import BottleneckAdapter, LoRAConv
-from toolchain.peft.lora_edge import PRE_PADS, LoRAEdgeConv, class_path
+from toolchain.peft.lora_edge import POST_CROPS, PRE_PADS, LoRAEdgeConv, class_path, original_class
 
 __all__ = ["METHODS", "AdaptConfig", "apply_adapter", "extract_adapter", "inject"]
 TARGET_CHOICES = ("all", "pointwise")
@@ -85,18 +85,24 @@ _PLAIN = {nn.Conv1d: nn.Conv1d, nn.Conv2d: nn.Conv2d}
 def check_followable(name: str, conv: nn.Module) -> None:
     """A Conv subclass with its own forward or _conv_forward (timm's ScaledStdConv2d standardises its
     weight) computes something the wrapper cannot follow exactly: refused, naming the class, rather than
-    trained silently wrong. Subclasses that only pad their input first (timm's Conv2dSame: TF "SAME"
-    padding) are followed exactly (``lora_edge.PRE_PADS``) when their own padding is 0."""
+    trained silently wrong. Subclasses that only pad their input first (timm's Conv2dSame, pytorch-tcn's
+    TemporalConv1d) are followed exactly (``lora_edge.PRE_PADS``) when their own padding is 0, and those
+    that only crop their output (braindecode's CausalConv1d) too (``lora_edge.POST_CROPS``). A
+    parametrized weight (weight norm, a max-norm constraint) is frozen, so its value is what adapts."""
     plain = next((c for c in _PLAIN if isinstance(conv, c)), None)
     if plain is None:
         return
-    if class_path(conv) in PRE_PADS and all(p == 0 for p in conv.padding) and conv.padding_mode == "zeros":  # type: ignore[union-attr]
+    path = class_path(conv)
+    if path in PRE_PADS and all(p == 0 for p in conv.padding) and conv.padding_mode == "zeros":  # type: ignore[union-attr]
         return
-    own = [m for m in ("forward", "_conv_forward") if getattr(type(conv), m) is not getattr(plain, m)]
+    if path in POST_CROPS:
+        return
+    cls = original_class(conv)
+    own = [m for m in ("forward", "_conv_forward") if getattr(cls, m) is not getattr(plain, m)]
     if own:
         raise ToolchainError(
-            f"layer {name} is a {type(conv).__module__}.{type(conv).__name__}, a {plain.__name__} with its own "
-            f"{own[0]}, which adaptation cannot follow exactly",
+            f"layer {name} is a {path}, a {plain.__name__} with its own {own[0]}, which adaptation cannot "
+            "follow exactly",
             seen=name,
             remedy="leave such layers out with --layers (a regex on the other convs), or replace them by plain convs",
         )
@@ -273,6 +279,7 @@ def extract_adapter(
 ) -> Adapter:
     """Every tensor that differs from the base: each wrapper's tensors, plus trained extras."""
     layers, tensors = [], {}
+    check_called(model)
     for name, layer in adapter_layers(model).items():
         rec = _record(name, layer)
         tensors.update(
@@ -290,6 +297,26 @@ def extract_adapter(
         extras.append(ExtraRecord(param=pname, shape=tuple(t.shape), base_sha256=digest))
         tensors["extra:" + pname] = t.detach().cpu().numpy().astype(np.float32)
     return Adapter(method=config.method, layers=layers, extras=extras, tensors=tensors, info=info)
+
+
+def check_called(model: nn.Module) -> None:
+    """After the model has run, every adapted conv must have been called as a module. A conv whose parent
+    only reads its weight (braindecode's CombinedConv merges conv_time and conv_spat into one kernel in
+    its own forward) never calls the wrapper, so its update never trained and the exported graph holds
+    no Conv with that weight: refused, naming the layer and its parent, rather than saved as a no-op."""
+    layers = {n: m for n, m in adapter_layers(model).items() if hasattr(m, "calls")}
+    idle = [n for n, m in layers.items() if m.calls == 0]
+    if not idle or len(idle) == len(layers):  # not run yet (a step-0 adapter): nothing to judge
+        return
+    parent = idle[0].rpartition(".")[0]
+    owner = type(model.get_submodule(parent)) if parent else type(model)
+    raise ToolchainError(
+        f"adapted layer {idle[0]} was never called while the model ran ({len(idle)} of {len(layers)} such "
+        f"layers): its parent {owner.__module__}.{owner.__qualname__} reads its weight instead of calling it, "
+        "so its update cannot train or fuse",
+        seen=", ".join(idle[:4]) + (" ..." if len(idle) > 4 else ""),
+        remedy="leave these layers out with --layers (a regex on the other convs)",
+    )
 
 
 def _record(name: str, layer: Wrapper) -> LayerRecord:

@@ -24,12 +24,12 @@ from toolchain.peft import lean_ops
 from toolchain.peft.lean_ops import Conf
 
 
-def conv_inputs(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, Conf]:
+def conv_inputs(conv: nn.Conv1d | nn.Conv2d, x: Tensor, *, padded: bool = False) -> tuple[Tensor, Conf]:
     """x padded as the conv pads it when the padding is a string or not zeros (or in its own forward, for the
-    ``PRE_PADS`` subclasses), and the numeric geometry."""
+    ``PRE_PADS`` subclasses, unless ``padded``: the caller already did), and the numeric geometry."""
     from toolchain.peft.lora_edge import pre_pad
 
-    x = pre_pad(conv, x)
+    x = x if padded else pre_pad(conv, x)
     nd = conv.weight.dim() - 2
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         pads = list(conv._reversed_padding_repeated_twice)

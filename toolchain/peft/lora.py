@@ -8,6 +8,7 @@ per-output-channel magnitude m, initialised to ||W||: W' = m * (W + ΔW) / ||W +
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from toolchain.adapters.adapter_file import ConvGeometry
 from toolchain.core.errors import ToolchainError
 from toolchain.kernels import weight_sha256
-from toolchain.peft.lora_edge import ConvAttributes, ConvNd, conv_geometry, plain_forward, pre_pad
+from toolchain.peft.lora_edge import ConvAttributes, ConvNd, conv_geometry, post_crop, pre_pad
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 
@@ -45,6 +46,7 @@ class LoRAConv(ConvAttributes, nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, device=w.device))
         self.magnitude = nn.Parameter(w.detach().flatten(1).norm(dim=1).clone()) if dora else None
         self.merged = False
+        self.calls = 0  # forward calls since wrapping: a conv whose parent only reads its weight has none
         self.lean = False  # set by ``toolchain.peft.lean.lean_training``
         self.inference_weight: Tensor | None = None  # set by ``merged_for_inference``
         self._unmerged_weight: Tensor | None = None
@@ -74,25 +76,31 @@ class LoRAConv(ConvAttributes, nn.Module):
         """W + ΔW (DoRA: m·(W + ΔW)/||W + ΔW||), what the fused model's Conv holds (the base is not touched)."""
         return self.dora_weight() if self.magnitude is not None else self.base.weight + self.delta_weight()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """kwargs: what the wrapped conv subclass's own forward takes (pytorch-tcn's ``inference``)."""
+        self.calls += 1
+        x = pre_pad(self.base, x, **kwargs)
+        return post_crop(self.base, self._padded_forward(x))
+
+    def _padded_forward(self, x: Tensor) -> Tensor:
         if self.inference_weight is not None and not torch.is_grad_enabled():
-            return self.base._conv_forward(pre_pad(self.base, x), self.inference_weight, self.base.bias)
+            return self.base._conv_forward(x, self.inference_weight, self.base.bias)
         if self.merged:
-            return plain_forward(self.base, x)
+            return self.base._conv_forward(x, self.base.weight, self.base.bias)
         if self.lean_ready() and torch.is_grad_enabled():
             from toolchain.peft.lean import conv_inputs, fold, folded_bn
             from toolchain.peft.lean_ops import LoRAConv as LeanFn
 
             scale, b = fold(folded_bn(self), self.base.bias)  # a frozen BN after it, folded in
             up = self.lora_B if scale is None else self.lora_B * scale[:, None]
-            xp, conf = conv_inputs(self.base, x)
+            xp, conf = conv_inputs(self.base, x, padded=True)
             return LeanFn.apply(xp, self.base.weight, scale, b, self.lora_A, up, self.scaling, conf)
         if self.magnitude is not None:
-            return self.base._conv_forward(pre_pad(self.base, x), self.dora_weight(), self.base.bias)
-        h = self.base._conv_forward(pre_pad(self.base, x), self.lora_A, None)
+            return self.base._conv_forward(x, self.dora_weight(), self.base.bias)
+        h = self.base._conv_forward(x, self.lora_A, None)
         up = self.lora_B.reshape(*self.lora_B.shape, *([1] * (self.lora_A.dim() - 2)))
         aux = _CONV_FN[self.lora_A.dim() - 2](h, up, groups=self.base.groups)
-        return plain_forward(self.base, x) + self.scaling * aux
+        return self.base._conv_forward(x, self.base.weight, self.base.bias) + self.scaling * aux
 
     @torch.no_grad()
     def merge(self) -> None:

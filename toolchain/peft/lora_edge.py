@@ -56,27 +56,70 @@ def _tf_same_pad(conv: Any, x: Tensor) -> Tensor:
     return F.pad(x, pads) if any(pads) else x
 
 
+def _temporal_pad(conv: Any, x: Tensor, inference: bool = False, in_buffer: Any = None, buffer_io: Any = None) -> Tensor:
+    """pytorch-tcn's TemporalConv1d: its ``padder`` (causal or centred, any padding mode, the streaming
+    buffer in inference mode) before a padding-0 Conv1d; an ``in_buffer`` is refused as the class does."""
+    if in_buffer is not None:
+        raise ValueError("pytorch-tcn >= 1.2.2 takes the input buffer as buffer_io, not in_buffer")
+    return conv.padder(x, inference=inference, buffer_io=buffer_io)  # type: ignore[no-any-return]
+
+
 # Conv subclasses whose own forward is "pad the input, then the plain convolution with padding 0": the
-# wrappers follow them exactly by padding first (``pre_pad``) and convolving as a plain conv.
-PRE_PADS: dict[str, Callable[[Any, Tensor], Tensor]] = {
+# wrappers follow them exactly by padding first (``pre_pad``) and convolving as a plain conv. The function
+# takes the keyword arguments the subclass's forward takes.
+PRE_PADS: dict[str, Callable[..., Tensor]] = {
     "timm.layers.conv2d_same.Conv2dSame": _tf_same_pad,
-    "timm.layers.conv2d_same.Conv2dSameExport": lambda conv, x: conv.pad(x),  # type: ignore[operator]
+    "timm.layers.conv2d_same.Conv2dSameExport": lambda conv, x: conv.pad(x),
+    "pytorch_tcn.conv.TemporalConv1d": _temporal_pad,
 }
 
 
+def _crop_causal(conv: Any, y: Tensor) -> Tensor:
+    """braindecode's CausalConv1d: padded on both sides by (k - 1)·d, the last (k - 1)·d samples cut."""
+    return y[..., : -conv.padding[0]]
+
+
+# Conv subclasses whose own forward is "the plain convolution, then a crop of its output": a crop is
+# linear, so the wrappers apply it to the sum of the frozen conv and the update (``post_crop``).
+POST_CROPS: dict[str, Callable[[Any, Tensor], Tensor]] = {
+    "braindecode.modules.convolution.CausalConv1d": _crop_causal,
+}
+
+
+def original_class(module: nn.Module) -> type:
+    """The module's own class; for a module with ``torch.nn.utils.parametrize`` parametrizations (weight
+    norm, max-norm constraints), the class it had before PyTorch subclassed it as ``Parametrized...``."""
+    from torch.nn.utils import parametrize
+
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
 def class_path(module: nn.Module) -> str:
-    return f"{type(module).__module__}.{type(module).__qualname__}"
+    cls = original_class(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def pre_pad(conv: nn.Module, x: Tensor) -> Tensor:
-    """``x`` as ``conv``'s own forward pads it before convolving (unchanged for plain convs)."""
+def pre_pad(conv: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
+    """``x`` as ``conv``'s own forward pads it before convolving (unchanged for plain convs). ``kwargs``:
+    the subclass's own forward arguments (pytorch-tcn's ``inference``); a plain conv takes none."""
     fn = PRE_PADS.get(class_path(conv))
-    return x if fn is None else fn(conv, x)
+    if fn is None:
+        if kwargs:
+            raise TypeError(f"{type(conv).__name__}.forward() got unexpected keyword arguments {sorted(kwargs)}")
+        return x
+    return fn(conv, x, **kwargs)
+
+
+def post_crop(conv: nn.Module, y: Tensor) -> Tensor:
+    """``y`` as ``conv``'s own forward crops its convolution's output (unchanged for plain convs)."""
+    fn = POST_CROPS.get(class_path(conv))
+    return y if fn is None else fn(conv, y)
 
 
 def plain_forward(conv: ConvNd, x: Tensor) -> Tensor:
-    """What ``conv(x)`` computes, followed exactly for the ``PRE_PADS`` subclasses too."""
-    return conv._conv_forward(pre_pad(conv, x), conv.weight, conv.bias)
+    """What ``conv(x)`` computes, followed exactly for the ``PRE_PADS`` and ``POST_CROPS`` subclasses too."""
+    return post_crop(conv, conv._conv_forward(pre_pad(conv, x), conv.weight, conv.bias))
 
 
 class ConvAttributes:
@@ -126,6 +169,7 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
         )
         self.delta_g1 = nn.Parameter(init.to(dev).clone())
         self.merged = False
+        self.calls = 0  # forward calls since wrapping: a conv whose parent only reads its weight has none
         self.lean = False  # set by ``toolchain.peft.lean.lean_training``
         self.inference_weight: Tensor | None = None  # set by ``merged_for_inference``
 
@@ -151,16 +195,22 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
         # grouped: the suffix kernel serves every group; ungrouped, no repeat (torch 2.5 exports even a
         # repeat by ones as Expand + Tile nodes)
         suffix = self.suffix if g == 1 else self.suffix.repeat((g,) + (1,) * (self.suffix.dim() - 1))
-        h = self.base._conv_forward(pre_pad(self.base, x), suffix, None)  # same geometry
+        h = self.base._conv_forward(x, suffix, None)  # same geometry; x already padded (``pre_pad``)
         up = self.delta_g1.reshape(*self.delta_g1.shape, *([1] * (self.suffix.dim() - 2)))
         return _CONV_FN[self.suffix.dim() - 2](h, up, groups=g)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """kwargs: what the wrapped conv subclass's own forward takes (pytorch-tcn's ``inference``)."""
+        self.calls += 1
+        x = pre_pad(self.base, x, **kwargs)
+        return post_crop(self.base, self._padded_forward(x))
+
+    def _padded_forward(self, x: Tensor) -> Tensor:
         if self.inference_weight is not None and not torch.is_grad_enabled():
-            return self.base._conv_forward(pre_pad(self.base, x), self.inference_weight, self.base.bias)
+            return self.base._conv_forward(x, self.inference_weight, self.base.bias)
         if self.lean_ready() and torch.is_grad_enabled():
             return self._lean_forward(x)
-        y = plain_forward(self.base, x)
+        y = self.base._conv_forward(x, self.base.weight, self.base.bias)
         if self.merged:
             return y
         return y + self.scaling * self._aux(x)
@@ -183,7 +233,7 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
 
         scale, b = fold(folded_bn(self), self.base.bias)
         dg1 = self.delta_g1 if scale is None else self.delta_g1 * scale[:, None]
-        xp, conf = conv_inputs(self.base, x)
+        xp, conf = conv_inputs(self.base, x, padded=True)
         spatial = [
             (n + 2 * p - d * (k - 1) - 1) // s + 1
             for n, p, d, k, s in zip(xp.shape[2:], conf[1], conf[2], self.suffix.shape[2:], conf[0], strict=True)
