@@ -25,6 +25,7 @@ from toolchain.export_check import RANDOM_INPUTS, ExportCheck, against_torch, ch
 from toolchain.export_check import record as record_check
 from toolchain.graphs.fold import fold_constants
 from toolchain.kernels import weight_sha256
+from toolchain.reparametrized import plain_copy
 
 OPSET = 18
 
@@ -72,6 +73,7 @@ def to_onnx(
             remedy="drop --fold-bn or use --exporter dynamo",
         )
     model = model.eval().cpu()
+    plain = plain_copy(model)  # weight-normed or constrained weights exported as their values
     batch = _batch(opts)
     feeds = check_inputs(batch, input_shape, real)
     order = (
@@ -84,7 +86,7 @@ def to_onnx(
     failures: list[str] = []
     for name in order:
         try:
-            proto = fold_constants(_EXPORT[name](model, input_shape, opts, batch))
+            proto = fold_constants(_EXPORT[name](plain, input_shape, opts, batch))
             check = against_torch(model, proto, feeds, name, len(feeds) - RANDOM_INPUTS)
         except ToolchainError:
             raise
@@ -94,7 +96,7 @@ def to_onnx(
         if check.passed:
             _strip_stack_traces(proto)
             if opts.fold_bn:
-                scales = fold_scales(model, proto)
+                scales = fold_scales(plain, proto)
                 if scales:
                     proto.metadata_props.add(key="toolchain.weight_scales", value=json.dumps(scales, sort_keys=True))
             record_check(proto, check)
