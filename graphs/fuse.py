@@ -146,7 +146,12 @@ def _check_consumers(layer: LayerRecord, w: Weight, outputs: set[str]) -> None:
             seen=[c.describe() for c in others][:4],
             remedy="export the base model so that the conv weight feeds only its Conv nodes",
         )
-    foreign = [n for n in w.main_consumers("Conv", 1) if belongs_to(n, layer.name) is False]
+    # a module registered under two names (tsai's TemporalBlock holds each conv as conv1 and as net.0, which
+    # forward calls): the exporter names the weight and its call by the same other path
+    owner = w.name.removesuffix(".weight") if w.name.endswith(".weight") else layer.name
+    foreign = [
+        n for n in w.main_consumers("Conv", 1) if belongs_to(n, layer.name) is False and belongs_to(n, owner) is False
+    ]
     if foreign:
         raise ToolchainError(
             f"layer {layer.name}: its weight {w.name} is also read by a Conv outside that module (a functional "
@@ -226,14 +231,11 @@ def _apply_extras(
     weights.update({n: c.kernel_view() for n, c in chains.items()})  # a quantized head: its readers behind DQ
     inits = {t.name for t in model.graph.initializer}
     resized: list[Weight] = []
+    names = []
     for extra in extras:
-        w = weights.get(extra.param)
-        if w is None or extra.param not in inits:
-            raise ToolchainError(
-                "adapter tensor has no initializer of that name in the model",
-                seen=extra.param,
-                remedy="BatchNorm folded at export cannot take trained BN parameters: export without --fold-bn",
-            )
+        w = weights.get(extra.param) if extra.param in inits else None
+        w = w if w is not None else _extra_by_hash(extra, weights, inits)
+        names.append(w.name)
         value = adapter.extra_tensor(extra)
         old_shape = tuple(int(d) for d in w.tensor.dims)
         if old_shape == tuple(value.shape):
@@ -251,7 +253,30 @@ def _apply_extras(
             chains[w.name].requantize()
     if resized:
         _resize_outputs(model, resized, chains)
-    return [e.param for e in extras]
+    return names
+
+
+def _extra_by_hash(extra: ExtraRecord, weights: dict[str, Weight], inits: set[str]) -> Weight:
+    """An extra whose name the exporter did not keep (a module registered under two names, as tsai's
+    TemporalBlock holds conv1 again as net.0): the one initializer of its shape holding its base tensor."""
+    found = []
+    if extra.base_sha256 is not None:
+        found = [
+            w
+            for name, w in weights.items()
+            if name in inits
+            and tuple(int(d) for d in w.tensor.dims) == tuple(extra.shape)
+            and w.sha256() == extra.base_sha256
+        ]
+    if len(found) == 1:
+        return found[0]
+    raise ToolchainError(
+        "adapter tensor has no initializer of that name in the model"
+        + (f", and {len(found)} initializers hold its base values" if found else " or with its base values"),
+        seen=extra.param,
+        remedy="fuse into the base model this adapter came from; BatchNorm folded at export (--fold-bn) cannot "
+        "take trained BN parameters: export without --fold-bn",
+    )
 
 
 def _check_head(w: Weight, old: tuple[int, ...], new: tuple[int, ...]) -> None:

@@ -225,10 +225,13 @@ def unfreeze_extras(model: nn.Module, groups: tuple[str, ...]) -> None:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at the dotted submodule path ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    """Put ``new`` at the dotted submodule path ``name`` and wherever else the model holds the same
+    module: tsai's TemporalBlock registers each conv twice (``conv1`` and ``net.0``, the one its forward
+    calls), and replacing only the first name would leave the called one unadapted."""
+    old = model.get_submodule(name)
+    holders = [(p, c) for p in model.modules() for c, m in p._modules.items() if m is old]  # before any change
+    for parent, child in holders:
+        setattr(parent, child, new)
 
 
 def set_train_mode(model: nn.Module, update_bn_stats: bool) -> None:
