@@ -24,7 +24,6 @@ when a function that needs it is called.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -111,8 +110,9 @@ class Adaptation:
     def base_model(self) -> nn.Module:
         """A copy of the model as it was before ``adapt``: wrappers removed, base weights restored."""
         from toolchain.peft.inject import adapter_layers, replace_module
+        from toolchain.reparametrized import copy_module
 
-        base = copy.deepcopy(self.model)
+        base = copy_module(self.model)
         for name, layer in adapter_layers(base).items():
             inner = layer.block if layer.method == "adapter" else layer.base
             replace_module(base, name, inner)  # type: ignore[arg-type]

@@ -53,13 +53,26 @@ def plain_copy(model: nn.Module) -> nn.Module:
         return model
     from torch.nn.utils import parametrize, remove_spectral_norm, remove_weight_norm
 
-    plain = copy.deepcopy(model).eval()
+    plain = copy_module(model).eval()
     for module in plain.modules():
         if parametrize.is_parametrized(module):
             _unparametrize(module)
         for kind, name in _weight_hooks(module):
             (remove_weight_norm if kind == "weight_norm" else remove_spectral_norm)(module, name)
     return plain
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for a model with hook-based weight norm, whose computed weight (a
+    non-leaf tensor attribute) deepcopy refuses (pytorch/pytorch#103001): the copy gets a detached clone,
+    which its pre-forward hook recomputes from the copied g and v at every call, as in the original."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for _, name in _weight_hooks(module):
+            value = getattr(module, name, None)
+            if value is not None and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def _unparametrize(module: nn.Module) -> None:

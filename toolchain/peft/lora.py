@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from toolchain.adapters.adapter_file import ConvGeometry
 from toolchain.core.errors import ToolchainError
 from toolchain.kernels import weight_sha256
-from toolchain.peft.lora_edge import ConvAttributes, ConvNd, conv_geometry, post_crop, pre_pad
+from toolchain.peft.lora_edge import ConvAttributes, ConvNd, conv_geometry, post_crop, pre_pad, run_pre_hooks
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 
@@ -79,6 +79,7 @@ class LoRAConv(ConvAttributes, nn.Module):
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
         """kwargs: what the wrapped conv subclass's own forward takes (pytorch-tcn's ``inference``)."""
         self.calls += 1
+        x, kwargs = run_pre_hooks(self.base, x, kwargs)
         x = pre_pad(self.base, x, **kwargs)
         return post_crop(self.base, self._padded_forward(x))
 

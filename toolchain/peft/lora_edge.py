@@ -56,7 +56,9 @@ def _tf_same_pad(conv: Any, x: Tensor) -> Tensor:
     return F.pad(x, pads) if any(pads) else x
 
 
-def _temporal_pad(conv: Any, x: Tensor, inference: bool = False, in_buffer: Any = None, buffer_io: Any = None) -> Tensor:
+def _temporal_pad(
+    conv: Any, x: Tensor, inference: bool = False, in_buffer: Any = None, buffer_io: Any = None
+) -> Tensor:
     """pytorch-tcn's TemporalConv1d: its ``padder`` (causal or centred, any padding mode, the streaming
     buffer in inference mode) before a padding-0 Conv1d; an ``in_buffer`` is refused as the class does."""
     if in_buffer is not None:
@@ -109,6 +111,21 @@ def pre_pad(conv: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
             raise TypeError(f"{type(conv).__name__}.forward() got unexpected keyword arguments {sorted(kwargs)}")
         return x
     return fn(conv, x, **kwargs)
+
+
+def run_pre_hooks(conv: nn.Module, x: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """What calling ``conv`` does before its forward, which the wrappers bypass: its forward pre-hooks, in
+    order (the hook-based ``torch.nn.utils.weight_norm`` recomputes the weight from g and v in one)."""
+    for key, hook in list(conv._forward_pre_hooks.items()):
+        if key in conv._forward_pre_hooks_with_kwargs:
+            out = hook(conv, (x,), kwargs)
+            if out is not None:
+                (x, *_), kwargs = out
+        else:
+            out = hook(conv, (x,))
+            if out is not None:
+                x = out[0] if isinstance(out, tuple) else out
+    return x, kwargs
 
 
 def post_crop(conv: nn.Module, y: Tensor) -> Tensor:
@@ -202,6 +219,7 @@ class LoRAEdgeConv(ConvAttributes, nn.Module):
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
         """kwargs: what the wrapped conv subclass's own forward takes (pytorch-tcn's ``inference``)."""
         self.calls += 1
+        x, kwargs = run_pre_hooks(self.base, x, kwargs)
         x = pre_pad(self.base, x, **kwargs)
         return post_crop(self.base, self._padded_forward(x))
 
