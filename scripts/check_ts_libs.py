@@ -1,5 +1,5 @@
 """Time-series CNN libraries HAR users bring (tsai, braindecode, pytorch-tcn) through every stage, as a
-new user would through the Python API: adapt, step 0 exact, one training step (lean path), save, export
+new user would through the Python API: adapt, step 0 exact, three training steps (lean path), save, export
 base and adapted, fuse, Polygraphy parity of fused vs unfused, and TensorRT's parser (`build --check`,
 TensorRT-RTX where TensorRT 10 is absent). Prints one row per model and method: each stage's verdict,
 the parity error, the parser's verdict; a model refused by class shows the refusal's first line.
@@ -16,71 +16,12 @@ import json
 import re
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-import toolchain.api as tc  # noqa: E402
-from tests.toolchain.ts_lib_models import MODELS  # noqa: E402
-from toolchain.core.errors import ToolchainError  # noqa: E402
-
-STAGES = ("adapt", "step0", "train", "save", "export", "fuse", "parity", "parser")
-
-
-def run_case(name: str, method: str, work: Path) -> dict[str, object]:
-    make, shape, classes = MODELS[name]
-    row: dict[str, object] = {"model": name, "method": method}
-    torch.manual_seed(0)
-    model = make().eval()
-    x = torch.randn(8, *shape)
-    y = torch.arange(len(x)) % classes
-    stage = "adapt"
-    try:
-        with torch.no_grad():
-            before = model(x[:2]).clone()
-        adaptation = tc.adapt(model, method, rank=2)
-        row["adapt"] = f"{len(adaptation.wrapped)} wrapped" if adaptation.wrapped else "ok"
-        stage = "step0"
-        with torch.no_grad():
-            row["step0"] = "exact" if torch.equal(model(x[:2]), before) else "DIFFERS"
-        stage = "train"
-        opt = adaptation.optimizer()
-        with adaptation.training():
-            for _ in range(3):
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-        row["train"] = "ok"
-        stage = "save"
-        adaptation.save(work / "a.safetensors")
-        row["save"] = "ok"
-        stage = "export"
-        tc.export_onnx(adaptation.base_model(), x[:1], work / "base.onnx")
-        tc.export_onnx(model, x[:1], work / "unfused.onnx")
-        row["export"] = "ok"
-        stage = "fuse"
-        tc.fuse(work / "base.onnx", work / "a.safetensors", work / "fused.onnx")
-        row["fuse"] = "ok"
-        stage = "parity"
-        report = tc.verify(work / "fused.onnx", work / "unfused.onnx", work / "v", inputs=x.numpy())
-        err = max(o["max_abs"] for c in report["comparisons"].values() for o in c["outputs"].values())
-        row["parity_error"] = err
-        row["parity"] = "PASSED" if report["passed"] else "FAILED"
-        stage = "parser"
-        from toolchain.trt.check import check_model
-
-        check = check_model(str(work / "fused.onnx"))
-        row["parser"] = "parses" if check.buildable else f"REFUSED ({len(check.problems)} nodes)"
-    except ToolchainError as e:
-        row[stage] = "refused: " + str(e).splitlines()[0]
-    except Exception as e:  # noqa: BLE001  # a traceback is a finding: report its last frame
-        frame = traceback.extract_tb(e.__traceback__)[-1]
-        row[stage] = f"CRASH {type(e).__name__}: {str(e).splitlines()[0][:160]} ({Path(frame.filename).name}:{frame.lineno})"
-    return row
+from tests.toolchain.ts_lib_models import MODELS, STAGES, run_case
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ from toolchain.models.backbones import BACKBONES, SPATIAL_DIMS
 from toolchain.peft.inject import AdaptConfig, inject, set_train_mode
 from toolchain.peft.lean import lean_training
 from toolchain.profile import activation_bytes
+from toolchain.reparametrized import copy_module
 
 
 class Block(nn.Module):
@@ -36,7 +37,7 @@ class Block(nn.Module):
 
 
 def _grads(model: nn.Module, x: torch.Tensor, lean: bool, update_bn: bool = False) -> dict[str, torch.Tensor]:
-    model = copy.deepcopy(model)
+    model = copy_module(model)  # copy.deepcopy, also for hook-based weight norm
     x = x.clone().requires_grad_(True)
     set_train_mode(model, update_bn)
     with lean_training(model, lean):
