@@ -24,6 +24,7 @@ from toolchain.core.errors import ToolchainError
 from toolchain.export_check import RANDOM_INPUTS, ExportCheck, against_torch, check_inputs
 from toolchain.export_check import record as record_check
 from toolchain.graphs.fold import fold_constants
+from toolchain.graphs.sequences import split_sequences
 from toolchain.kernels import weight_sha256
 from toolchain.reparametrized import plain_copy
 
@@ -86,7 +87,7 @@ def to_onnx(
     failures: list[str] = []
     for name in order:
         try:
-            proto = fold_constants(_EXPORT[name](plain, input_shape, opts, batch))
+            proto = split_sequences(fold_constants(_EXPORT[name](plain, input_shape, opts, batch)))
             check = against_torch(model, proto, feeds, name, len(feeds) - RANDOM_INPUTS)
         except ToolchainError:
             raise
