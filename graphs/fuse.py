@@ -234,9 +234,11 @@ def _apply_extras(
     names = []
     for extra in extras:
         w = weights.get(extra.param) if extra.param in inits else None
+        value = adapter.extra_tensor(extra)
+        if w is None and extra.base_sha256 is not None and weight_sha256(value) == extra.base_sha256:
+            continue  # unchanged, and not in the graph: a parameter the output does not depend on (tsai's mWDN)
         w = w if w is not None else _extra_by_hash(extra, weights, inits)
         names.append(w.name)
-        value = adapter.extra_tensor(extra)
         old_shape = tuple(int(d) for d in w.tensor.dims)
         if old_shape == tuple(value.shape):
             if extra.base_sha256 is None or weight_sha256(w.values()) != extra.base_sha256:
