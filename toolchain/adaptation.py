@@ -22,7 +22,7 @@ from toolchain.core.errors import ToolchainError
 from toolchain.data.windows import WindowDataset
 from toolchain.memory import account, batch_for_budget
 from toolchain.peft.galore import GaLoreAdam
-from toolchain.peft.inject import AdaptConfig, extract_adapter, inject, set_train_mode
+from toolchain.peft.inject import AdaptConfig, check_called, extract_adapter, inject, set_train_mode
 from toolchain.peft.lean import lean_training
 from toolchain.train import TrainConfig, TrainResult, count_params, evaluate, resolve_device, seed_everything, train
 
@@ -145,6 +145,7 @@ def adapt(
     config, layers = prepare(model, config, train_cfg.seed, head, train_head)
     trainable, total = count_params(model)
     f1_before, acc_before = evaluate(model, test_set, dev)
+    check_called(model)  # a conv its parent never calls is refused now, before any training
     lean = lean and get_method(config.method).base_frozen
     set_mode: Callable[[nn.Module], None] = lambda m: set_train_mode(m, config.update_bn_stats)  # noqa: E731
     optimizer = lambda m: make_optimizer(m, config, train_cfg.lr, train_cfg.weight_decay)  # noqa: E731

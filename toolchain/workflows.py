@@ -94,7 +94,8 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
             seen=f"classes present: {sorted(set(source.y.tolist()))}",
             remedy="add windows of other classes",
         )
-    model = build_model(job.model, ds.X.shape[1], len(ds.classes), ds.X.ndim - 2)
+    length = ds.X.shape[2] if ds.X.ndim == 3 else None
+    model = build_model(job.model, ds.X.shape[1], len(ds.classes), ds.X.ndim - 2, length)
     probe(model, source.X[:2], job.model)
     mean, std = fit_standardization(source)
     model.norm.mean.copy_(torch.from_numpy(mean).view(model.norm.mean.shape))

@@ -1,8 +1,10 @@
 """Third-party model builders from the CLI (``--model torchvision.models:mobilenet_v2``), made to fit
 the data by stated rules.
 
-Calling: a builder is called with ``in_channels`` and ``num_classes`` only where its signature names
-them; where it only takes ``**kwargs`` (torchvision, timm) it is called with ``num_classes`` and
+Calling: a builder is called with the input channels, the classes and (1-D windows) the window's
+samples only where its signature names them, under its own names (``ARGUMENT_NAMES``: tsai's c_in,
+c_out, seq_len; braindecode's n_chans, n_outputs, n_times); where it only takes ``**kwargs``
+(torchvision, timm) it is called with ``num_classes`` and
 ``weights=None`` where accepted, else with nothing, and what was left out is said. Fitting, after
 the call:
 - the classifier: the last ``nn.Linear`` whose outputs differ from the data's classes is replaced
@@ -22,16 +24,35 @@ from torch import nn
 
 from toolchain.core.errors import ToolchainError
 
+# What builders call the input channels, the classes and the window's samples: torchvision and timm,
+# tsai (c_in, c_out, seq_len), braindecode (n_chans, n_outputs, n_times), pytorch-tcn (num_inputs).
+ARGUMENT_NAMES: dict[str, tuple[str, ...]] = {
+    "in_channels": ("in_channels", "c_in", "n_chans", "in_chans", "num_inputs"),
+    "num_classes": ("num_classes", "c_out", "n_outputs", "n_classes"),
+    "length": ("seq_len", "n_times"),
+}
 
-def call_builder(factory: Any, spec: str, in_channels: int, num_classes: int) -> tuple[nn.Module, list[str]]:
-    """(model, notes): the builder called with the arguments it takes."""
+
+def named_arguments(params: dict[str, inspect.Parameter], values: dict[str, int | None]) -> dict[str, Any]:
+    """The builder's own name for each known argument its signature has (the first alias it names)."""
+    out = {}
+    for what, value in values.items():
+        name = next((n for n in ARGUMENT_NAMES[what] if n in params), None)
+        if name is not None and value is not None:
+            out[name] = value
+    return out
+
+
+def call_builder(
+    factory: Any, spec: str, in_channels: int, num_classes: int, length: int | None = None
+) -> tuple[nn.Module, list[str], set[str]]:
+    """(model, notes, given): the builder called with the arguments it takes, under its own names for
+    them; ``given``: which of in_channels, num_classes and length it was told (``ARGUMENT_NAMES`` keys)."""
     try:
         params: dict[str, inspect.Parameter] = dict(inspect.signature(factory).parameters)
     except (TypeError, ValueError):
         params = {}
-    named: dict[str, Any] = {
-        k: v for k, v in {"in_channels": in_channels, "num_classes": num_classes}.items() if k in params
-    }
+    named = named_arguments(params, {"in_channels": in_channels, "num_classes": num_classes, "length": length})
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     attempts: list[dict[str, Any]] = [named]
     if var_kw:
@@ -54,13 +75,14 @@ def call_builder(factory: Any, spec: str, in_channels: int, num_classes: int) ->
                 seen=f"{spec}: {type(err).__name__}: {str(err)[:160]}",
                 remedy="fix the model code or the arguments it needs",
             ) from None
-        omitted = sorted({"in_channels", "num_classes"} - set(kwargs))
+        given = {w for w, names in ARGUMENT_NAMES.items() if set(names) & set(kwargs)}
+        omitted = [w for w in ("in_channels", "num_classes") if w not in given]
         if omitted:
             notes.append(
                 f"{spec} was called without {', '.join(omitted)} (it does not take them); the model is fitted "
                 "to the data instead"
             )
-        return model, notes
+        return model, notes, given
     raise ToolchainError(
         "the model callable refused every call",
         seen=f"{spec}: {type(last).__name__}: {str(last)[:160]}",
@@ -68,11 +90,15 @@ def call_builder(factory: Any, spec: str, in_channels: int, num_classes: int) ->
     )
 
 
-def fit_to_data(model: nn.Module, spec: str, in_channels: int, num_classes: int) -> list[str]:
-    """Replace the classifier and adapt the first conv by the rules above; returns what was done."""
+def fit_to_data(
+    model: nn.Module, spec: str, in_channels: int, num_classes: int, told_channels: bool = False
+) -> list[str]:
+    """Replace the classifier and adapt the first conv by the rules above; returns what was done. A
+    builder told the channels (``told_channels``) lays out its own input: braindecode's EEG models take
+    (N, C, T) as a one-channel image, their first conv has 1 input channel, and that is kept."""
     notes = []
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d)]
-    if convs and convs[0][1].in_channels != in_channels:
+    if convs and convs[0][1].in_channels != in_channels and not told_channels:
         name, conv = convs[0]
         if conv.in_channels == 3 and in_channels == 1 and conv.groups == 1:
             ctor: Any = type(conv)

@@ -48,8 +48,10 @@ class HARModel(nn.Module):
         return self.net(self.norm(x))
 
 
-def build_backbone(spec: str, in_channels: int, num_classes: int) -> nn.Module:
-    """A built-in name (cnn1d, resnet1d, mobilenet1d), ``path/file.py:callable`` or ``pkg.mod:callable``."""
+def build_backbone(spec: str, in_channels: int, num_classes: int, length: int | None = None) -> nn.Module:
+    """A built-in name (cnn1d, resnet1d, mobilenet1d), ``path/file.py:callable`` or ``pkg.mod:callable``;
+    ``length``: the windows' samples (1-D data), for builders that need it (tsai's seq_len, braindecode's
+    n_times)."""
     if spec in BACKBONES:
         return BACKBONES[spec](in_channels=in_channels, num_classes=num_classes)
     if ":" not in spec:
@@ -67,10 +69,10 @@ def build_backbone(spec: str, in_channels: int, num_classes: int) -> nn.Module:
         )
     from toolchain.models.fit import call_builder, fit_to_data
 
-    model, notes = call_builder(factory, spec, in_channels, num_classes)
+    model, notes, given = call_builder(factory, spec, in_channels, num_classes, length)
     if not isinstance(model, nn.Module):
         raise ToolchainError("model callable must return a torch.nn.Module", seen=type(model).__name__)
-    notes += fit_to_data(model, spec, in_channels, num_classes)
+    notes += fit_to_data(model, spec, in_channels, num_classes, told_channels="in_channels" in given)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return model
@@ -117,9 +119,12 @@ def model_files(spec: str | None) -> list[Path]:
     return []
 
 
-def build_model(spec: str, in_channels: int, num_classes: int, spatial_dims: int = 1) -> HARModel:
-    """The full model: standardisation (for 1-D windows or 2-D images) plus backbone."""
-    return HARModel(build_backbone(spec, in_channels, num_classes), in_channels, spatial_dims)
+def build_model(
+    spec: str, in_channels: int, num_classes: int, spatial_dims: int = 1, length: int | None = None
+) -> HARModel:
+    """The full model: standardisation (for 1-D windows or 2-D images) plus backbone; ``length``: the
+    windows' samples, passed to third-party builders that take it."""
+    return HARModel(build_backbone(spec, in_channels, num_classes, length), in_channels, spatial_dims)
 
 
 def check_input_shape(shape: object, where: str) -> tuple[int, ...]:
@@ -214,7 +219,10 @@ def load_checkpoint(
             seen=(payload["input_shape"], payload["in_channels"]),
             remedy="pass a checkpoint written by `toolchain pretrain`",
         )
-    model = build_model(spec, payload["in_channels"], len(payload["classes"]), len(payload["input_shape"]) - 1)
+    shape = payload["input_shape"]
+    model = build_model(
+        spec, payload["in_channels"], len(payload["classes"]), len(shape) - 1, shape[1] if len(shape) == 2 else None
+    )
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
@@ -297,7 +305,8 @@ def _from_state_dict(
                 seen=(input_shape, tuple(kernels[0].shape)),
                 remedy=f"pass {in_channels} channels and {spatial_dims} spatial dims",
             )
-    model = build_model(model_spec, in_channels, num_classes, spatial_dims)
+    length = input_shape[1] if input_shape is not None and len(input_shape) == 2 else None
+    model = build_model(model_spec, in_channels, num_classes, spatial_dims, length)
     try:
         model.net.load_state_dict(state, strict=True)
     except RuntimeError as err:
