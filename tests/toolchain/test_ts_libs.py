@@ -110,10 +110,26 @@ def _max_norm() -> nn.Module:
     return Classifier(nn.Sequential(first, nn.BatchNorm2d(8), nn.ELU(), nn.Conv2d(8, 8, (1, 6))), 8, two_d=True)
 
 
+class SplitHeads(nn.Module):
+    """braindecode ATCNet's attention in miniature: a projection split into heads with torch.split, which
+    the dynamo exporter writes as SplitToSequence + SequenceAt (TensorRT parses neither)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(6, 16, 5, padding=2)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(self.conv(x).transpose(1, 2))
+        a, b = torch.split(h, 8, dim=-1)
+        return (a * b.softmax(-1)).transpose(1, 2)
+
+
 MINIATURES = {  # name -> (factory, what it stands for)
     "twice-registered hook weight norm": (_tcn, "tsai TCN"),
     "parametrized weight norm": (_parametrized_weight_norm, "pytorch-tcn, braindecode BDTCN"),
     "parametrized max-norm": (_max_norm, "braindecode Conv2dWithConstraint (EEGNet, ATCNet)"),
+    "heads split with torch.split": (lambda: Classifier(SplitHeads(), 8), "braindecode ATCNet"),
 }
 
 
@@ -249,6 +265,25 @@ REFUSED = {  # (model, method) -> the refusal's stage and the words it must say
 LIBRARY = {"tsai": "tsai", "braindecode": "braindecode", "pytorch-tcn": "pytorch_tcn"}
 
 
+class DeadBranch(nn.Module):
+    """tsai's mWDN in miniature: a block whose output the model computes and never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.unused(x)
+        return torch.sigmoid(self.used(x))
+
+
+def test_bitfit_on_a_model_with_an_unused_branch_passes_every_stage(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(DeadBranch(), nn.Conv1d(6, 8, 3)), 8).eval()
+    row = through_every_stage(model, "bitfit", torch.randn(8, 6, 64), 6, tmp_path)
+    assert [row.get(s) for s in STAGES[1:]] == ["exact", "ok", "ok", "ok", "ok", "PASSED", "parses"], row
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", MODELS)
 def test_library_models_through_every_stage(name, method, tmp_path):
@@ -266,3 +301,25 @@ def test_library_models_through_every_stage(name, method, tmp_path):
     else:
         assert row.get("parity") == "PASSED" and row["parity_error"] < 1e-4, row
         assert row.get("parser") == "parses", row
+
+
+def tsai_like(c_in, c_out, seq_len=None):
+    return nn.Sequential(nn.Conv1d(c_in, 4, 3), nn.Flatten(), nn.Linear(4 * (seq_len - 2), c_out))
+
+
+def braindecode_like(n_chans, n_outputs, n_times):
+    """(N, C, T) as a one-channel image, as braindecode's EEG models take it: the first conv has 1 input."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, n_chans)),
+        nn.Conv2d(1, 4, (n_chans, 3)),
+        nn.Flatten(),
+        nn.Linear(4 * (n_times - 2), n_outputs),
+    )
+
+
+@pytest.mark.parametrize("builder", ["tsai_like", "braindecode_like"])
+def test_builders_get_channels_classes_and_window_length_under_their_own_names(builder):
+    from toolchain.models.registry import build_model
+
+    model = build_model(f"tests.toolchain.test_ts_libs:{builder}", 6, 5, 1, length=32)
+    assert model(torch.randn(2, 6, 32)).shape == (2, 5)
