@@ -33,7 +33,9 @@ def _model(shape, split, axis, positions, keepdims=1, extra_reader=None, seq_out
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], outputs, inits
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10  # what every supported onnxruntime reads (the JetPack stack's reads at most 11)
+    return model
 
 
 def _run(model, x):
