@@ -417,12 +417,15 @@ def cmd_fleet(a: argparse.Namespace) -> int:
         layers=a.layers,
         epochs=a.epochs,
         seed=a.seed,
+        int8=a.int8,
+        recalibrate=a.recalibrate,
+        min_agreement=a.min_agreement,
         force=a.force,
         opts=opts,
     )
     rows, res = run_fleet(job)
     print(open(f"{a.out}/summary.md").read())
-    ok = sum(r["status"] == "ok" and r["verify_passed"] for r in rows)
+    ok = sum(r["status"] == "ok" and r["verify_passed"] and r.get("int8_passed", True) for r in rows)
     print(
         f"{ok} of {len(rows)} users adapted, fused and verified ({res.cached} from the cache); summary.md and "
         f"summary.csv in {a.out}"
@@ -705,6 +708,24 @@ def _add_graph_commands(sub: Any) -> None:
         "--ray", default=None, help="auto (a local Ray) or a cluster address; default: one user after another here"
     )
     p.add_argument("--workers", type=int, default=None, help="CPUs of a local Ray (default all)")
+    p.add_argument(
+        "--int8",
+        default=None,
+        metavar="BASE.int8.onnx",
+        help="the base quantized once (toolchain quantize): each adapter is also fused into it and judged against "
+        "the user's fused FP32 model on the user's test windows",
+    )
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="with --int8: re-derive activation scales on each user's adaptation windows",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=MIN_AGREEMENT,
+        help=f"with --int8: least top-1 agreement INT8 vs FP32 (default {MIN_AGREEMENT})",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty folder that is not a fleet folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_fleet)

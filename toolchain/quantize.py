@@ -42,6 +42,7 @@ class Calibration:
     data: str = "watch"
     split: str = CALIBRATION_SPLIT
     batches: int = CALIBRATION_BATCHES
+    subjects: tuple[int, ...] | None = None  # the target subjects the split is taken around; None: the usual
 
     def check(self) -> None:
         if type(self.batches) is not int or self.batches < 1:
@@ -72,7 +73,7 @@ def calibration_inputs(cal: Calibration, shape: list[int | None]) -> tuple[list[
     from toolchain.kernels import weight_sha256
 
     cal.check()
-    ds = load_split(cal.data, cal.split)
+    ds = load_split(cal.data, cal.split, cal.subjects)
     if list(ds.X.shape[1:]) != [d or -1 for d in shape[1:]]:
         raise ToolchainError(
             "the calibration data's window or image shape does not fit the model input",
@@ -95,7 +96,7 @@ def calibration_inputs(cal: Calibration, shape: list[int | None]) -> tuple[list[
         "windows": int(n * batch),
         "sha256": weight_sha256(x),
         "method": "minmax",
-    }
+    } | ({"subjects": list(cal.subjects)} if cal.subjects is not None else {})
     return [x[i * batch : (i + 1) * batch] for i in range(n)], record
 
 

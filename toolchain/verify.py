@@ -41,6 +41,7 @@ class VerifyOptions:
     inputs: np.ndarray | None = None  # real inputs (N, ...) to feed instead of windows from ``data``
     min_agreement: float = MIN_AGREEMENT
     split: str = "all"  # which windows of ``data`` the INT8 agreement is measured on
+    subjects: tuple[int, ...] | None = None  # the target subjects ``split`` is taken around; None: the usual
 
     def check(self) -> None:
         if type(self.real) is not int or self.real < 0:
@@ -312,15 +313,20 @@ def _merge(stats: list[dict[str, float]]) -> dict[str, float]:
 
 
 def predictions(model: str, x: np.ndarray) -> np.ndarray:
-    """The first output's argmax over axis 1 for every row of ``x``, batched at the model's batch size."""
+    """The first output's argmax over axis 1 for every row of ``x``, batched at the model's batch size
+    (a fixed batch's last one filled up with copies of the last row, whose predictions are dropped)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
-    batch = inp.shape[0] if isinstance(inp.shape[0], int) else 64
+    fixed = isinstance(inp.shape[0], int)
+    batch = inp.shape[0] if fixed else 64
     out = []
-    for i in range(0, len(x) - len(x) % batch, batch):
-        out.append(np.asarray(session.run(None, {inp.name: x[i : i + batch]})[0]).argmax(axis=1))
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        if fixed and len(chunk) < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
+        out.append(np.asarray(session.run(None, {inp.name: chunk})[0]).argmax(axis=1)[: len(x) - i])
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
@@ -330,12 +336,12 @@ def task_agreement(model: str, reference: str, opts: VerifyOptions) -> Agreement
     from toolchain.data.sources import load_split
     from toolchain.metrics import accuracy, macro_f1
 
-    ds = load_split(str(opts.data), opts.split)
+    ds = load_split(str(opts.data), opts.split, opts.subjects)
     x = np.ascontiguousarray(ds.X, dtype=np.float32)
     got, ref = predictions(model, x), predictions(reference, x)
     if not len(got):
         raise ToolchainError("no labelled windows to measure agreement on", seen=(opts.data, opts.split, len(x)))
-    y, k = ds.y[: len(got)], len(ds.classes)
+    y, k = ds.y, len(ds.classes)
     top1 = float(np.mean(got == ref))
     return Agreement(
         data=str(opts.data),

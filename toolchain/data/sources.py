@@ -337,7 +337,10 @@ def default_target_subjects(ds: WindowDataset) -> tuple[int, ...]:
     return tuple(ds.subjects()[-max(1, len(ds.subjects()) // 3) :])
 
 
-def load_split(spec: str, split: str) -> WindowDataset:
-    """``load_data(spec)`` narrowed to one of ``windows.SPLITS`` around its usual target subjects."""
+def load_split(spec: str, split: str, subjects: tuple[int, ...] | None = None) -> WindowDataset:
+    """``load_data(spec)`` narrowed to one of ``windows.SPLITS`` around the target ``subjects`` (None: the
+    data's usual ones, ``default_target_subjects``)."""
     ds = load_data(spec)
-    return select_split(ds, split, default_target_subjects(ds) if split != "all" else ())
+    if split == "all":
+        return ds
+    return select_split(ds, split, default_target_subjects(ds) if subjects is None else subjects)
