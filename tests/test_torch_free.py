@@ -55,3 +55,19 @@ def test_packages_do_not_install_top_level_kernels_or_graphs():
     for name in ("core", "kernels", "adapters", "graphs"):
         link = ROOT / "toolchain" / name
         assert link.is_symlink() and link.resolve() == (ROOT / name).resolve()
+
+
+def test_an_installed_distribution_named_like_a_root_folder_is_the_one_imported():
+    """PyPI's `kernels` (transformers imports it) must not resolve to this repository's kernels/ while
+    the suite runs from the root (tests/conftest.py imports it from the installed distribution first)."""
+    import importlib.metadata
+
+    import pytest
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("PyPI's kernels is not installed here")
+    import kernels
+
+    assert ROOT not in Path(kernels.__file__).resolve().parents
