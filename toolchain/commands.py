@@ -168,6 +168,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
+    from toolchain.saturation import HEAVY
+    from toolchain.saturation import heavy as saturation_heavy
+    from toolchain.saturation import summary as saturation_summary
     from toolchain.verify import VerifyOptions, parse_tolerance, verify
 
     tol = {
@@ -203,6 +206,12 @@ def cmd_verify(a: argparse.Namespace) -> int:
             f"agreement {ag.top1_agreement:.4f} (min {ag.min_agreement}), macro-F1 {ag.f1_model:.4f} vs "
             f"{ag.f1_reference:.4f}: {'PASSED' if ag.passed else 'FAILED'}"
         )
+        print(f"INT8 model: {saturation_summary(ag.saturation)}")
+        if not ag.passed and saturation_heavy(ag.saturation):
+            print(
+                f"remedy: activations clipped on {100 * HEAVY:.0f}% of the windows or more are out of the base's "
+                "calibration; fuse again with --recalibrate on the user's adaptation data (docs/INT8.md)"
+            )
     worst = max(st.max_abs for st in report.comparisons["model"].outputs.values())
     hint = f" --atol {worst * 1.01:.3g} --rtol 1e9" if ag is not None else ""  # INT8: the errors measured
     print(

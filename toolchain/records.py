@@ -84,6 +84,18 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class Saturation:
+    """One activation quantizer of an INT8 model on real windows: the share of windows on which a value
+    falls outside its range (``[-128, 127] * scale``, so it is clipped) and the largest value as a
+    multiple of that range (``toolchain.saturation``)."""
+
+    tensor: str
+    scale: float
+    windows_clipped: float
+    max_over_range: float
+
+
+@dataclass(frozen=True)
 class Agreement:
     """A quantized model against its float reference on labelled real data: top-1 agreement and the
     task metric of both (``verify`` of an INT8 model)."""
@@ -98,6 +110,7 @@ class Agreement:
     accuracy_model: float
     accuracy_reference: float
     passed: bool
+    saturation: tuple[Saturation, ...] = ()  # the model's activations past their INT8 range, most often first
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,12 @@ def read_verify_report(path: PathLike) -> VerifyReport:
         raw = {**raw, "comparisons": {k: _comparison(v, remedy) for k, v in raw["comparisons"].items()}}
     if isinstance(raw, dict):  # reports written before INT8 verification have no agreement
         agreement = raw.get("agreement")
+        if isinstance(agreement, dict):  # written before saturation was measured: none recorded
+            clipped = agreement.get("saturation", [])
+            if not isinstance(clipped, list):
+                clipped = [clipped]  # refused below, as any field of the wrong kind
+            entries = tuple(record_from_dict(Saturation, c, "a verify saturation entry", remedy) for c in clipped)
+            agreement = {**agreement, "saturation": entries}
         if agreement is not None:
             agreement = record_from_dict(Agreement, agreement, "a verify agreement", remedy)
         raw = {**raw, "agreement": agreement}

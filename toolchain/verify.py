@@ -332,9 +332,11 @@ def predictions(model: str, x: np.ndarray) -> np.ndarray:
 
 def task_agreement(model: str, reference: str, opts: VerifyOptions) -> Agreement:
     """Top-1 agreement and macro-F1 of ``model`` and ``reference`` on the labelled windows of
-    ``opts.data`` (``opts.split`` of it), every window once."""
+    ``opts.data`` (``opts.split`` of it), every window once, and where the quantized ``model``'s
+    activations leave their INT8 range on those windows."""
     from toolchain.data.sources import load_split
     from toolchain.metrics import accuracy, macro_f1
+    from toolchain.saturation import saturation
 
     ds = load_split(str(opts.data), opts.split, opts.subjects)
     x = np.ascontiguousarray(ds.X, dtype=np.float32)
@@ -354,4 +356,5 @@ def task_agreement(model: str, reference: str, opts: VerifyOptions) -> Agreement
         accuracy_model=accuracy(y, got),
         accuracy_reference=accuracy(y, ref),
         passed=top1 >= opts.min_agreement,
+        saturation=saturation(model, x),
     )

@@ -7,15 +7,17 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
 from toolchain.cli import main
 from toolchain.data.sources import load_split
-from toolchain.graphs.qdq import dequantized, quantized_weights
+from toolchain.graphs.qdq import activation_quantizers, dequantized, quantized_weights
 from toolchain.graphs.weights import index_weights
 from toolchain.kernels.quant import channel_scales
 from toolchain.quantize import Calibration, quantize_model, recalibrate
+from toolchain.records import read_verify_report
 
 Q = ["--no-progress"]
 
@@ -172,7 +174,15 @@ def test_predictions_cover_every_row_at_any_batch_size(tmp_path, batch, rows):
     assert np.array_equal(predictions(str(tmp_path / "m.onnx"), x), (x @ w).argmax(axis=1))
 
 
-def test_verify_int8_fails_below_min_agreement(art, tmp_path):
+def _fill(chunk, batch):
+    return np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)]) if len(chunk) < batch else chunk
+
+
+def _init(model, name):
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def test_verify_int8_fails_below_min_agreement(art, tmp_path, capsys):
     m = onnx.load(str(art["fused8"]))
     for t in m.graph.initializer:  # saturate every activation: the model still runs, but answers differently
         if t.name.endswith("_scale") and not t.dims:
@@ -183,6 +193,53 @@ def test_verify_int8_fails_below_min_agreement(art, tmp_path):
     assert main(["verify", str(bad), "--reference", str(art["fused"]), "--out-dir", str(out)]) == 1
     report = json.loads((out / "verify.json").read_text())
     assert not report["passed"] and report["agreement"]["top1_agreement"] < 0.99
+    clipped = report["agreement"]["saturation"]  # every activation quantizer, on (nearly) every window
+    assert len(clipped) == len(activation_quantizers(m.graph, index_weights(m.graph)))
+    assert clipped[0]["windows_clipped"] == 1.0 and clipped[0]["max_over_range"] > 1e3
+    text = capsys.readouterr().out
+    assert "remedy:" in text and "--recalibrate" in text
+
+
+def test_verify_int8_saturation_is_measured_in_the_deployed_model(art, tmp_path, capsys):
+    """verify.json's saturation is the INT8 model's own: each entry's share equals the share of windows
+    whose pre-quantization tensor, computed by the INT8 model, leaves [-128, 127] * scale; it reads back."""
+    out = tmp_path / "v"
+    main(
+        [
+            "verify",
+            str(art["fused8"]),
+            "--reference",
+            str(art["fused"]),
+            "--split",
+            "target-test",
+            "--out-dir",
+            str(out),
+        ]
+    )
+    text = capsys.readouterr().out
+    entries = read_verify_report(out / "verify.json").agreement.saturation
+    assert ("activations clipped" in text) == bool(entries) and "INT8 model:" in text
+    m = onnx.load(str(art["fused8"]))
+    quantizers = activation_quantizers(m.graph, index_weights(m.graph))
+    names = list(dict.fromkeys(q.input[0] for q in quantizers))
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    x = np.ascontiguousarray(load_split("watch", "target-test").X, dtype=np.float32)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # Q/DQ as written, not fused
+    session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    batch = session.get_inputs()[0].shape[0]
+    rows = [
+        session.run(names, {session.get_inputs()[0].name: _fill(x[i : i + batch], batch)})
+        for i in range(0, len(x), batch)
+    ]
+    scales = {q.input[0]: float(numpy_helper.to_array(_init(m, q.input[1]))) for q in quantizers}
+    expected = {}
+    for j, n in enumerate(names):
+        v = np.concatenate([r[j] for r in rows])[: len(x)].reshape(len(x), -1)
+        share = float(np.mean((v.max(1) > 127 * scales[n]) | (v.min(1) < -128 * scales[n])))
+        if share:
+            expected[n] = share
+    assert {e.tensor: e.windows_clipped for e in entries} == pytest.approx(expected)
 
 
 def test_verify_fp32_is_unchanged(art, tmp_path):

@@ -1,0 +1,102 @@
+"""Where an INT8 model's activations leave their calibrated range: for every activation
+QuantizeLinear, the share of real windows on which some value falls outside
+``[-128, 127] * scale`` (and is clipped), and how far past the range the largest one reaches.
+
+An adapter fused into a quantized base keeps the base's activation scales (docs/INT8.md); where it
+makes activations grow, the deployed model clips them. This is what ``verify`` of an INT8 model
+reports beside its agreement, so a failed gate says whether ``fuse --recalibrate`` is the remedy.
+Needs onnxruntime; no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.records import Saturation
+
+QMIN, QMAX = -128, 127  # signed INT8 with zero point 0: the layout toolchain quantize writes
+BATCH = 64  # rows per run where the model's batch is dynamic
+# A quantizer clipped on this share of windows or more is out of calibration, not at its tail: max
+# calibration on representative windows leaves few windows past the range (mobilenet1d's quantized base on
+# its source windows: 0.5% at most), while an adapter that grew the activations clips most of them (fused
+# into that base: 100% of the target windows at the last conv; recalibrated: 1.5%). docs/INT8.md.
+HEAVY = 0.05
+
+
+def _quantizers(model: str | Path) -> tuple[bytes, list[str], list[float]]:
+    """The model with every activation quantizer's input as an extra output, those inputs' names and
+    their scales."""
+    from toolchain.graphs.onnx_io import load_onnx
+    from toolchain.graphs.qdq import activation_quantizers
+    from toolchain.graphs.weights import index_weights
+
+    proto = load_onnx(str(model))
+    weights = index_weights(proto.graph)
+    quantizers = activation_quantizers(proto.graph, weights)
+    names = list(dict.fromkeys(q.input[0] for q in quantizers))  # one tensor may feed two quantizers
+    scale = {q.input[0]: float(weights[q.input[1]].values().reshape(-1)[0]) for q in quantizers}
+    import onnx
+
+    have = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
+    return proto.SerializeToString(), names, [scale[n] for n in names]
+
+
+def _excess(values: np.ndarray, scale: float) -> np.ndarray:
+    """Per row: the largest |value| as a multiple of the range's bound on its side (> 1: clipped)."""
+    flat = values.reshape(len(values), -1).astype(np.float64)
+    high = flat.max(axis=1) / (QMAX * scale)
+    low = flat.min(axis=1) / (QMIN * scale)
+    return np.maximum(high, low)
+
+
+def saturation(model: str | Path, x: np.ndarray) -> tuple[Saturation, ...]:
+    """For an explicitly quantized ``model`` on the windows ``x`` (N, ...): one entry per activation
+    quantizer whose range is exceeded on at least one window, most often clipped first. Rows of a
+    fixed batch's last run are filled with copies of the last window, which are not counted."""
+    import onnxruntime as ort
+
+    if not len(x):
+        return ()
+    serialized, names, scales = _quantizers(model)
+    if not names:
+        return ()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as written
+    session = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    fixed = isinstance(inp.shape[0], int)
+    batch = inp.shape[0] if fixed else BATCH
+    excess: list[list[np.ndarray]] = [[] for _ in names]
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        real = len(chunk)
+        if fixed and real < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+        for j, value in enumerate(session.run(names, {inp.name: chunk})):
+            excess[j].append(_excess(np.asarray(value)[:real], scales[j]))
+    out = []
+    for name, scale, parts in zip(names, scales, excess, strict=True):
+        e = np.concatenate(parts)
+        clipped = float(np.mean(e > 1.0))
+        if clipped > 0:
+            out.append(Saturation(tensor=name, scale=scale, windows_clipped=clipped, max_over_range=float(e.max())))
+    return tuple(sorted(out, key=lambda s: (-s.windows_clipped, -s.max_over_range, s.tensor)))
+
+
+def heavy(entries: tuple[Saturation, ...]) -> bool:
+    """Whether some activation is clipped on at least ``HEAVY`` of the windows."""
+    return any(s.windows_clipped >= HEAVY for s in entries)
+
+
+def summary(entries: tuple[Saturation, ...], top: int = 3) -> str:
+    """One line: the most often clipped activations, or that none is."""
+    if not entries:
+        return "no activation leaves its INT8 range on these windows"
+    worst = ", ".join(
+        f"{s.tensor} on {100 * s.windows_clipped:.1f}% (up to {s.max_over_range:.2f}x)" for s in entries[:top]
+    )
+    more = f" and {len(entries) - top} more" if len(entries) > top else ""
+    return f"{len(entries)} activations clipped past their INT8 range on some windows: {worst}{more}"
