@@ -17,7 +17,6 @@ import numpy as np
 from toolchain.records import Saturation
 
 QMIN, QMAX = -128, 127  # signed INT8 with zero point 0: the layout toolchain quantize writes
-BATCH = 64  # rows per run where the model's batch is dynamic
 # A quantizer clipped on this share of windows or more is out of calibration, not at its tail: max
 # calibration on representative windows leaves few windows past the range (mobilenet1d's quantized base on
 # its source windows: 0.5% at most), while an adapter that grew the activations clips most of them (fused
@@ -28,6 +27,8 @@ HEAVY = 0.05
 def _quantizers(model: str | Path) -> tuple[bytes, list[str], list[float]]:
     """The model with every activation quantizer's input as an extra output, those inputs' names and
     their scales."""
+    import onnx
+
     from toolchain.graphs.onnx_io import load_onnx
     from toolchain.graphs.qdq import activation_quantizers
     from toolchain.graphs.weights import index_weights
@@ -37,8 +38,6 @@ def _quantizers(model: str | Path) -> tuple[bytes, list[str], list[float]]:
     quantizers = activation_quantizers(proto.graph, weights)
     names = list(dict.fromkeys(q.input[0] for q in quantizers))  # one tensor may feed two quantizers
     scale = {q.input[0]: float(weights[q.input[1]].values().reshape(-1)[0]) for q in quantizers}
-    import onnx
-
     have = {o.name for o in proto.graph.output}
     proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
     return proto.SerializeToString(), names, [scale[n] for n in names]
@@ -54,9 +53,11 @@ def _excess(values: np.ndarray, scale: float) -> np.ndarray:
 
 def saturation(model: str | Path, x: np.ndarray) -> tuple[Saturation, ...]:
     """For an explicitly quantized ``model`` on the windows ``x`` (N, ...): one entry per activation
-    quantizer whose range is exceeded on at least one window, most often clipped first. Rows of a
-    fixed batch's last run are filled with copies of the last window, which are not counted."""
+    quantizer whose range is exceeded on at least one window, most often clipped first; batched as
+    ``verify.model_batches`` (padding rows not counted)."""
     import onnxruntime as ort
+
+    from toolchain.verify import model_batches
 
     if not len(x):
         return ()
@@ -67,14 +68,8 @@ def saturation(model: str | Path, x: np.ndarray) -> tuple[Saturation, ...]:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as written
     session = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
-    fixed = isinstance(inp.shape[0], int)
-    batch = inp.shape[0] if fixed else BATCH
     excess: list[list[np.ndarray]] = [[] for _ in names]
-    for i in range(0, len(x), batch):
-        chunk = x[i : i + batch]
-        real = len(chunk)
-        if fixed and real < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+    for chunk, real in model_batches(x, inp.shape[0]):
         for j, value in enumerate(session.run(names, {inp.name: chunk})):
             excess[j].append(_excess(np.asarray(value)[:real], scales[j]))
     out = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from toolchain.records import Agreement, Comparison, OutputErrors, VerifyReport
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
 INT8_ENGINE_TOL = 1e-1  # an INT8 engine against its own QDQ model (toolchain.trt.engine.INT8_TOL)
+DYNAMIC_BATCH = 64  # rows per run where a model's batch dimension is not fixed
 MIN_AGREEMENT = 0.99  # an INT8 model's top-1 agreement with its FP32 reference on labelled real data
 
 
@@ -312,21 +314,31 @@ def _merge(stats: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
+def model_batches(x: np.ndarray, batch_dim: Any) -> Iterator[tuple[np.ndarray, int]]:
+    """``x`` (N, ...) in runs of a model input's batch dimension ``batch_dim`` (``DYNAMIC_BATCH`` rows
+    where it is not a fixed int), each with its count of real rows: a fixed batch's last run is filled up
+    with copies of the last row, whose results the caller drops."""
+    fixed = isinstance(batch_dim, int)
+    batch = batch_dim if fixed else DYNAMIC_BATCH
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        real = len(chunk)
+        if fixed and real < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+        yield chunk, real
+
+
 def predictions(model: str, x: np.ndarray) -> np.ndarray:
     """The first output's argmax over axis 1 for every row of ``x``, batched at the model's batch size
-    (a fixed batch's last one filled up with copies of the last row, whose predictions are dropped)."""
+    (``model_batches``)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
-    fixed = isinstance(inp.shape[0], int)
-    batch = inp.shape[0] if fixed else 64
-    out = []
-    for i in range(0, len(x), batch):
-        chunk = x[i : i + batch]
-        if fixed and len(chunk) < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-        out.append(np.asarray(session.run(None, {inp.name: chunk})[0]).argmax(axis=1)[: len(x) - i])
+    out = [
+        np.asarray(session.run(None, {inp.name: chunk})[0]).argmax(axis=1)[:real]
+        for chunk, real in model_batches(x, inp.shape[0])
+    ]
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 

@@ -18,6 +18,7 @@ from toolchain.graphs.weights import index_weights
 from toolchain.kernels.quant import channel_scales
 from toolchain.quantize import Calibration, quantize_model, recalibrate
 from toolchain.records import read_verify_report
+from toolchain.verify import model_batches
 
 Q = ["--no-progress"]
 
@@ -174,14 +175,6 @@ def test_predictions_cover_every_row_at_any_batch_size(tmp_path, batch, rows):
     assert np.array_equal(predictions(str(tmp_path / "m.onnx"), x), (x @ w).argmax(axis=1))
 
 
-def _fill(chunk, batch):
-    return np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)]) if len(chunk) < batch else chunk
-
-
-def _init(model, name):
-    return next(t for t in model.graph.initializer if t.name == name)
-
-
 def test_verify_int8_fails_below_min_agreement(art, tmp_path, capsys):
     m = onnx.load(str(art["fused8"]))
     for t in m.graph.initializer:  # saturate every activation: the model still runs, but answers differently
@@ -204,35 +197,23 @@ def test_verify_int8_saturation_is_measured_in_the_deployed_model(art, tmp_path,
     """verify.json's saturation is the INT8 model's own: each entry's share equals the share of windows
     whose pre-quantization tensor, computed by the INT8 model, leaves [-128, 127] * scale; it reads back."""
     out = tmp_path / "v"
-    main(
-        [
-            "verify",
-            str(art["fused8"]),
-            "--reference",
-            str(art["fused"]),
-            "--split",
-            "target-test",
-            "--out-dir",
-            str(out),
-        ]
-    )
+    main(["verify", str(art["fused8"]), "--reference", str(art["fused"]), "--split", "target-test",
+          "--out-dir", str(out)])  # fmt: skip
     text = capsys.readouterr().out
     entries = read_verify_report(out / "verify.json").agreement.saturation
     assert ("activations clipped" in text) == bool(entries) and "INT8 model:" in text
     m = onnx.load(str(art["fused8"]))
-    quantizers = activation_quantizers(m.graph, index_weights(m.graph))
+    weights = index_weights(m.graph)
+    quantizers = activation_quantizers(m.graph, weights)
     names = list(dict.fromkeys(q.input[0] for q in quantizers))
     m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     x = np.ascontiguousarray(load_split("watch", "target-test").X, dtype=np.float32)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # Q/DQ as written, not fused
     session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    batch = session.get_inputs()[0].shape[0]
-    rows = [
-        session.run(names, {session.get_inputs()[0].name: _fill(x[i : i + batch], batch)})
-        for i in range(0, len(x), batch)
-    ]
-    scales = {q.input[0]: float(numpy_helper.to_array(_init(m, q.input[1]))) for q in quantizers}
+    inp = session.get_inputs()[0]
+    rows = [session.run(names, {inp.name: chunk}) for chunk, _ in model_batches(x, inp.shape[0])]
+    scales = {q.input[0]: float(weights[q.input[1]].values()) for q in quantizers}
     expected = {}
     for j, n in enumerate(names):
         v = np.concatenate([r[j] for r in rows])[: len(x)].reshape(len(x), -1)
