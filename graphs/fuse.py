@@ -27,7 +27,13 @@ from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import check_output
 from toolchain.core.version import package_version
 from toolchain.graphs.provenance import Provenance, read_provenance, set_metadata, write_provenance
-from toolchain.graphs.qdq import QuantizedWeight, integer_kernels, quantized_weights, refuse_integer
+from toolchain.graphs.qdq import (
+    QuantizedWeight,
+    check_activation_scales,
+    integer_kernels,
+    quantized_weights,
+    refuse_integer,
+)
 from toolchain.graphs.scopes import belongs_to
 from toolchain.graphs.weights import Weight, check_finite, conv_weights, index_weights
 from toolchain.kernels import weight_sha256
@@ -360,7 +366,9 @@ def fuse_in_place(model: onnx.ModelProto, adapter: Adapter, adapter_sha256: str)
             remedy="deploy the unfused export (toolchain export --adapter FILE, without --fuse) and measure its "
             "cost with toolchain bench",
         )
-    chains = quantized_weights(model.graph, index_weights(model.graph))  # checks every QDQ kernel first
+    weights = index_weights(model.graph)
+    chains = quantized_weights(model.graph, weights)  # checks every QDQ kernel first
+    check_activation_scales(model.graph, weights)  # kept as calibrated, so they must be usable
     check_finite(model.graph)
     changed = _fuse_layers(model.graph, adapter, read_scales(model), chains)
     return changed + _apply_extras(model, adapter.extras, adapter, chains)

@@ -241,20 +241,48 @@ def is_quantized(model: onnx.ModelProto) -> bool:
 
 def activation_quantizers(graph: onnx.GraphProto, weights: dict[str, Weight]) -> list[onnx.NodeProto]:
     """The QuantizeLinear nodes of activations (their input is computed, not a constant), each with a
-    constant scalar scale: the per-tensor scales calibration sets."""
-    out = []
-    for q in graph.node:
-        if q.op_type != "QuantizeLinear" or not q.input or q.input[0] in weights:
-            continue
-        scale = weights.get(q.input[1]) if len(q.input) > 1 else None
+    constant scalar scale: the per-tensor scales calibration sets. Every activation Q and DQ scale is
+    checked (``check_activation_scales``)."""
+    check_activation_scales(graph, weights)
+    return [q for q in graph.node if q.op_type == "QuantizeLinear" and q.input and q.input[0] not in weights]
+
+
+def _activation_nodes(graph: onnx.GraphProto, weights: dict[str, Weight]) -> list[onnx.NodeProto]:
+    """The QuantizeLinear and DequantizeLinear nodes of activations: not a weight's Q, nor a DQ of a
+    stored constant or of a weight's Q."""
+    weight_q = {
+        n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input and n.input[0] in weights
+    }
+    return [
+        n
+        for n in graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        and n.input
+        and n.input[0] not in weights
+        and n.input[0] not in weight_q
+    ]
+
+
+def check_activation_scales(graph: onnx.GraphProto, weights: dict[str, Weight]) -> None:
+    """Refuse an activation QuantizeLinear/DequantizeLinear whose scale is not one constant, finite,
+    positive float32: with a zero, negative, NaN or Inf scale every value it quantizes is wrong,
+    and no engine or calibration record can be trusted."""
+    for n in _activation_nodes(graph, weights):
+        scale = weights.get(n.input[1]) if len(n.input) > 1 else None
+        where = f"activation {n.input[0]} ({n.op_type} {n.name or '?'})"
         if scale is None or scale.values().size != 1:
             raise ToolchainError(
-                "an activation QuantizeLinear needs one constant per-tensor scale",
-                seen=(q.name, q.input[1] if len(q.input) > 1 else None),
+                f"{where}: an activation needs one constant per-tensor scale",
+                seen=n.input[1] if len(n.input) > 1 else "no scale input",
                 remedy=REMEDY,
             )
-        out.append(q)
-    return out
+        value = scale.values()
+        if value.dtype != np.float32 or not (np.isfinite(value).all() and (value > 0).all()):
+            raise ToolchainError(
+                f"{where}: activation scales must be finite, positive float32",
+                seen=f"{scale.name} = {value.reshape(-1)[0]!r} ({value.dtype})",
+                remedy="the model was edited or corrupted; " + REMEDY,
+            )
 
 
 def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:

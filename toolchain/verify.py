@@ -191,7 +191,8 @@ def verify(
     from polygraphy.logger import G_LOGGER
 
     from toolchain.graphs.onnx_io import input_of, load_onnx
-    from toolchain.graphs.qdq import is_quantized
+    from toolchain.graphs.qdq import check_activation_scales, is_quantized
+    from toolchain.graphs.weights import index_weights
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
     model_proto, reference_proto = load_onnx(model), load_onnx(reference)  # each read once
@@ -202,6 +203,9 @@ def verify(
     outputs = _same_outputs(model_proto, reference_proto)
     _check_tolerance_names(opts, outputs)
     int8 = is_quantized(model_proto) and not is_quantized(reference_proto)
+    for proto in (model_proto, reference_proto):
+        if is_quantized(proto):  # a broken scale makes every number after it meaningless
+            check_activation_scales(proto.graph, index_weights(proto.graph))
     if int8 and not opts.data:
         raise ToolchainError(
             "an INT8 model is judged against its FP32 reference on labelled real data",

@@ -2,6 +2,7 @@
 labelled windows, refuse QDQ layouts that fusion cannot keep exact."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -334,6 +335,58 @@ def test_hostile_qdq_is_refused_in_one_line_and_writes_nothing(art, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not out.exists() and bad.read_bytes() == before
+
+
+def _activation_scale(value, dtype=np.float32):
+    """The first activation quantizer's scale set to ``value`` (its DQ reads the same initializer)."""
+
+    def mutate(m):
+        q = activation_quantizers(m.graph, index_weights(m.graph))[0]
+        _set(m, q.input[1], np.asarray(value, dtype))
+
+    return mutate
+
+
+def _activation_scale_gone(m):
+    q = activation_quantizers(m.graph, index_weights(m.graph))[0]
+    m.graph.initializer.remove(next(t for t in m.graph.initializer if t.name == q.input[1]))
+
+
+ACTIVATION_HOSTILE = [
+    (_activation_scale(0.0), "activation scales must be finite, positive float32"),
+    (_activation_scale(-0.02), "activation scales must be finite, positive float32"),
+    (_activation_scale(np.nan), "activation scales must be finite, positive float32"),
+    (_activation_scale(np.inf), "activation scales must be finite, positive float32"),
+    (_activation_scale(0.02, np.float64), "activation scales must be finite, positive float32"),
+    (_activation_scale([0.02, 0.02]), "needs one constant per-tensor scale"),
+    (_activation_scale_gone, "needs one constant per-tensor scale|ONNX model is invalid"),  # loaders check first
+]
+ACTIVATION_COMMANDS = {
+    "fuse": ["fuse", "{bad}", "{adapter}", "-o", "{out}"],
+    "recalibrate": ["fuse", "{bad}", "{adapter}", "-o", "{out}", "--recalibrate", "watch"],
+    "verify": ["verify", "{bad}", "--reference", "{fused}", "--data", "watch", "--out-dir", "{outdir}"],
+    "build-check": ["build", "{bad}", "--check"],
+}
+
+
+@pytest.mark.parametrize("command", list(ACTIVATION_COMMANDS))
+@pytest.mark.parametrize("mutate, message", ACTIVATION_HOSTILE, ids=[f"{i}" for i in range(len(ACTIVATION_HOSTILE))])
+def test_broken_activation_scales_are_refused_by_every_command(art, tmp_path, capsys, mutate, message, command):
+    """A zero, negative, NaN, Inf, float64, vector or missing activation scale: one line, exit 2, before
+    any work, nothing written (the scale is kept by fuse, so a bad one would ship)."""
+    base = art["fused8"] if command == "verify" else art["base8"]
+    m = onnx.load(str(base))
+    mutate(m)
+    bad = tmp_path / "bad.int8.onnx"
+    onnx.save(m, str(bad))
+    before = bad.read_bytes()
+    subs = {"bad": str(bad), "adapter": str(art["adapter"]), "fused": str(art["fused"])}
+    subs.update(out=str(tmp_path / "out.onnx"), outdir=str(tmp_path / "report"))
+    argv = [a.format(**subs) if "{" in a else a for a in ACTIVATION_COMMANDS[command]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(message, err) and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.int8.onnx"] and bad.read_bytes() == before
 
 
 @pytest.mark.parametrize(
