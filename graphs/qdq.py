@@ -265,8 +265,8 @@ def _activation_nodes(graph: onnx.GraphProto, weights: dict[str, Weight]) -> lis
 
 def check_activation_scales(graph: onnx.GraphProto, weights: dict[str, Weight]) -> None:
     """Refuse an activation QuantizeLinear/DequantizeLinear whose scale is not one constant, finite,
-    positive float32: with a zero, negative, NaN or Inf scale every value it quantizes is wrong,
-    and no engine or calibration record can be trusted."""
+    positive float32 (with a zero, negative, NaN or Inf scale every value it quantizes is wrong, and no
+    engine or calibration record can be trusted) or whose zero point is not one constant INT8 0."""
     for n in _activation_nodes(graph, weights):
         scale = weights.get(n.input[1]) if len(n.input) > 1 else None
         where = f"activation {n.input[0]} ({n.op_type} {n.name or '?'})"
@@ -283,6 +283,25 @@ def check_activation_scales(graph: onnx.GraphProto, weights: dict[str, Weight]) 
                 seen=f"{scale.name} = {value.reshape(-1)[0]!r} ({value.dtype})",
                 remedy="the model was edited or corrupted; " + REMEDY,
             )
+        _check_activation_zero_point(n, weights, where)
+
+
+def _check_activation_zero_point(n: onnx.NodeProto, weights: dict[str, Weight], where: str) -> None:
+    """TensorRT takes symmetric INT8 only: an activation's zero point must be a constant INT8 0 (without
+    one, QuantizeLinear yields UINT8; an asymmetric UINT8 layout is ONNX Runtime's default, not TensorRT's)."""
+    zp = weights.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+    values = zp.values() if zp is not None else None
+    if zp is None or values is None or zp.tensor.data_type != INT8 or values.size != 1 or np.any(values != 0):
+        seen = (
+            "no zero point (UINT8)"
+            if zp is None
+            else f"{zp.name} = {values.reshape(-1)[:4].tolist()} ({onnx.TensorProto.DataType.Name(zp.tensor.data_type)})"
+        )
+        raise ToolchainError(
+            f"{where}: activations must be symmetric INT8, one constant zero point 0 (TensorRT takes no other)",
+            seen=seen,
+            remedy="quantize with `toolchain quantize` (symmetric INT8) instead of an asymmetric UINT8 layout",
+        )
 
 
 def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:

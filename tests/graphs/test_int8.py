@@ -352,6 +352,21 @@ def _activation_scale_gone(m):
     m.graph.initializer.remove(next(t for t in m.graph.initializer if t.name == q.input[1]))
 
 
+def _activation_zero_point(value, dtype=np.int8):
+    def mutate(m):
+        q = activation_quantizers(m.graph, index_weights(m.graph))[0]
+        _set(m, q.input[2], np.asarray(value, dtype))
+
+    return mutate
+
+
+def _activation_zero_point_gone(m):
+    zp = activation_quantizers(m.graph, index_weights(m.graph))[0].input[2]
+    for n in m.graph.node:
+        if n.input and n.op_type in ("QuantizeLinear", "DequantizeLinear") and zp in n.input[2:]:
+            del n.input[2:]
+
+
 ACTIVATION_HOSTILE = [
     (_activation_scale(0.0), "activation scales must be finite, positive float32"),
     (_activation_scale(-0.02), "activation scales must be finite, positive float32"),
@@ -360,6 +375,9 @@ ACTIVATION_HOSTILE = [
     (_activation_scale(0.02, np.float64), "activation scales must be finite, positive float32"),
     (_activation_scale([0.02, 0.02]), "needs one constant per-tensor scale"),
     (_activation_scale_gone, "needs one constant per-tensor scale|ONNX model is invalid"),  # loaders check first
+    (_activation_zero_point(3), "activations must be symmetric INT8"),
+    (_activation_zero_point(128, np.uint8), "activations must be symmetric INT8"),
+    (_activation_zero_point_gone, "activations must be symmetric INT8|ONNX model is invalid"),
 ]
 ACTIVATION_COMMANDS = {
     "fuse": ["fuse", "{bad}", "{adapter}", "-o", "{out}"],
