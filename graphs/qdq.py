@@ -250,9 +250,7 @@ def activation_quantizers(graph: onnx.GraphProto, weights: dict[str, Weight]) ->
 def _activation_nodes(graph: onnx.GraphProto, weights: dict[str, Weight]) -> list[onnx.NodeProto]:
     """The QuantizeLinear and DequantizeLinear nodes of activations: not a weight's Q, nor a DQ of a
     stored constant or of a weight's Q."""
-    weight_q = {
-        n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input and n.input[0] in weights
-    }
+    weight_q = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input and n.input[0] in weights}
     return [
         n
         for n in graph.node
@@ -292,11 +290,10 @@ def _check_activation_zero_point(n: onnx.NodeProto, weights: dict[str, Weight], 
     zp = weights.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
     values = zp.values() if zp is not None else None
     if zp is None or values is None or zp.tensor.data_type != INT8 or values.size != 1 or np.any(values != 0):
-        seen = (
-            "no zero point (UINT8)"
-            if zp is None
-            else f"{zp.name} = {values.reshape(-1)[:4].tolist()} ({onnx.TensorProto.DataType.Name(zp.tensor.data_type)})"
-        )
+        seen = "no zero point (UINT8)"
+        if zp is not None and values is not None:
+            kind = onnx.TensorProto.DataType.Name(zp.tensor.data_type)
+            seen = f"{zp.name} = {values.reshape(-1)[:4].tolist()} ({kind})"
         raise ToolchainError(
             f"{where}: activations must be symmetric INT8, one constant zero point 0 (TensorRT takes no other)",
             seen=seen,
