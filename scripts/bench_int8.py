@@ -11,6 +11,7 @@ Every step is the CLI a user runs (pretrain, finetune, export, quantize, fuse, b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import subprocess
@@ -92,7 +93,10 @@ def one(model: str, d: Path, quick: bool) -> dict:
     sh("quantize", f["fused"], "-o", f["requant8"], "--data", data, "--force")  # from scratch, same calibration
     sh("quantize", f["fused"], "-o", f["requant_t8"], "--data", data, "--split", "target-adapt", "--force")
     opts = VerifyOptions(data=data, split="target-test")
-    rows = {k: task_agreement(f[k], f["fused"], opts).__dict__ for k in ("fused8", "recal8", "requant8", "requant_t8")}
+    rows = {
+        k: dataclasses.asdict(task_agreement(f[k], f["fused"], opts))
+        for k in ("fused8", "recal8", "requant8", "requant_t8")
+    }
     fp32_fuse = timed("fuse", f["base"], f["adapter"], "-o", f["fused_again"], "--force")
     int8_fuse = timed("fuse", f["base8"], f["adapter"], "-o", f["fused_again"], "--force")
     sh("bench", f["fused"], "--vs", f["fused8"], "--runs", "300", "--json", f["lat"], "--force")
