@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from toolchain.core.errors import ToolchainError
-from toolchain.graphs.weights import Consumer, Weight
+from toolchain.graphs.weights import Consumer, Weight, index_weights
 from toolchain.kernels.quant import channel_scales
 
 KERNEL_INPUTS: dict[str, int] = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op -> the weight's input position
@@ -299,6 +299,23 @@ def _check_activation_zero_point(n: onnx.NodeProto, weights: dict[str, Weight], 
             seen=seen,
             remedy="quantize with `toolchain quantize` (symmetric INT8) instead of an asymmetric UINT8 layout",
         )
+
+
+def kernel_input_scales(graph: onnx.GraphProto) -> dict[str, float]:
+    """For each kernel (Conv, Gemm, MatMul) with a quantized weight and a quantized input: the float
+    weight's name -> the per-tensor scale of that input, the activation range the INT8 model keeps.
+    Every chain and every activation scale is checked first."""
+    weights = index_weights(graph)
+    chains = quantized_weights(graph, weights)
+    check_activation_scales(graph, weights)
+    producers = _producers(graph)
+    out: dict[str, float] = {}
+    for name, chain in chains.items():
+        kernel = chain.readers[0].node
+        dq = producers.get(kernel.input[0])
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] not in weights:
+            out[name] = float(weights[dq.input[1]].values().reshape(-1)[0])
+    return out
 
 
 def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:

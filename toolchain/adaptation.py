@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,7 @@ from toolchain.memory import account, batch_for_budget
 from toolchain.peft.galore import GaLoreAdam
 from toolchain.peft.inject import AdaptConfig, check_called, extract_adapter, inject, set_train_mode
 from toolchain.peft.lean import lean_training
+from toolchain.qat import quantized_inputs
 from toolchain.train import TrainConfig, TrainResult, count_params, evaluate, resolve_device, seed_everything, train
 
 
@@ -133,11 +134,13 @@ def adapt(
     account_memory: bool = False,
     eval_during: bool = False,
     copy_base: bool = False,
+    quantized: Mapping[str, float] | None = None,
 ) -> Outcome:
     """The whole adaptation of ``base`` (in place, or of a copy with ``copy_base``): prepare, train
     ``train_cfg`` on ``adapt_set`` (macro-F1 on ``test_set`` every ``train_cfg.eval_every`` steps with
     ``eval_during``), evaluate before and after. ``memory_budget`` (bytes) picks the largest batch whose
-    accounted memory fits; ``account_memory`` records the accounted peak at the batch run."""
+    accounted memory fits; ``account_memory`` records the accounted peak at the batch run. ``quantized``
+    (module path -> scale, ``qat.read_int8_base``) fake-quantizes those modules' inputs in training only."""
     dev = resolve_device(train_cfg.device)
     model = copy.deepcopy(base) if copy_base else base
     model.to(dev)
@@ -155,7 +158,7 @@ def adapt(
         if memory_budget is not None:
             train_cfg = dataclasses.replace(train_cfg, batch_size=batch_for_budget(acc, memory_budget, len(adapt_set)))
         peak = int(acc.at(train_cfg.batch_size))
-    with lean_training(model, lean):
+    with lean_training(model, lean), quantized_inputs(model, quantized):
         result = train(
             model,
             adapt_set,

@@ -447,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="e.g. 512MB: choose the largest batch whose accounted training memory fits (overrides --batch-size)",
     )
+    p.add_argument(
+        "--int8-base",
+        default=None,
+        metavar="BASE.int8.onnx",
+        help="this checkpoint's quantized export (toolchain quantize): train with its activation scales fixed, "
+        "each quantized conv input fake-quantized, so the adapter fits the INT8 model it will be fused into",
+    )
     p.add_argument("--data", default=None, help="data spec (default: the checkpoint's)")
     p.add_argument(
         "--target-subjects",

@@ -84,6 +84,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         force=a.force,
         model=a.model,
         lean=not a.reference_path,
+        int8_base=a.int8_base,
     )
     if a.memory_budget is not None:
         from toolchain.memory import parse_size
@@ -101,6 +102,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         f"accuracy {m.accuracy_before:.3f} -> {m.accuracy_after:.3f} ({m.steps} steps, "
         f"{m.train_seconds:.1f} s)"
     )
+    if a.int8_base:
+        print(f"trained for the INT8 base {a.int8_base}: its quantized conv inputs fake-quantized at their scales")
     print(f"wrote {a.out} and {metrics_path(a.out)}")
     return 0
 

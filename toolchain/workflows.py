@@ -22,6 +22,7 @@ from toolchain.data.windows import ADAPT_FRACTION, WindowDataset, fit_standardiz
 from toolchain.memory import MIB
 from toolchain.models.registry import build_model, load_checkpoint, model_files, save_checkpoint
 from toolchain.peft.inject import AdaptConfig
+from toolchain.qat import read_int8_base
 from toolchain.records import FinetuneMetrics, write_metrics
 from toolchain.train import TrainConfig, evaluate, peak_rss_mb, resolve_device, seed_everything, train
 
@@ -56,6 +57,7 @@ class FinetuneJob:
     model: str | None = None  # needed for a plain state_dict checkpoint; rebuilds a toolchain one otherwise
     lean: bool = True  # the lean training path for methods whose base weights stay frozen
     memory_budget: int | None = None  # bytes: pick the largest batch whose accounted memory fits
+    int8_base: str | None = None  # a QDQ model of this checkpoint: train with its activation scales (qat.py)
 
 
 def metrics_path(adapter_out: str | os.PathLike[str]) -> Path:
@@ -148,9 +150,11 @@ def finetune(job: FinetuneJob) -> FinetuneMetrics:
     """Adapt a checkpoint to the target subjects; write the adapter and its metrics JSON."""
     check_rank(job.adapt.method, job.adapt.rank)
     inputs: list[str | os.PathLike[str]] = [job.checkpoint, *data_files(job.data), *model_files(job.model)]
+    inputs += [job.int8_base] if job.int8_base else []
     out, mpath = check_output(job.out, inputs, force=job.force), metrics_path(job.out)
     check_output(mpath, inputs, force=job.force)
     model, payload = load_checkpoint(job.checkpoint, job.model)
+    int8 = read_int8_base(job.int8_base, model) if job.int8_base else None
     ds = load_data(job.data or payload.get("data") or DEFAULT_DATA)
     head = _head_change(ds, payload)
     subjects = job.subjects or tuple(
@@ -168,13 +172,16 @@ def finetune(job: FinetuneJob) -> FinetuneMetrics:
         lean=job.lean,
         memory_budget=job.memory_budget,
         account_memory=True,
+        quantized=int8.scales if int8 else None,
     )
-    info = {
+    info: dict[str, object] = {
         "rank": job.adapt.rank,
         "layers": job.adapt.layers,
         "checkpoint_model": payload["model"],
         "classes": list(ds.classes),
     }
+    if int8:
+        info["int8_base"] = int8.info()
     save_adapter(extract(outcome, info), out)
     metrics = finetune_metrics(outcome, job, list(subjects), out.stat().st_size)
     write_metrics(mpath, metrics)
