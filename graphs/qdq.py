@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from toolchain.core.errors import ToolchainError
-from toolchain.graphs.weights import Consumer, Weight, index_weights
+from toolchain.graphs.weights import Consumer, Weight
 from toolchain.kernels.quant import channel_scales
 
 KERNEL_INPUTS: dict[str, int] = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op -> the weight's input position
@@ -301,11 +301,10 @@ def _check_activation_zero_point(n: onnx.NodeProto, weights: dict[str, Weight], 
         )
 
 
-def kernel_input_scales(graph: onnx.GraphProto) -> dict[str, float]:
+def kernel_input_scales(graph: onnx.GraphProto, weights: dict[str, Weight]) -> dict[str, float]:
     """For each kernel (Conv, Gemm, MatMul) with a quantized weight and a quantized input: the float
     weight's name -> the per-tensor scale of that input, the activation range the INT8 model keeps.
     Every chain and every activation scale is checked first."""
-    weights = index_weights(graph)
     chains = quantized_weights(graph, weights)
     check_activation_scales(graph, weights)
     producers = _producers(graph)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,12 +57,12 @@ def read_int8_base(path: str | os.PathLike[str], model: nn.Module) -> Int8Base:
         raise ToolchainError(
             "--int8-base takes an explicitly quantized (QDQ) model", seen=f"{path}: no QuantizeLinear", remedy=REMEDY
         )
-    by_weight = kernel_input_scales(proto.graph)
+    weights = index_weights(proto.graph)
+    by_weight = kernel_input_scales(proto.graph, weights)
     if not by_weight:
         raise ToolchainError(
             "--int8-base has no kernel with both its weight and its input quantized", seen=str(path), remedy=REMEDY
         )
-    weights = index_weights(proto.graph)
     modules = dict(model.named_modules())
     scales: dict[str, float] = {}
     for name, scale in sorted(by_weight.items()):
@@ -111,7 +111,7 @@ def quantized_inputs(model: nn.Module, scales: Mapping[str, float] | None) -> It
             h.remove()
 
 
-def _hook(scale: float):  # type: ignore[no-untyped-def]
+def _hook(scale: float) -> Callable[[nn.Module, tuple[object, ...]], tuple[object, ...]]:
     def pre(module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
         x = args[0]
         if not isinstance(x, torch.Tensor):

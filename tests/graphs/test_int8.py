@@ -337,34 +337,38 @@ def test_hostile_qdq_is_refused_in_one_line_and_writes_nothing(art, tmp_path, ca
     assert not out.exists() and bad.read_bytes() == before
 
 
-def _activation_scale(value, dtype=np.float32):
-    """The first activation quantizer's scale set to ``value`` (its DQ reads the same initializer)."""
+SCALE, ZERO_POINT = 1, 2  # input positions of QuantizeLinear / DequantizeLinear
+
+
+def _activation_input(position, value, dtype):
+    """The first activation quantizer's scale or zero point set to ``value`` (its DQ reads the same
+    initializer)."""
 
     def mutate(m):
         q = activation_quantizers(m.graph, index_weights(m.graph))[0]
-        _set(m, q.input[1], np.asarray(value, dtype))
+        _set(m, q.input[position], np.asarray(value, dtype))
 
     return mutate
+
+
+def _activation_scale(value, dtype=np.float32):
+    return _activation_input(SCALE, value, dtype)
+
+
+def _activation_zero_point(value, dtype=np.int8):
+    return _activation_input(ZERO_POINT, value, dtype)
 
 
 def _activation_scale_gone(m):
     q = activation_quantizers(m.graph, index_weights(m.graph))[0]
-    m.graph.initializer.remove(next(t for t in m.graph.initializer if t.name == q.input[1]))
-
-
-def _activation_zero_point(value, dtype=np.int8):
-    def mutate(m):
-        q = activation_quantizers(m.graph, index_weights(m.graph))[0]
-        _set(m, q.input[2], np.asarray(value, dtype))
-
-    return mutate
+    m.graph.initializer.remove(next(t for t in m.graph.initializer if t.name == q.input[SCALE]))
 
 
 def _activation_zero_point_gone(m):
-    zp = activation_quantizers(m.graph, index_weights(m.graph))[0].input[2]
+    zp = activation_quantizers(m.graph, index_weights(m.graph))[0].input[ZERO_POINT]
     for n in m.graph.node:
-        if n.input and n.op_type in ("QuantizeLinear", "DequantizeLinear") and zp in n.input[2:]:
-            del n.input[2:]
+        if n.input and n.op_type in ("QuantizeLinear", "DequantizeLinear") and zp in n.input[ZERO_POINT:]:
+            del n.input[ZERO_POINT:]
 
 
 ACTIVATION_HOSTILE = [

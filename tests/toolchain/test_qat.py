@@ -33,8 +33,8 @@ def art(tmp_path_factory):
 
 def test_kernel_input_scales_are_each_quantized_convs_input_scale(art):
     m = onnx.load(str(art["base8"]))
-    scales = kernel_input_scales(m.graph)
     weights = index_weights(m.graph)
+    scales = kernel_input_scales(m.graph, weights)
     producers = {o: n for n in m.graph.node for o in n.output}
     expected = {}
     for name, chain in quantized_weights(m.graph, weights).items():

@@ -19,7 +19,7 @@ import onnx
 from toolchain.core.errors import ToolchainError
 from toolchain.graphs.onnx_io import read_onnx
 from toolchain.graphs.provenance import read_provenance
-from toolchain.graphs.qdq import check_activation_scales
+from toolchain.graphs.qdq import check_activation_scales, is_quantized
 from toolchain.graphs.weights import index_weights
 from toolchain.trt.runtime import TensorRT, logger, parser_tensorrt
 
@@ -63,7 +63,7 @@ def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
     )
     batch = dims[0] if dims else None
     base = (prov.base_sha256 if prov else None) or sha
-    quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    quantized = is_quantized(model)
     if quantized:  # an engine built on a zero, negative or NaN scale computes garbage
         check_activation_scales(model.graph, index_weights(model.graph))
     return ModelFacts(
