@@ -1,6 +1,6 @@
 """Where an INT8 model's activations leave their calibrated range: for every activation
-QuantizeLinear, the share of real windows on which some value falls outside
-``[-128, 127] * scale`` (and is clipped), and how far past the range the largest one reaches.
+QuantizeLinear, the share of real windows on which some value rounds past ``[-128, 127]`` (and is
+clipped), and how far past the range the largest one reaches.
 
 An adapter fused into a quantized base keeps the base's activation scales (docs/INT8.md); where it
 makes activations grow, the deployed model clips them. This is what ``verify`` of an INT8 model
@@ -43,12 +43,14 @@ def _quantizers(model: str | Path) -> tuple[bytes, list[str], list[float]]:
     return proto.SerializeToString(), names, [scale[n] for n in names]
 
 
-def _excess(values: np.ndarray, scale: float) -> np.ndarray:
-    """Per row: the largest |value| as a multiple of the range's bound on its side (> 1: clipped)."""
+def _excess(values: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the largest |value| as a multiple of the range's bound on its side, and whether some value
+    is clipped: QuantizeLinear rounds first, so a value is clipped only where it rounds past [-128, 127]
+    (a ReLU6 output of 6 at the scale 6/127 is not, though float rounding may put it a hair above 1.0x)."""
     flat = values.reshape(len(values), -1).astype(np.float64)
-    high = flat.max(axis=1) / (QMAX * scale)
-    low = flat.min(axis=1) / (QMIN * scale)
-    return np.maximum(high, low)
+    high, low = flat.max(axis=1) / scale, flat.min(axis=1) / scale
+    clipped = (high > QMAX + 0.5) | (low < QMIN - 0.5)
+    return np.maximum(high / QMAX, low / QMIN), clipped
 
 
 def saturation(model: str | Path, x: np.ndarray) -> tuple[Saturation, ...]:
@@ -69,15 +71,18 @@ def saturation(model: str | Path, x: np.ndarray) -> tuple[Saturation, ...]:
     session = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
     excess: list[list[np.ndarray]] = [[] for _ in names]
+    flags: list[list[np.ndarray]] = [[] for _ in names]
     for chunk, real in model_batches(x, inp.shape[0]):
         for j, value in enumerate(session.run(names, {inp.name: chunk})):
-            excess[j].append(_excess(np.asarray(value)[:real], scales[j]))
+            e, c = _excess(np.asarray(value)[:real], scales[j])
+            excess[j].append(e)
+            flags[j].append(c)
     out = []
-    for name, scale, parts in zip(names, scales, excess, strict=True):
-        e = np.concatenate(parts)
-        clipped = float(np.mean(e > 1.0))
+    for name, scale, e_parts, c_parts in zip(names, scales, excess, flags, strict=True):
+        clipped = float(np.mean(np.concatenate(c_parts)))
         if clipped > 0:
-            out.append(Saturation(tensor=name, scale=scale, windows_clipped=clipped, max_over_range=float(e.max())))
+            e = float(np.concatenate(e_parts).max())
+            out.append(Saturation(tensor=name, scale=scale, windows_clipped=clipped, max_over_range=e))
     return tuple(sorted(out, key=lambda s: (-s.windows_clipped, -s.max_over_range, s.tensor)))
 
 

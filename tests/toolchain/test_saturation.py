@@ -49,6 +49,11 @@ def _rows(*peaks):
     "batch, x, clipped, worst",
     [
         (4, _rows(1.0, -3.0, 63.5, -64.0), None, None),  # at the bounds exactly: nothing clipped
+        # QuantizeLinear rounds first: past the bound by less than half a step is not clipped (a ReLU6's 6
+        # at the scale 6/127 lands a float hair above 127 and was reported as clipped on every window)
+        (4, _rows(63.7, -64.2, 63.74, 0.0), None, None),
+        (2, _rows(63.76, 0.0), 0.5, 127.52 / 127),  # 127.52 rounds to 128: clipped
+        (2, _rows(0.0, -64.26), 0.5, 128.52 / 128),  # -128.52 rounds to -129: clipped
         (4, _rows(1.0, 127.0, 2.0, 3.0), 0.25, 2.0),  # one window of four past the high bound, twice over
         (4, _rows(1.0, -96.0, 2.0, 3.0), 0.25, 1.5),  # past the low bound: -128 * scale = -64
         (4, _rows(127.0, -128.0, 0.0, 0.0), 0.5, 2.0),  # both sides
