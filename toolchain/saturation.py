@@ -81,8 +81,8 @@ def saturation(model: str | Path, x: np.ndarray) -> tuple[Saturation, ...]:
     for name, scale, e_parts, c_parts in zip(names, scales, excess, flags, strict=True):
         clipped = float(np.mean(np.concatenate(c_parts)))
         if clipped > 0:
-            e = float(np.concatenate(e_parts).max())
-            out.append(Saturation(tensor=name, scale=scale, windows_clipped=clipped, max_over_range=e))
+            worst = float(np.concatenate(e_parts).max())
+            out.append(Saturation(tensor=name, scale=scale, windows_clipped=clipped, max_over_range=worst))
     return tuple(sorted(out, key=lambda s: (-s.windows_clipped, -s.max_over_range, s.tensor)))
 
 
