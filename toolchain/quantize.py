@@ -118,10 +118,12 @@ def _run_quantizer(model: Any, name: str, batches: list[np.ndarray], ops: tuple[
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    own = onnx.ModelProto()
+    own.CopyFrom(model)  # quantize_static moves the weights of the model it is given to external data
     with tempfile.TemporaryDirectory(prefix="toolchain-quantize-") as tmp:
         out = Path(tmp) / "model.int8.onnx"
         quantize_static(
-            model,
+            own,
             str(out),
             _reader(name, batches),
             quant_format=QuantFormat.QDQ,

@@ -89,9 +89,15 @@ def test_fuse_into_qdq_is_exact_and_requantizes_only_the_changed_scales(art):
 
 def test_fused_scales_equal_requantizing_the_fused_model_from_scratch(art):
     fused8 = _inits(art["fused8"])
-    scratch = quantize_model(onnx.load(str(art["fused"])), Calibration("watch", batches=64))
+    given = onnx.load(str(art["fused"]))
+    scratch = quantize_model(given, Calibration("watch", batches=64))
     for name, c in quantized_weights(scratch.graph, index_weights(scratch.graph)).items():
         assert np.array_equal(c.scale.values(), fused8[f"{name}_scale"]), name
+    # the caller's model is left as given (quantize_static moves its weights to external data in a
+    # folder it then deletes), so it can be quantized again
+    assert given.SerializeToString() == onnx.load(str(art["fused"])).SerializeToString()
+    again = quantize_model(given, Calibration("watch", batches=64))
+    assert again.SerializeToString() == scratch.SerializeToString()
 
 
 def test_fuse_into_qdq_is_torch_free_and_deterministic(art, tmp_path):
