@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="cnn1d",
-        help="cnn1d, resnet1d, mobilenet1d, path/file.py:callable or pkg.mod:callable (default cnn1d)",
+        help="cnn1d, resnet1d, mobilenet1d (mobilenet1d-relu: its ReLU net before revision 2), resnet18, "
+        "mobilenetv2, path/file.py:callable or pkg.mod:callable (default cnn1d)",
     )
     p.add_argument(
         "--data",

@@ -20,6 +20,7 @@ from toolchain.core.fileio import write_bytes_atomic
 from toolchain.grid.runner import GridOptions, GridResult, Task, cache_key, check_backend, run_grid
 from toolchain.grid.shifts import get_shift
 from toolchain.grid.tasks import LAYERS
+from toolchain.models.backbones import REVISIONS
 
 # The published benchmark's methods (docs/BENCHMARKS.md): a method added to the registry joins with --methods,
 # so the default grid, and the cached runs it is made of, stay the same.
@@ -62,6 +63,8 @@ def base_task(job: ShiftBench, shift: str, backbone: str, seed: int) -> Task:
         "seed": seed,
         "epochs": job.pretrain_epochs,
     }
+    if backbone in REVISIONS:  # the net changed under its name: its earlier bases must not be found
+        inputs["backbone_revision"] = REVISIONS[backbone]
     path = Path(job.out) / "bases" / f"{backbone}_s{seed}_{cache_key(inputs)}.pt"
     return Task("toolchain.grid.tasks:pretrain_task", inputs, {"path": str(path)}, produces=(str(path),))
 

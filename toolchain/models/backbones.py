@@ -6,13 +6,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
-def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+def _conv_bn(
+    cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv1d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
         nn.BatchNorm1d(cout),
     ]
-    if act:
-        layers.append(nn.ReLU(inplace=False))
+    if act is not None:
+        layers.append(act())
     return nn.Sequential(*layers)
 
 
@@ -43,8 +45,8 @@ class ResBlock1D(nn.Module):
         super().__init__()
         self.conv1 = _conv_bn(cin, cout, 7)
         self.conv2 = _conv_bn(cout, cout, 5)
-        self.conv3 = _conv_bn(cout, cout, 3, act=False)
-        self.shortcut = _conv_bn(cin, cout, 1, act=False) if cin != cout else nn.Identity()
+        self.conv3 = _conv_bn(cout, cout, 3, act=None)
+        self.shortcut = _conv_bn(cin, cout, 1, act=None) if cin != cout else nn.Identity()
         self.act = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -68,15 +70,16 @@ class ResNet1D(nn.Module):
 
 
 class InvertedResidual1D(nn.Module):
-    """MobileNetV2 block: 1x1 expand, depthwise k3, 1x1 linear projection, residual when shapes allow."""
+    """MobileNetV2 block: 1x1 expand (``act``), depthwise k3 (``act``), 1x1 linear projection, residual
+    when shapes allow."""
 
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, act: type[nn.Module] = nn.ReLU6) -> None:
         super().__init__()
         hidden = cin * expand
         self.use_res = stride == 1 and cin == cout
-        self.expand = _conv_bn(cin, hidden, 1)
-        self.depthwise = _conv_bn(hidden, hidden, 3, stride=stride, groups=hidden)
-        self.project = _conv_bn(hidden, cout, 1, act=False)
+        self.expand = _conv_bn(cin, hidden, 1, act=act)
+        self.depthwise = _conv_bn(hidden, hidden, 3, stride=stride, groups=hidden, act=act)
+        self.project = _conv_bn(hidden, cout, 1, act=None)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.project(self.depthwise(self.expand(x)))
@@ -84,24 +87,36 @@ class InvertedResidual1D(nn.Module):
 
 
 class MobileNet1D(nn.Module):
-    """A 1D MobileNetV2-style depthwise-separable net."""
+    """A 1D MobileNetV2 (Sandler et al., 2018): inverted residuals with ReLU6 after the stem, every
+    expansion, every depthwise conv and the last 1x1 conv, linear projections. ReLU6 bounds each
+    activation, so its per-tensor INT8 scale is at most 6/127 (docs/INT8.md: the INT8 model agrees with
+    the FP32 one on more target windows than with ReLU)."""
 
     SETTINGS = ((16, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4), (32, 1, 4), (64, 2, 4), (64, 1, 4))
+    ACT: type[nn.Module] = nn.ReLU6
 
     def __init__(self, in_channels: int = 6, num_classes: int = 6, stem: int = 16, last: int = 128) -> None:
         super().__init__()
-        layers: list[nn.Module] = [_conv_bn(in_channels, stem, 3)]
+        layers: list[nn.Module] = [_conv_bn(in_channels, stem, 3, act=self.ACT)]
         cin = stem
         for cout, stride, expand in self.SETTINGS:
-            layers.append(InvertedResidual1D(cin, cout, stride, expand))
+            layers.append(InvertedResidual1D(cin, cout, stride, expand, act=self.ACT))
             cin = cout
-        layers.append(_conv_bn(cin, last, 1))
+        layers.append(_conv_bn(cin, last, 1, act=self.ACT))
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(last, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.pool(self.features(x)).flatten(1))
+
+
+class MobileNet1DReLU(MobileNet1D):
+    """``mobilenet1d`` as it was before backbone revision 2: ReLU where MobileNetV2 has ReLU6. The
+    weights are laid out the same, so a checkpoint records the revision it was trained with and one
+    without it (written before the change) is loaded as this net."""
+
+    ACT = nn.ReLU
 
 
 def _conv_bn2d(
@@ -199,3 +214,8 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "mobilenetv2": MobileNetV2,
 }
 SPATIAL_DIMS = {"cnn1d": 1, "resnet1d": 1, "mobilenet1d": 1, "resnet18": 2, "mobilenetv2": 2}
+# Built-in nets whose layers changed while their weights kept their names and shapes: the revision a
+# checkpoint records, and the net that an older revision of the name still builds.
+REVISIONS = {"mobilenet1d": 2}
+LEGACY: dict[tuple[str, int], str] = {("mobilenet1d", 1): "mobilenet1d-relu"}
+LEGACY_BACKBONES: dict[str, type[nn.Module]] = {"mobilenet1d-relu": MobileNet1DReLU}

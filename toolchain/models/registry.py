@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from toolchain.core.errors import ToolchainError
 from toolchain.core.fileio import atomic_path
-from toolchain.models.backbones import BACKBONES
+from toolchain.models.backbones import BACKBONES, LEGACY, LEGACY_BACKBONES, REVISIONS
 
 CHECKPOINT_FORMAT = "toolchain-checkpoint"
 MAX_CLASSES = 10_000
@@ -52,8 +52,9 @@ def build_backbone(spec: str, in_channels: int, num_classes: int, length: int | 
     """A built-in name (cnn1d, resnet1d, mobilenet1d), ``path/file.py:callable`` or ``pkg.mod:callable``;
     ``length``: the windows' samples (1-D data), for builders that need it (tsai's seq_len, braindecode's
     n_times)."""
-    if spec in BACKBONES:
-        return BACKBONES[spec](in_channels=in_channels, num_classes=num_classes)
+    builtin = BACKBONES.get(spec) or LEGACY_BACKBONES.get(spec)
+    if builtin is not None:
+        return builtin(in_channels=in_channels, num_classes=num_classes)
     if ":" not in spec:
         raise ToolchainError(
             "unknown backbone", seen=spec, remedy=f"use one of {', '.join(BACKBONES)} or path/to/file.py:callable"
@@ -158,6 +159,7 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "version": 1,
         "model": spec,
+        **({"backbone_revision": REVISIONS.get(spec, 1)} if spec in BACKBONES else {}),
         "in_channels": int(model.norm.mean.shape[1]),
         "input_shape": [int(d) for d in input_shape],
         "classes": list(classes),
@@ -204,14 +206,16 @@ def load_checkpoint(
             "not a toolchain checkpoint", seen=str(p), remedy="pass a checkpoint written by `toolchain pretrain`"
         )
     validate_payload(payload, p)
-    if model_spec is None and payload["model"] not in BACKBONES:
+    if model_spec is None and not builtin(payload["model"]):
         raise ToolchainError(
             "the checkpoint names user code as its model; a checkpoint may name only built-in backbones, so "
             "user code runs only when you pass it",
             seen=f"{p}: model {payload['model']!r}",
             remedy=f"pass --model {payload['model']} if you trust that code",
         )
-    spec = model_spec or payload["model"]
+    spec = trained_as(payload, model_spec, p)
+    if builtin(spec):
+        payload["model"] = spec  # what the adapter records as its checkpoint's model
     payload["input_shape"] = list(check_input_shape(payload.get("input_shape", [payload["in_channels"], 128]), str(p)))
     if payload["input_shape"][0] != payload["in_channels"]:
         raise ToolchainError(
@@ -233,6 +237,41 @@ def load_checkpoint(
             remedy="pass the --model the checkpoint was trained with",
         ) from None
     return model, payload
+
+
+def builtin(spec: str | None) -> bool:
+    """A built-in backbone's name, current or legacy."""
+    return spec in BACKBONES or spec in LEGACY_BACKBONES
+
+
+def trained_as(payload: dict[str, Any], model_spec: str | None, path: Path) -> str:
+    """The model spec to build for a checkpoint: ``model_spec`` where given, else its ``model``; a
+    built-in name recorded at an older ``backbone_revision`` builds the legacy net of that revision
+    (``mobilenet1d`` without one: ``mobilenet1d-relu``), also when ``--model`` repeats the name.
+    Another built-in ``model_spec`` than that net is refused: ``mobilenet1d`` and ``mobilenet1d-relu``
+    take each other's weights, and would run them with the wrong activations."""
+    name, revision = payload["model"], payload.get("backbone_revision", 1)
+    net = name
+    if name in BACKBONES:
+        newest = REVISIONS.get(name, 1)
+        if type(revision) is not int or not 1 <= revision <= newest:
+            raise ToolchainError(
+                f"checkpoint field 'backbone_revision' of {name} must be an integer in 1..{newest}",
+                seen=f"{path}: {revision!r}"[:160],
+                remedy="a newer toolchain wrote it: upgrade, or pass a checkpoint written by this one",
+            )
+        net = LEGACY.get((name, revision), name)
+    if model_spec not in (None, name, net):
+        if builtin(model_spec) and builtin(net):
+            raise ToolchainError(
+                f"the checkpoint was trained as the built-in {net}, not {model_spec}",
+                seen=f"{path}: model {name!r}, backbone_revision {revision!r}",
+                remedy=f"drop --model, or pass --model {net}",
+            )
+        return model_spec  # type: ignore[return-value]
+    if net != name and model_spec != net:
+        print(f"note: {path} was trained as {name} revision {revision}: loading it as {net}", file=sys.stderr)
+    return net
 
 
 def validate_payload(payload: dict[str, Any], path: Path) -> None:

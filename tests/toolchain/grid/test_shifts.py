@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+from toolchain import __version__
 from toolchain.data.sources import load_data
 from toolchain.grid.bench import ShiftBench, adapt_tasks, base_task, run_bench
+from toolchain.grid.runner import cache_key
 from toolchain.grid.shifts import SHIFTS, session_split
 from toolchain.grid.tasks import adapt_task
 
@@ -36,6 +38,18 @@ def test_shifts_share_a_base_only_when_their_source_is_the_same(tmp_path, hapt_d
     tasks = adapt_tasks(job, bases)
     per_user = sum(3 if m in ("lora-edge", "lora", "dora", "galore") else 1 for m in job.methods)
     assert len(tasks) == 3 * 3 * (9 + 9 + 10) * per_user == len({t.key for t in tasks})
+
+
+def test_a_revised_backbone_gets_new_bases_and_the_others_keep_their_cache(tmp_path, hapt_dir):
+    """mobilenet1d's layers changed under its name (revision 2: ReLU6): its bases from before must not
+    be found; cnn1d's key is still the digest of the inputs it always had."""
+    job = ShiftBench(out=str(tmp_path), hapt=str(hapt_dir))
+    for backbone, revised in (("cnn1d", False), ("resnet1d", False), ("mobilenet1d", True)):
+        task = base_task(job, "cross-subject", backbone, 0)
+        before = {k: v for k, v in task.inputs.items() if k != "backbone_revision"}
+        old = cache_key({"fn": task.fn, "inputs": before, "version": __version__})
+        assert (task.key != old) is revised, backbone
+        assert ("backbone_revision" in task.inputs) is revised
 
 
 @pytest.mark.parametrize(
