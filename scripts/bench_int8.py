@@ -2,7 +2,7 @@
 fused FP32 model from scratch; agreement and macro-F1 on the target users' test windows; whole-process
 cost of `toolchain fuse` into the QDQ model vs the FP32 model; ONNX Runtime CPU latency INT8 vs FP32.
 
-    python scripts/bench_int8.py --out bench_out/int8 [--models cnn1d,resnet1d,...] [--quick]
+    python scripts/bench_int8.py --out bench_out/int8 [--models cnn1d,resnet1d,...] [--seed N] [--quick]
 
 Every step is the CLI a user runs (pretrain, finetune, export, quantize, fuse, bench); the metrics are
 ``toolchain.verify.task_agreement``. Writes ``results.json`` and prints a Markdown table.
@@ -24,6 +24,7 @@ MODELS = {  # backbone: (data, pretrain epochs, finetune epochs)
     "cnn1d": ("watch", 8, 15),
     "resnet1d": ("watch", 8, 15),
     "mobilenet1d": ("watch", 8, 15),
+    "mobilenet1d-relu": ("watch", 8, 15),  # revision 1 of mobilenet1d, side by side
     "resnet18": ("digits", 4, 4),
     "mobilenetv2": ("digits", 4, 4),
 }
@@ -50,7 +51,7 @@ def timed(*args: str, repeats: int = 3) -> tuple[float, float]:
     return sorted(walls)[len(walls) // 2], max(peaks)
 
 
-def one(model: str, d: Path, quick: bool) -> dict:
+def one(model: str, d: Path, quick: bool, seed: int = 0) -> dict:
     data, pre, ft = MODELS[model]
     if quick:
         pre, ft = 1, 2
@@ -65,6 +66,9 @@ def one(model: str, d: Path, quick: bool) -> dict:
             base8="base.int8.onnx",
             fused8="fused.int8.onnx",
             recal8="fused.recal.int8.onnx",
+            base8x="base.int8-first-float.onnx",
+            fused8x="fused.int8-first-float.onnx",
+            recal8x="fused.recal.int8-first-float.onnx",
             requant8="fused.requant.int8.onnx",
             requant_t8="fused.requant-target.int8.onnx",
             fused_again="fused.again.onnx",
@@ -84,19 +88,25 @@ def one(model: str, d: Path, quick: bool) -> dict:
         str(pre),
         "--out",
         f["ckpt"],
+        "--seed",
+        str(seed),
         "--force",
         "--no-progress",
     )
-    sh("finetune", "--checkpoint", f["ckpt"], "--out", f["adapter"], "--epochs", str(ft), "--force", "--no-progress")
+    ft_args = ["--checkpoint", f["ckpt"], "--epochs", str(ft), "--seed", str(seed), "--force", "--no-progress"]
+    sh("finetune", *ft_args, "--out", f["adapter"])
     sh("export", "--checkpoint", f["ckpt"], "-o", f["base"], "--force")
     sh("fuse", f["base"], f["adapter"], "-o", f["fused"], "--force")
     sh("quantize", f["base"], "-o", f["base8"], "--data", data, "--force")  # once per base, source subjects
     sh("fuse", f["base8"], f["adapter"], "-o", f["fused8"], "--force")
     sh("fuse", f["base8"], f["adapter"], "-o", f["recal8"], "--recalibrate", data, "--force")
+    # the first conv left float (quantize --exclude @first), fused into as above
+    sh("quantize", f["base"], "-o", f["base8x"], "--data", data, "--exclude", "@first", "--force")
+    sh("fuse", f["base8x"], f["adapter"], "-o", f["fused8x"], "--force")
+    sh("fuse", f["base8x"], f["adapter"], "-o", f["recal8x"], "--recalibrate", data, "--force")
     sh("quantize", f["fused"], "-o", f["requant8"], "--data", data, "--force")  # from scratch, same calibration
     sh("quantize", f["fused"], "-o", f["requant_t8"], "--data", data, "--split", "target-adapt", "--force")
     # the adapter trained for the INT8 base (finetune --int8-base), fused into it and into the FP32 base
-    ft_args = ["--checkpoint", f["ckpt"], "--epochs", str(ft), "--force", "--no-progress"]
     sh("finetune", *ft_args, "--out", f["qat"], "--int8-base", f["base8"])
     sh("fuse", f["base"], f["qat"], "-o", f["qat_fused"], "--force")
     sh("fuse", f["base8"], f["qat"], "-o", f["qat_fused8"], "--force")
@@ -104,21 +114,27 @@ def one(model: str, d: Path, quick: bool) -> dict:
     qat = dataclasses.asdict(task_agreement(f["qat_fused8"], f["qat_fused"], opts))
     rows = {
         k: dataclasses.asdict(task_agreement(f[k], f["fused"], opts))
-        for k in ("fused8", "recal8", "requant8", "requant_t8")
+        for k in ("fused8", "recal8", "requant8", "requant_t8", "fused8x", "recal8x")
     }
     fp32_fuse = timed("fuse", f["base"], f["adapter"], "-o", f["fused_again"], "--force")
     int8_fuse = timed("fuse", f["base8"], f["adapter"], "-o", f["fused_again"], "--force")
-    sh("bench", f["fused"], "--vs", f["fused8"], "--runs", "300", "--json", f["lat"], "--force")
+    sh("bench", f["fused"], "--vs", f["fused8"], f["fused8x"], "--runs", "300", "--json", f["lat"], "--force")
     lat = json.loads(Path(f["lat"]).read_text())["results"]
     return {
         "model": model,
+        "seed": seed,
         "data": data,
         "epochs": [pre, ft],
         "agreement": rows,
         "int8_base_adapter": qat,
         "fuse_seconds": {"fp32": fp32_fuse[0], "int8": int8_fuse[0]},
         "fuse_peak_mb": {"fp32": fp32_fuse[1], "int8": int8_fuse[1]},
-        "latency_ms": {"fp32": lat[0]["median_ms"], "int8": lat[1]["median_ms"], "ratio": lat[1]["ratio_to_first"]},
+        "latency_ms": {
+            "fp32": lat[0]["median_ms"],
+            "int8": lat[1]["median_ms"],
+            "ratio": lat[1]["ratio_to_first"],
+            "int8_first_float": lat[2]["median_ms"],
+        },
     }
 
 
@@ -134,6 +150,27 @@ def int8_base_table(results: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {a['f1_reference']:.4f} / {a['f1_model']:.4f} ({a['top1_agreement']:.4f}) | "
             f"{q['f1_reference']:.4f} / {q['f1_model']:.4f} ({q['top1_agreement']:.4f}) |"
+        )
+    return "\n".join(lines)
+
+
+def first_float_table(results: list[dict]) -> str:
+    """The base quantized with its first conv left float (quantize --exclude @first) beside all-INT8."""
+    lines = [
+        "| model | seed | F1 FP32 fused | all INT8: fused (agreement) / + recalibrate | first conv float: fused "
+        "(agreement) / + recalibrate | ORT ms all INT8 / first float |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        a = r["agreement"]
+
+        def cell(k: str, a: dict = a) -> str:
+            return f"{a[k]['f1_model']:.4f} ({a[k]['top1_agreement']:.4f})"
+
+        lines.append(
+            f"| {r['model']} | {r['seed']} | {a['fused8']['f1_reference']:.4f} | {cell('fused8')} / {cell('recal8')} | "
+            f"{cell('fused8x')} / {cell('recal8x')} | {r['latency_ms']['int8']:.4f} / "
+            f"{r['latency_ms']['int8_first_float']:.4f} |"
         )
     return "\n".join(lines)
 
@@ -165,15 +202,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out/int8")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--seed", type=int, default=0, help="pretrain and finetune seed (default 0)")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     results = []
     for m in a.models.split(","):
-        results.append(one(m, Path(a.out) / m, a.quick))
+        results.append(one(m, Path(a.out) / m, a.quick, a.seed))
         print(json.dumps(results[-1]), flush=True)
     Path(a.out, "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))
     print(int8_base_table(results))
+    print(first_float_table(results))
 
 
 if __name__ == "__main__":

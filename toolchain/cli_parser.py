@@ -25,7 +25,7 @@ from toolchain.commands import (
     cmd_verify,
 )
 from toolchain.data.windows import SPLITS
-from toolchain.quantize import CALIBRATION_BATCHES, CALIBRATION_SPLIT, DEFAULT_OPS, RECALIBRATE_SPLIT
+from toolchain.quantize import CALIBRATION_BATCHES, CALIBRATION_SPLIT, DEFAULT_OPS, FIRST, RECALIBRATE_SPLIT
 from toolchain.verify import MIN_AGREEMENT
 
 DESCRIPTION = "The ``toolchain`` command line. Heavy packages (torch, onnxruntime, tensorrt) load per command."
@@ -145,6 +145,12 @@ def _add_graph_commands(sub: Any) -> None:
         "--ops",
         default=",".join(DEFAULT_OPS),
         help=f"op types whose weights and inputs are quantized (default {','.join(DEFAULT_OPS)}; also Gemm, MatMul)",
+    )
+    p.add_argument(
+        "--exclude",
+        default="",
+        help="nodes of --ops left float, weights and inputs (TensorRT runs them in FP16/FP32), comma-separated "
+        f"names; {FIRST}: the first in graph order (default: none; docs/INT8.md: where it pays)",
     )
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_quantize)

@@ -158,14 +158,15 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from toolchain.quantize import Calibration, quantize_file
 
     ops = tuple(o.strip() for o in a.ops.split(",") if o.strip())
-    scheme = quantize_file(
-        a.model, a.output, Calibration(a.data, a.split, a.calibration_batches), ops=ops, force=a.force
-    )
-    cal = scheme["calibration"]
+    exclude = tuple(e.strip() for e in a.exclude.split(",") if e.strip())
+    cal = Calibration(a.data, a.split, a.calibration_batches)
+    scheme = quantize_file(a.model, a.output, cal, ops=ops, exclude=exclude, force=a.force)
+    record = scheme["calibration"]
+    kept = f", {len(scheme['excluded'])} left float ({', '.join(scheme['excluded'])})" if scheme["excluded"] else ""
     print(
         f"quantized {a.model} -> {a.output}: INT8 QDQ, {len(scheme['quantized_weights'])} weights per output channel "
-        f"({'/'.join(scheme['ops'])}), activations per tensor calibrated on {cal['windows']} windows of "
-        f"{cal['data']} ({cal['split']}, sha256 {cal['sha256'][:12]})"
+        f"({'/'.join(scheme['ops'])}){kept}, activations per tensor calibrated on {record['windows']} windows of "
+        f"{record['data']} ({record['split']}, sha256 {record['sha256'][:12]})"
     )
     return 0
 

@@ -33,6 +33,7 @@ QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 CALIBRATION_BATCHES = 256
 CALIBRATION_SPLIT = "source"  # the base model's own domain: the subjects it was pretrained on
 RECALIBRATE_SPLIT = "target-adapt"  # fuse --recalibrate: the target windows the adapter was trained on
+FIRST = "@first"  # --exclude: the first node of --ops in graph order (the net's first conv)
 
 
 @dataclass
@@ -114,7 +115,29 @@ def _reader(name: str, batches: list[np.ndarray]) -> Any:
     return Reader()
 
 
-def _run_quantizer(model: Any, name: str, batches: list[np.ndarray], ops: tuple[str, ...]) -> Any:
+def excluded_nodes(model: Any, exclude: tuple[str, ...], ops: tuple[str, ...]) -> list[str]:
+    """The node names ``--exclude`` leaves float: each a node of ``ops`` (``@first``: the first of them in
+    graph order), at least one of them still quantized."""
+    names = [n.name for n in model.graph.node if n.op_type in ops]
+    chosen = [names[0] if e == FIRST and names else e for e in exclude]
+    unknown = [e for e in chosen if e not in names]
+    if unknown:
+        raise ToolchainError(
+            f"--exclude names nodes of --ops ({','.join(ops)}) by name, or {FIRST}",
+            seen=f"{unknown[0]!r} is not one; the model has {len(names)}: {', '.join(names[:4])}"
+            + (", ..." if len(names) > 4 else ""),
+            remedy="pass --exclude @first, or names as onnx.load(MODEL).graph.node has them",
+        )
+    if names and set(chosen) >= set(names):
+        raise ToolchainError(
+            "--exclude leaves nothing to quantize",
+            seen=f"all {len(names)} nodes of {','.join(ops)}",
+            remedy="exclude fewer nodes",
+        )
+    return sorted(set(chosen), key=names.index)
+
+
+def _run_quantizer(model: Any, name: str, batches: list[np.ndarray], ops: tuple[str, ...], exclude: list[str]) -> Any:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -132,6 +155,7 @@ def _run_quantizer(model: Any, name: str, batches: list[np.ndarray], ops: tuple[
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(ops),
             calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=exclude,
             extra_options={
                 "ActivationSymmetric": True,
                 "WeightSymmetric": True,
@@ -143,8 +167,11 @@ def _run_quantizer(model: Any, name: str, batches: list[np.ndarray], ops: tuple[
         return onnx.load(str(out))
 
 
-def quantize_model(model: Any, cal: Calibration, ops: tuple[str, ...] = DEFAULT_OPS) -> Any:
-    """A QDQ copy of the float ``model`` (ModelProto), with ``toolchain.quantization`` recorded."""
+def quantize_model(
+    model: Any, cal: Calibration, ops: tuple[str, ...] = DEFAULT_OPS, exclude: tuple[str, ...] = ()
+) -> Any:
+    """A QDQ copy of the float ``model`` (ModelProto), with ``toolchain.quantization`` recorded;
+    ``exclude``: nodes left float, weights and inputs (``--exclude``; TensorRT runs them in FP16 or FP32)."""
     from toolchain.graphs.onnx_io import input_of
     from toolchain.graphs.provenance import set_metadata
     from toolchain.graphs.qdq import is_quantized, quantized_weights
@@ -160,6 +187,7 @@ def quantize_model(model: Any, cal: Calibration, ops: tuple[str, ...] = DEFAULT_
             seen=sorted({n.op_type for n in model.graph.node if "Quant" in n.op_type}),
             remedy="quantize the FP32 model",
         )
+    skipped = excluded_nodes(model, exclude, ops)
     name, shape = input_of(model)
     batches, record = calibration_inputs(cal, shape)
     meta = {p.key: p.value for p in model.metadata_props}
@@ -167,7 +195,7 @@ def quantize_model(model: Any, cal: Calibration, ops: tuple[str, ...] = DEFAULT_
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        q = _run_quantizer(model, name, batches, ops)
+        q = _run_quantizer(model, name, batches, ops, skipped)
     finally:
         quiet.setLevel(level)
     chains = quantized_weights(q.graph, index_weights(q.graph))  # the layout fusion needs, checked
@@ -177,6 +205,7 @@ def quantize_model(model: Any, cal: Calibration, ops: tuple[str, ...] = DEFAULT_
         "activations": "int8 symmetric per tensor",
         "ops": list(ops),
         "quantized_weights": sorted(chains),
+        "excluded": skipped,
         "quantizer": f"onnxruntime {ort.__version__} quantize_static",
         "calibration": record,
     }
@@ -190,6 +219,7 @@ def quantize_file(
     cal: Calibration,
     *,
     ops: tuple[str, ...] = DEFAULT_OPS,
+    exclude: tuple[str, ...] = (),
     force: bool = False,
 ) -> dict[str, Any]:
     """`toolchain quantize`: read, quantize, validate, write atomically; returns the scheme record."""
@@ -200,7 +230,7 @@ def quantize_file(
     check_output(out, [model, *data_files(cal.data)], force=force)
     proto, _ = read_onnx(model)
     check_output(out, [model, *data_files(cal.data)], force=force, related=external_files(proto, Path(model).parent))
-    q = quantize_model(proto, cal, ops)
+    q = quantize_model(proto, cal, ops, exclude)
     save_onnx(q, out, force=force, validate=True)
     return read_scheme(q) or {}
 

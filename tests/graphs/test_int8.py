@@ -71,6 +71,30 @@ def test_quantize_writes_the_layout_tensorrt_and_fusion_need(art):
     assert head.input[1] in base  # the head stays float by default
 
 
+def test_an_excluded_conv_stays_float_and_fusion_treats_it_as_the_fp32_pass_does(art, tmp_path):
+    """quantize --exclude @first: the first conv keeps a plain weight and a float input (TensorRT runs it
+    in FP16/FP32); fuse writes W + dW into it as into the FP32 model, and requantizes the others."""
+    base8, fused8 = tmp_path / "b.int8.onnx", tmp_path / "f.int8.onnx"
+    assert (
+        main(["quantize", str(art["base"]), "-o", str(base8), "--calibration-batches", "64", "--exclude", "@first"])
+        == 0
+    )
+    m = onnx.load(str(base8))
+    first = next(n for n in m.graph.node if n.op_type == "Conv")
+    producers = {o: n.op_type for n in m.graph.node for o in n.output}
+    assert first.input[1] in _inits(art["base"]) and producers.get(first.input[0]) != "DequantizeLinear"
+    chains = quantized_weights(m.graph, index_weights(m.graph))
+    convs = [n.input[1] for n in onnx.load(str(art["base"])).graph.node if n.op_type == "Conv"]
+    assert sorted(chains) == sorted(convs[1:])
+    scheme = json.loads({p.key: p.value for p in m.metadata_props}["toolchain.quantization"])
+    assert scheme["excluded"] == [first.name]
+    assert main(["fuse", str(base8), str(art["adapter"]), "-o", str(fused8)]) == 0
+    fused, mine, full8 = _inits(art["fused"]), _inits(fused8), _inits(art["fused8"])
+    assert all(np.array_equal(mine[w], fused[w]) for w in convs)  # W + dW, the same bits as the FP32 fuse
+    assert all(np.array_equal(mine[f"{w}_scale"], full8[f"{w}_scale"]) for w in convs[1:])
+    assert f"{convs[0]}_scale" not in mine
+
+
 def test_fuse_into_qdq_is_exact_and_requantizes_only_the_changed_scales(art):
     fused, fused8, base8 = _inits(art["fused"]), _inits(art["fused8"]), _inits(art["base8"])
     m = onnx.load(str(art["fused8"]))
@@ -425,6 +449,8 @@ def test_broken_activation_scales_are_refused_by_every_command(art, tmp_path, ca
         (["quantize", "{base}", "-o", "{out}", "--calibration-batches", "0"], "--calibration-batches must be"),
         (["quantize", "{base}", "-o", "{out}", "--data", "digits"], "does not fit the model input"),
         (["quantize", "{base}", "-o", "{base}"], "must not be one of the inputs"),
+        (["quantize", "{base}", "-o", "{out}", "--exclude", "nope"], "--exclude names nodes of --ops"),
+        (["quantize", "{base}", "-o", "{out}", "--exclude", "{convs}"], "--exclude leaves nothing to quantize"),
         (["fuse", "{base}", "{adapter}", "-o", "{out}", "--recalibrate", "watch"], "quantized activations"),
         (["fuse", "{base8}", "{adapter}", "-o", "{out}", "--recalibrate-split", "all"], "need --recalibrate"),
         (["verify", "{fused8}", "--reference", "{fused}", "--data", "none"], "labelled real data"),
@@ -434,6 +460,7 @@ def test_broken_activation_scales_are_refused_by_every_command(art, tmp_path, ca
 def test_int8_refusals_leave_no_output(art, tmp_path, capsys, argv, message):
     subs = {k: str(art[k]) for k in ("base", "base8", "fused", "fused8", "adapter")}
     subs["out"] = str(tmp_path / "o.onnx")
+    subs["convs"] = ",".join(n.name for n in onnx.load(subs["base"]).graph.node if n.op_type == "Conv")
     before = {k: art[k].read_bytes() for k in ("base", "base8")}
     assert main([a.format(**subs) if a.startswith("{") else a for a in argv]) == 2
     err = capsys.readouterr().err
