@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import subprocess
@@ -138,6 +139,12 @@ def one(model: str, d: Path, quick: bool, seed: int = 0) -> dict:
     }
 
 
+def _cell(agreement: dict, route: str) -> str:
+    """A route's INT8 macro-F1 and, in brackets, its top-1 agreement with the fused FP32 model."""
+    a = agreement[route]
+    return f"{a['f1_model']:.4f} ({a['top1_agreement']:.4f})"
+
+
 def int8_base_table(results: list[dict]) -> str:
     """The adapter trained for the INT8 base (finetune --int8-base) beside the plain one."""
     lines = [
@@ -163,10 +170,7 @@ def first_float_table(results: list[dict]) -> str:
     ]
     for r in results:
         a = r["agreement"]
-
-        def cell(k: str, a: dict = a) -> str:
-            return f"{a[k]['f1_model']:.4f} ({a[k]['top1_agreement']:.4f})"
-
+        cell = functools.partial(_cell, a)
         lines.append(
             f"| {r['model']} | {r['seed']} | {a['fused8']['f1_reference']:.4f} | {cell('fused8')} / {cell('recal8')} | "
             f"{cell('fused8x')} / {cell('recal8x')} | {r['latency_ms']['int8']:.4f} / "
@@ -184,10 +188,7 @@ def table(results: list[dict]) -> str:
     lines = [head, "|" + "---|" * 10]
     for r in results:
         a = r["agreement"]
-
-        def cell(k: str, a: dict = a) -> str:
-            return f"{a[k]['f1_model']:.4f} ({a[k]['top1_agreement']:.4f})"
-
+        cell = functools.partial(_cell, a)
         lines.append(
             f"| {r['model']} | {a['fused8']['windows']} | {a['fused8']['f1_reference']:.4f} | {cell('fused8')} | "
             f"{cell('recal8')} | {cell('requant8')} | {cell('requant_t8')} | "

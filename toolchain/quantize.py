@@ -126,7 +126,7 @@ def excluded_nodes(model: Any, exclude: tuple[str, ...], ops: tuple[str, ...]) -
             f"--exclude names nodes of --ops ({','.join(ops)}) by name, or {FIRST}",
             seen=f"{unknown[0]!r} is not one; the model has {len(names)}: {', '.join(names[:4])}"
             + (", ..." if len(names) > 4 else ""),
-            remedy="pass --exclude @first, or names as onnx.load(MODEL).graph.node has them",
+            remedy=f"pass --exclude {FIRST}, or names as onnx.load(MODEL).graph.node has them",
         )
     if names and set(chosen) >= set(names):
         raise ToolchainError(

@@ -52,9 +52,9 @@ def build_backbone(spec: str, in_channels: int, num_classes: int, length: int | 
     """A built-in name (cnn1d, resnet1d, mobilenet1d), ``path/file.py:callable`` or ``pkg.mod:callable``;
     ``length``: the windows' samples (1-D data), for builders that need it (tsai's seq_len, braindecode's
     n_times)."""
-    builtin = BACKBONES.get(spec) or LEGACY_BACKBONES.get(spec)
-    if builtin is not None:
-        return builtin(in_channels=in_channels, num_classes=num_classes)
+    net = BACKBONES.get(spec) or LEGACY_BACKBONES.get(spec)
+    if net is not None:
+        return net(in_channels=in_channels, num_classes=num_classes)
     if ":" not in spec:
         raise ToolchainError(
             "unknown backbone", seen=spec, remedy=f"use one of {', '.join(BACKBONES)} or path/to/file.py:callable"
@@ -261,14 +261,14 @@ def trained_as(payload: dict[str, Any], model_spec: str | None, path: Path) -> s
                 remedy="a newer toolchain wrote it: upgrade, or pass a checkpoint written by this one",
             )
         net = LEGACY.get((name, revision), name)
-    if model_spec not in (None, name, net):
+    if model_spec is not None and model_spec not in (name, net):
         if builtin(model_spec) and builtin(net):
             raise ToolchainError(
                 f"the checkpoint was trained as the built-in {net}, not {model_spec}",
                 seen=f"{path}: model {name!r}, backbone_revision {revision!r}",
                 remedy=f"drop --model, or pass --model {net}",
             )
-        return model_spec  # type: ignore[return-value]
+        return model_spec
     if net != name and model_spec != net:
         print(f"note: {path} was trained as {name} revision {revision}: loading it as {net}", file=sys.stderr)
     return net
