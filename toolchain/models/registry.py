@@ -258,7 +258,9 @@ def trained_as(payload: dict[str, Any], model_spec: str | None, path: Path) -> s
             raise ToolchainError(
                 f"checkpoint field 'backbone_revision' of {name} must be an integer in 1..{newest}",
                 seen=f"{path}: {revision!r}"[:160],
-                remedy="a newer toolchain wrote it: upgrade, or pass a checkpoint written by this one",
+                remedy="a newer toolchain wrote it: upgrade"
+                if type(revision) is int and revision > newest
+                else "pass a checkpoint written by `toolchain pretrain`",
             )
         net = LEGACY.get((name, revision), name)
     if model_spec is not None and model_spec not in (name, net):
