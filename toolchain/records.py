@@ -6,7 +6,7 @@ they had; the engine record lives with the engine (``toolchain.trt.record``). To
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from toolchain.core.jsonio import read_json, read_record, record_from_dict, write_json
@@ -111,6 +111,18 @@ class Agreement:
     accuracy_reference: float
     passed: bool
     saturation: tuple[Saturation, ...] = ()  # the model's activations past their INT8 range, most often first
+    # toolchain.flips: the agreement's Wilson 95% interval; the windows whose top-1 differs (count, and at most
+    # flips.MAX_LISTED by index, the reference's most confident first, with the reference's top-2 margin on each);
+    # the median margin of all windows; the share of windows at most as confident as the most confident flip
+    interval: list[float] = field(default_factory=list)
+    flipped: int = 0
+    flipped_windows: list[int] = field(default_factory=list)
+    flipped_margins: list[float] = field(default_factory=list)
+    margin_median: float | None = None
+    flipped_margin_rank: float | None = None
+
+
+FLIP_FIELDS = ("interval", "flipped", "flipped_windows", "flipped_margins", "margin_median", "flipped_margin_rank")
 
 
 @dataclass(frozen=True)
@@ -149,11 +161,20 @@ def read_verify_report(path: PathLike) -> VerifyReport:
             if not isinstance(clipped, list):
                 clipped = [clipped]  # refused below, as any field of the wrong kind
             entries = tuple(record_from_dict(Saturation, c, "a verify saturation entry", remedy) for c in clipped)
-            agreement = {**agreement, "saturation": entries}
+            agreement = {**_flip_defaults(), **agreement, "saturation": entries}  # flips: measured since
         if agreement is not None:
             agreement = record_from_dict(Agreement, agreement, "a verify agreement", remedy)
         raw = {**raw, "agreement": agreement}
     return record_from_dict(VerifyReport, raw, "the verify report", remedy)
+
+
+def _flip_defaults() -> dict[str, Any]:
+    """``Agreement``'s flip fields at their defaults: a report written before they were measured has none."""
+    out: dict[str, Any] = {}
+    for f in fields(Agreement):
+        if f.name in FLIP_FIELDS:
+            out[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
+    return out
 
 
 def _comparison(value: Any, remedy: str) -> Comparison:

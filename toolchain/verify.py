@@ -332,33 +332,37 @@ def model_batches(x: np.ndarray, batch_dim: Any) -> Iterator[tuple[np.ndarray, i
         yield chunk, real
 
 
-def predictions(model: str, x: np.ndarray) -> np.ndarray:
-    """The first output's argmax over axis 1 for every row of ``x``, batched at the model's batch size
-    (``model_batches``)."""
+def first_outputs(model: str, x: np.ndarray) -> np.ndarray:
+    """The first output for every row of ``x``, batched at the model's batch size (``model_batches``)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
-    out = [
-        np.asarray(session.run(None, {inp.name: chunk})[0]).argmax(axis=1)[:real]
-        for chunk, real in model_batches(x, inp.shape[0])
-    ]
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    out = [np.asarray(session.run(None, {inp.name: chunk})[0])[:real] for chunk, real in model_batches(x, inp.shape[0])]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def predictions(model: str, x: np.ndarray) -> np.ndarray:
+    """The first output's argmax over axis 1 for every row of ``x`` (``first_outputs``)."""
+    out = first_outputs(model, x)
+    return out.argmax(axis=1) if len(out) else np.zeros(0, np.int64)
 
 
 def task_agreement(model: str, reference: str, opts: VerifyOptions) -> Agreement:
     """Top-1 agreement and macro-F1 of ``model`` and ``reference`` on the labelled windows of
     ``opts.data`` (``opts.split`` of it), every window once, and where the quantized ``model``'s
-    activations leave their INT8 range on those windows."""
+    activations leave their INT8 range on those windows; which windows flip (``toolchain.flips``)."""
     from toolchain.data.sources import load_split
+    from toolchain.flips import flip_fields
     from toolchain.metrics import accuracy, macro_f1
     from toolchain.saturation import saturation
 
     ds = load_split(str(opts.data), opts.split, opts.subjects)
     x = np.ascontiguousarray(ds.X, dtype=np.float32)
-    got, ref = predictions(model, x), predictions(reference, x)
-    if not len(got):
+    out, ref_out = first_outputs(model, x), first_outputs(reference, x)
+    if not len(out):
         raise ToolchainError("no labelled windows to measure agreement on", seen=(opts.data, opts.split, len(x)))
+    got, ref = out.argmax(axis=1), ref_out.argmax(axis=1)
     y, k = ds.y, len(ds.classes)
     top1 = float(np.mean(got == ref))
     return Agreement(
@@ -373,4 +377,5 @@ def task_agreement(model: str, reference: str, opts: VerifyOptions) -> Agreement
         accuracy_reference=accuracy(y, ref),
         passed=top1 >= opts.min_agreement,
         saturation=saturation(model, x),
+        **flip_fields(out, ref_out, int(np.sum(got == ref)), int(got.size)),
     )

@@ -179,6 +179,14 @@ def test_verify_int8_reports_agreement_and_f1(art, tmp_path, capsys):
     assert report["comparisons"]["model"]["precision"] == "int8"
     assert 0 < report["comparisons"]["model"]["outputs"]["logits"]["max_abs"]  # INT8 differs, and says how much
     assert "top-1 agreement" in text and "macro-F1" in text
+    from toolchain.verify import predictions
+
+    x = np.ascontiguousarray(load_split("watch", "target-test").X, dtype=np.float32)
+    flips = np.flatnonzero(predictions(str(art["fused8"]), x) != predictions(str(art["fused"]), x))
+    assert ag["flipped"] == len(flips) == round((1 - ag["top1_agreement"]) * ag["windows"])
+    assert sorted(ag["flipped_windows"]) == flips.tolist()[:50] and f"{len(flips)} of {len(x)} windows flip" in text
+    lo, hi = ag["interval"]
+    assert lo <= ag["top1_agreement"] <= hi
 
 
 def _matmul_model(batch):
