@@ -1,7 +1,7 @@
 """Which target windows each INT8 route flips, how sure the FP32 reference was there, and what
 calibration choices and float layers would change, on one folder of `scripts/bench_int8.py`.
 
-    python scripts/int8_flips.py DIR [--data watch] [--greedy 5]
+    python scripts/int8_flips.py DIR [--data watch] [--greedy 5] [--first 4] [--parts routes,recal,oracle,first]
 
 DIR holds what `scripts/bench_int8.py --models mobilenet1d` writes (fused.onnx and the INT8 models of
 each route). Three parts, every agreement on the target users' test windows against fused.onnx:
@@ -11,13 +11,16 @@ each route). Three parts, every agreement on the target users' test windows agai
    target-adapt windows (or source and target-adapt together), on the fused INT8 models;
 3. an oracle, **not a method**: activation/weight quantizers of the recalibrated model left float one
    at a time, each step the one that lowers the logit error most *on the test windows themselves*:
-   an upper bound on what choosing float layers could buy.
+   an upper bound on what choosing float layers could buy;
+4. the first N convs left float (`toolchain quantize --exclude @first:N`, N = --first), fused and
+   fused with `--recalibrate`, through the CLI: agreement, macro-F1 and the flips.
 Prints one line per measurement; writes only temporary files.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -120,19 +123,42 @@ def oracle(d: Path, test: np.ndarray, ref: np.ndarray, steps: int) -> None:
         print(f"oracle step {step + 1}: {kind} {pick} float: agreement {a:.4f}, logit MSE {mse:.4f}")
 
 
+def first_float(d: Path, data: str, n: int) -> None:
+    base8 = TMP / f"base.first{n}.int8.onnx"
+    cli = ["toolchain", "quantize", str(d / "base.onnx"), "-o", str(base8), "--data", data, "--exclude", f"@first:{n}"]
+    subprocess.run([*cli, "--force"], check=True, capture_output=True)
+    opts = VerifyOptions(data=data, split="target-test")
+    for label, extra in (("fused", []), ("fused + --recalibrate", ["--recalibrate", data])):
+        out = TMP / "first.onnx"
+        cmd = ["toolchain", "fuse", str(base8), str(d / "adapter.safetensors"), "-o", str(out), "--force", *extra]
+        subprocess.run(cmd, check=True, capture_output=True)
+        a = task_agreement(str(out), str(d / "fused.onnx"), opts)
+        rank = f"{100 * a.flipped_margin_rank:.1f}%" if a.flipped_margin_rank is not None else "-"
+        print(f"first {n} convs float, {label}: agreement {a.top1_agreement:.4f}, macro-F1 {a.f1_model:.4f} vs "
+              f"{a.f1_reference:.4f}, {a.flipped} flips, rank {rank}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("dir")
     ap.add_argument("--data", default="watch")
     ap.add_argument("--greedy", type=int, default=5, help="oracle steps (default 5)")
+    ap.add_argument("--first", type=int, default=4, help="part 4: convs left float (default 4)")
+    ap.add_argument("--parts", default="routes,recal,oracle,first", help="which parts to run (default all)")
     a = ap.parse_args()
     ort.set_default_logger_severity(3)
     d = Path(a.dir)
     test = windows(a.data, ["target-test"])
     ref = first_outputs(str(d / "fused.onnx"), test)
-    routes(d, a.data)
-    recalibrations(d, a.data, test, ref)
-    oracle(d, test, ref, a.greedy)
+    parts = set(a.parts.split(","))
+    if "routes" in parts:
+        routes(d, a.data)
+    if "recal" in parts:
+        recalibrations(d, a.data, test, ref)
+    if "oracle" in parts:
+        oracle(d, test, ref, a.greedy)
+    if "first" in parts:
+        first_float(d, a.data, a.first)
 
 
 if __name__ == "__main__":

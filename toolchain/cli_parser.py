@@ -150,7 +150,7 @@ def _add_graph_commands(sub: Any) -> None:
         "--exclude",
         default="",
         help="nodes of --ops left float, weights and inputs (TensorRT runs them in FP16/FP32), comma-separated "
-        f"names; {FIRST}: the first in graph order (default: none; docs/INT8.md: where it pays)",
+        f"names; {FIRST}: the first in graph order, {FIRST}:N the first N (default: none; docs/INT8.md: where it pays)",
     )
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_quantize)

@@ -33,7 +33,7 @@ QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 CALIBRATION_BATCHES = 256
 CALIBRATION_SPLIT = "source"  # the base model's own domain: the subjects it was pretrained on
 RECALIBRATE_SPLIT = "target-adapt"  # fuse --recalibrate: the target windows the adapter was trained on
-FIRST = "@first"  # --exclude: the first node of --ops in graph order (the net's first conv)
+FIRST = "@first"  # --exclude: the first node of --ops in graph order (the net's first conv); @first:N the first N
 
 
 @dataclass
@@ -115,18 +115,30 @@ def _reader(name: str, batches: list[np.ndarray]) -> Any:
     return Reader()
 
 
+def _first(entry: str, names: list[str]) -> list[str]:
+    """``@first`` -> the first name, ``@first:N`` -> the first N; any other entry is a name."""
+    if entry != FIRST and not entry.startswith(FIRST + ":"):
+        return [entry]
+    count = entry[len(FIRST) + 1 :] if entry != FIRST else "1"
+    if not (count.isdigit() and count.isascii() and int(count) >= 1):
+        raise ToolchainError(
+            f"--exclude {FIRST}:N takes a whole number N >= 1", seen=entry, remedy=f"e.g. --exclude {FIRST}:4"
+        )
+    return names[: int(count)]
+
+
 def excluded_nodes(model: Any, exclude: tuple[str, ...], ops: tuple[str, ...]) -> list[str]:
     """The node names ``--exclude`` leaves float: each a node of ``ops`` (``@first``: the first of them in
-    graph order), at least one of them still quantized."""
+    graph order, ``@first:N`` the first N), at least one of them still quantized."""
     names = [n.name for n in model.graph.node if n.op_type in ops]
-    chosen = [names[0] if e == FIRST and names else e for e in exclude]
+    chosen = [name for e in exclude for name in _first(e, names)]
     unknown = [e for e in chosen if e not in names]
     if unknown:
         raise ToolchainError(
-            f"--exclude names nodes of --ops ({','.join(ops)}) by name, or {FIRST}",
+            f"--exclude names nodes of --ops ({','.join(ops)}) by name, or {FIRST}[:N]",
             seen=f"{unknown[0]!r} is not one; the model has {len(names)}: {', '.join(names[:4])}"
             + (", ..." if len(names) > 4 else ""),
-            remedy=f"pass --exclude {FIRST}, or names as onnx.load(MODEL).graph.node has them",
+            remedy=f"pass --exclude {FIRST} or {FIRST}:N, or names as onnx.load(MODEL).graph.node has them",
         )
     if names and set(chosen) >= set(names):
         raise ToolchainError(

@@ -95,6 +95,24 @@ def test_an_excluded_conv_stays_float_and_fusion_treats_it_as_the_fp32_pass_does
     assert f"{convs[0]}_scale" not in mine
 
 
+def test_exclude_first_n_is_the_first_n_convs_by_name(art, tmp_path):
+    """--exclude @first:2 leaves the first two convs float: the same bytes as naming them, and one more
+    float conv than @first."""
+    convs = [n.name for n in onnx.load(str(art["base"])).graph.node if n.op_type == "Conv"]
+    outs = {}
+    for label, spec in [("n", "@first:2"), ("names", ",".join(convs[:2])), ("both", f"@first,{convs[1]}")]:
+        outs[label] = tmp_path / f"{label}.onnx"
+        argv = ["quantize", str(art["base"]), "-o", str(outs[label]), "--calibration-batches", "64", "--exclude", spec]
+        assert main(argv) == 0
+    assert outs["n"].read_bytes() == outs["names"].read_bytes() == outs["both"].read_bytes()
+    m = onnx.load(str(outs["n"]))
+    scheme = json.loads({p.key: p.value for p in m.metadata_props}["toolchain.quantization"])
+    assert scheme["excluded"] == convs[:2]
+    chains = quantized_weights(m.graph, index_weights(m.graph))
+    weights = [n.input[1] for n in onnx.load(str(art["base"])).graph.node if n.op_type == "Conv"]
+    assert sorted(chains) == sorted(weights[2:])
+
+
 def test_fuse_into_qdq_is_exact_and_requantizes_only_the_changed_scales(art):
     fused, fused8, base8 = _inits(art["fused"]), _inits(art["fused8"]), _inits(art["base8"])
     m = onnx.load(str(art["fused8"]))
@@ -459,6 +477,13 @@ def test_broken_activation_scales_are_refused_by_every_command(art, tmp_path, ca
         (["quantize", "{base}", "-o", "{base}"], "must not be one of the inputs"),
         (["quantize", "{base}", "-o", "{out}", "--exclude", "nope"], "--exclude names nodes of --ops"),
         (["quantize", "{base}", "-o", "{out}", "--exclude", "{convs}"], "--exclude leaves nothing to quantize"),
+        (["quantize", "{base}", "-o", "{out}", "--exclude", "@first:999"], "--exclude leaves nothing to quantize"),
+        (["quantize", "{base}", "-o", "{out}", "--exclude", "@first:0"], "@first:N takes a whole number"),
+        (["quantize", "{base}", "-o", "{out}", "--exclude", "@first:-2"], "@first:N takes a whole number"),
+        (["quantize", "{base}", "-o", "{out}", "--exclude", "@first:two"], "@first:N takes a whole number"),
+        (["quantize", "{base}", "-o", "{out}", "--exclude", "@first:\u0663"], "@first:N takes a whole number"),
+        (["quantize", "{base}", "-o", "{out}", "--exclude", "@first:"], "@first:N takes a whole number"),
+        (["quantize", "{base}", "-o", "{out}", "--exclude", "@firsts"], "--exclude names nodes of --ops"),
         (["fuse", "{base}", "{adapter}", "-o", "{out}", "--recalibrate", "watch"], "quantized activations"),
         (["fuse", "{base8}", "{adapter}", "-o", "{out}", "--recalibrate-split", "all"], "need --recalibrate"),
         (["verify", "{fused8}", "--reference", "{fused}", "--data", "none"], "labelled real data"),
