@@ -2,7 +2,7 @@
 fused FP32 model from scratch; agreement and macro-F1 on the target users' test windows; whole-process
 cost of `toolchain fuse` into the QDQ model vs the FP32 model; ONNX Runtime CPU latency INT8 vs FP32.
 
-    python scripts/bench_int8.py --out bench_out/int8 [--models cnn1d,resnet1d,...] [--seed N] [--quick]
+    python scripts/bench_int8.py --out bench_out/int8 [--models cnn1d,resnet1d,...] [--seed N] [--data SPEC] [--quick]
 
 Every step is the CLI a user runs (pretrain, finetune, export, quantize, fuse, bench); the metrics are
 ``toolchain.verify.task_agreement``. Writes ``results.json`` and prints a Markdown table.
@@ -52,8 +52,9 @@ def timed(*args: str, repeats: int = 3) -> tuple[float, float]:
     return sorted(walls)[len(walls) // 2], max(peaks)
 
 
-def one(model: str, d: Path, quick: bool, seed: int = 0) -> dict:
+def one(model: str, d: Path, quick: bool, seed: int = 0, data_spec: str | None = None) -> dict:
     data, pre, ft = MODELS[model]
+    data = data_spec or data
     if quick:
         pre, ft = 1, 2
     d.mkdir(parents=True, exist_ok=True)
@@ -205,10 +206,11 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--seed", type=int, default=0, help="pretrain and finetune seed (default 0)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--data", default=None, help="data spec for every model instead of its own (e.g. hapt:FOLDER)")
     a = ap.parse_args()
     results = []
     for m in a.models.split(","):
-        results.append(one(m, Path(a.out) / m, a.quick, a.seed))
+        results.append(one(m, Path(a.out) / m, a.quick, a.seed, a.data))
         print(json.dumps(results[-1]), flush=True)
     Path(a.out, "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))
