@@ -172,8 +172,6 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    import dataclasses
-
     from toolchain.flips import summary as flips_summary
     from toolchain.saturation import HEAVY
     from toolchain.saturation import heavy as saturation_heavy
@@ -213,7 +211,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
             f"agreement {ag.top1_agreement:.4f} (min {ag.min_agreement}), macro-F1 {ag.f1_model:.4f} vs "
             f"{ag.f1_reference:.4f}: {'PASSED' if ag.passed else 'FAILED'}"
         )
-        print(f"INT8 model: {flips_summary(ag.windows, dataclasses.asdict(ag))}")
+        print(f"INT8 model: {flips_summary(ag)}")
         print(f"INT8 model: {saturation_summary(ag.saturation)}")
         if not ag.passed and saturation_heavy(ag.saturation):
             print(

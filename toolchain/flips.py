@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from toolchain.records import Agreement
+
 MAX_LISTED = 50  # flipped windows listed by index in verify.json (the count and the rank cover all of them)
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
@@ -39,24 +41,34 @@ def top2_margins(outputs: np.ndarray) -> np.ndarray:
     return margin.reshape(len(outputs), -1).min(axis=1)
 
 
+def _differs(model: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per argmax position over axis 1: whether the two outputs' top-1 differ."""
+    return np.not_equal(np.asarray(model).argmax(axis=1), np.asarray(reference).argmax(axis=1))
+
+
+def _rows(diff: np.ndarray) -> np.ndarray:
+    """(N, ...) -> (N,): whether any position of a row differs."""
+    return np.asarray(diff.reshape(len(diff), -1).any(axis=1))
+
+
 def flipped_rows(model: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """(N,) bool: rows whose argmax over axis 1 differs anywhere."""
-    diff = np.asarray(model).argmax(axis=1) != np.asarray(reference).argmax(axis=1)
-    return diff.reshape(len(diff), -1).any(axis=1)
+    return _rows(_differs(model, reference))
 
 
-def flip_fields(model: np.ndarray, reference: np.ndarray, agree: int, positions: int) -> dict[str, Any]:
-    """The ``Agreement`` fields on flips: the agreement's 95% interval (``agree`` of ``positions``
-    argmax positions), the flipped windows (the reference's most confident first: those are not
-    near-ties; at most ``MAX_LISTED``), the
+def flip_fields(model: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """The ``Agreement`` fields on flips, from both models' first outputs (N, K[, ...]): the 95% interval
+    of the agreement over every argmax position, the flipped windows (a window flips where any position
+    differs; the reference's most confident first: those are not near-ties; at most ``MAX_LISTED``), the
     reference's margin on each, the median margin of all windows, and the share of all windows whose
     margin is at most the largest flipped one (None without flips)."""
+    diff = _differs(model, reference)
     margins = top2_margins(reference)
-    flipped = np.flatnonzero(flipped_rows(model, reference))
+    flipped = np.flatnonzero(_rows(diff))
     order = flipped[np.argsort(-margins[flipped], kind="stable")]
     worst = float(margins[flipped].max()) if len(flipped) else None
     return {
-        "interval": list(wilson_interval(agree, positions)) if positions else [],
+        "interval": list(wilson_interval(int(diff.size - diff.sum()), diff.size)) if diff.size else [],
         "flipped": len(flipped),
         "flipped_windows": [int(i) for i in order[:MAX_LISTED]],
         "flipped_margins": [float(margins[i]) for i in order[:MAX_LISTED]],
@@ -65,16 +77,14 @@ def flip_fields(model: np.ndarray, reference: np.ndarray, agree: int, positions:
     }
 
 
-def summary(windows: int, fields: dict[str, Any]) -> str:
+def summary(ag: Agreement) -> str:
     """One line for ``verify``: how many windows flip, the interval, and how sure the reference was."""
-    lo, hi = fields["interval"] or (float("nan"), float("nan"))
-    head = f"{fields['flipped']} of {windows} windows flip (95% interval of the agreement {lo:.4f}-{hi:.4f})"
-    margins = fields["flipped_margins"]
-    if not fields["flipped"] or not margins or fields["margin_median"] is None:
+    lo, hi = ag.interval or (float("nan"), float("nan"))
+    head = f"{ag.flipped} of {ag.windows} windows flip (95% interval of the agreement {lo:.4f}-{hi:.4f})"
+    if not ag.flipped or not ag.flipped_margins or ag.margin_median is None or ag.flipped_margin_rank is None:
         return head
-    rank = fields["flipped_margin_rank"]
     return (
-        f"{head}; the FP32 reference's top-2 margin on them at most {margins[0]:.3g} "
-        f"(median of all windows {fields['margin_median']:.3g}): every flip is among the reference's "
-        f"{100 * rank:.1f}% least confident windows"
+        f"{head}; the FP32 reference's top-2 margin on them at most {ag.flipped_margins[0]:.3g} "
+        f"(median of all windows {ag.margin_median:.3g}): every flip is among the reference's "
+        f"{100 * ag.flipped_margin_rank:.1f}% least confident windows"
     )

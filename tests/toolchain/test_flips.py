@@ -41,7 +41,7 @@ def _logits(rng, n, k):
 def test_flip_fields_agree_with_brute_force(n, k, seed):
     model, ref = _logits(np.random.default_rng(seed), n, k)
     got, want = model.argmax(1), ref.argmax(1)
-    fields = flip_fields(model, ref, int(np.sum(got == want)), n)
+    fields = flip_fields(model, ref)
     flips = [i for i in range(n) if got[i] != want[i]]
     margins = [sorted(r)[-1] - sorted(r)[-2] for r in ref]
     assert fields["flipped"] == len(flips) > 0
@@ -59,7 +59,7 @@ def test_many_flips_list_the_most_confident_and_count_all():
     rng = np.random.default_rng(4)
     ref = rng.standard_normal((300, 4))
     model = -ref  # every window flips
-    fields = flip_fields(model, ref, 0, 300)
+    fields = flip_fields(model, ref)
     margins = top2_margins(ref)
     assert fields["flipped"] == 300 and len(fields["flipped_windows"]) == MAX_LISTED
     assert fields["flipped_margins"][0] == pytest.approx(margins.max()) and fields["flipped_margin_rank"] == 1.0
@@ -68,9 +68,9 @@ def test_many_flips_list_the_most_confident_and_count_all():
 
 def test_no_flips():
     ref = np.eye(4)
-    fields = flip_fields(ref, ref, 4, 4)
+    fields = flip_fields(ref, ref)
     assert fields["flipped"] == 0 and fields["flipped_windows"] == [] and fields["flipped_margin_rank"] is None
-    text = summary(4, fields)
+    text = summary(_agreement(windows=4, **fields))
     assert text.startswith("0 of 4 windows flip") and "margin" not in text
 
 
@@ -83,29 +83,28 @@ def test_flipped_rows_of_sequence_outputs_flip_where_any_position_differs():
 
 def test_summary_says_how_sure_the_reference_was():
     model, ref = _logits(np.random.default_rng(0), 205, 6)
-    got, want = model.argmax(1), ref.argmax(1)
-    fields = flip_fields(model, ref, int(np.sum(got == want)), 205)
-    text = summary(205, fields)
+    fields = flip_fields(model, ref)
+    text = summary(_agreement(**fields))
     lo, hi = fields["interval"]
     assert text.startswith(f"{fields['flipped']} of 205 windows flip (95% interval of the agreement {lo:.4f}-{hi:.4f})")
     assert f"at most {fields['flipped_margins'][0]:.3g}" in text
     assert f"{100 * fields['flipped_margin_rank']:.1f}% least confident" in text
 
 
-def _agreement(**flips) -> Agreement:
-    return Agreement("watch", "target-test", 205, 0.98, 0.99, 0.9, 0.91, 0.9, 0.91, False, (), **flips)
+def _agreement(windows: int = 205, **flips) -> Agreement:
+    return Agreement("watch", "target-test", windows, 0.98, 0.99, 0.9, 0.91, 0.9, 0.91, False, (), **flips)
 
 
 def test_flips_read_back_from_verify_json(tmp_path):
     model, ref = _logits(np.random.default_rng(5), 205, 6)
-    ag = _agreement(**flip_fields(model, ref, 200, 205))
+    ag = _agreement(**flip_fields(model, ref))
     report = VerifyReport("r.onnx", "m.onnx", None, 1, 1, 0, {}, False, "i.json", "o.json", agreement=ag)
     write_verify_report(tmp_path / "verify.json", report)
     assert read_verify_report(tmp_path / "verify.json").agreement == ag
 
 
 def test_reports_written_before_flips_read_with_none_recorded(tmp_path):
-    ag = _agreement(**flip_fields(*_logits(np.random.default_rng(6), 205, 6), 200, 205))
+    ag = _agreement(**flip_fields(*_logits(np.random.default_rng(6), 205, 6)))
     report = VerifyReport("r.onnx", "m.onnx", None, 1, 1, 0, {}, False, "i.json", "o.json", agreement=ag).to_dict()
     for name in FLIP_FIELDS:
         del report["agreement"][name]
@@ -119,7 +118,7 @@ def test_reports_written_before_flips_read_with_none_recorded(tmp_path):
 def test_a_flip_field_of_the_wrong_kind_is_refused(tmp_path, field, bad):
     from toolchain.core.errors import ToolchainError
 
-    ag = _agreement(**flip_fields(*_logits(np.random.default_rng(7), 205, 6), 200, 205))
+    ag = _agreement(**flip_fields(*_logits(np.random.default_rng(7), 205, 6)))
     report = VerifyReport("r.onnx", "m.onnx", None, 1, 1, 0, {}, False, "i.json", "o.json", agreement=ag).to_dict()
     report["agreement"][field] = bad
     (tmp_path / "verify.json").write_text(json.dumps(report))
