@@ -27,20 +27,21 @@ from torch.nn.utils import parametrize
 
 from toolchain.data.sources import load_data
 from toolchain.data.windows import split_subjects
+from toolchain.kernels.quant import channel_scales
 from toolchain.models.registry import load_checkpoint, save_checkpoint
-from toolchain.qat import quantized_inputs, read_int8_base
+from toolchain.qat import QMAX, QMIN, quantized_inputs, read_int8_base
 from toolchain.train import TrainConfig, evaluate, seed_everything, train
 
 CPU = torch.device("cpu")
 
 
 class PerChannelFakeQuant(nn.Module):
-    """Symmetric INT8 per output channel, scale max |W| / 127: the scales `toolchain fuse` writes."""
+    """Symmetric INT8 per output channel at the scales `toolchain fuse` writes (kernels.quant.channel_scales)."""
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        s = (w.detach().abs().amax(dim=tuple(range(1, w.ndim))) / 127).clamp_min(1e-12)
+        s = torch.from_numpy(channel_scales(w.detach().numpy(), axis=0))
         zero = torch.zeros_like(s, dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(w, s, zero, 0, -128, 127)
+        return torch.fake_quantize_per_channel_affine(w, s, zero, 0, QMIN, QMAX)
 
 
 def train_base(src: Path, int8: Path, out: Path, epochs: int, lr: float, fake_quant: bool) -> None:
@@ -64,61 +65,26 @@ def train_base(src: Path, int8: Path, out: Path, epochs: int, lr: float, fake_qu
     save_checkpoint(model, out, spec=payload["model"], classes=payload["classes"], input_shape=shape, extra=extra)
 
 
-def cli(*args: str) -> None:
-    subprocess.run(["toolchain", *args], check=True, stdout=subprocess.DEVNULL)
+def cli(*args: str, check: bool = True) -> None:
+    subprocess.run(["toolchain", *args], check=check, capture_output=True)
 
 
 def adapt_and_verify(out: Path, seed: int) -> None:
     """The user's pipeline on the trained base; one line per INT8 route."""
-    f = {
-        k: str(out / v)
-        for k, v in {
-            "ckpt": "base.pt",
-            "adapter": "adapter.safetensors",
-            "base": "base.onnx",
-            "fused": "fused.onnx",
-            "base8": "base.int8.onnx",
-        }.items()
-    }
-    cli(
-        "finetune",
-        "--checkpoint",
-        f["ckpt"],
-        "--epochs",
-        "15",
-        "--seed",
-        str(seed),
-        "--force",
-        "--no-progress",
-        "--out",
-        f["adapter"],
+    ckpt, adapter, base, fused, base8 = (
+        str(out / n) for n in ("base.pt", "adapter.safetensors", "base.onnx", "fused.onnx", "base.int8.onnx")
     )
-    cli("export", "--checkpoint", f["ckpt"], "-o", f["base"], "--force")
-    cli("fuse", f["base"], f["adapter"], "-o", f["fused"], "--force")
-    cli("quantize", f["base"], "-o", f["base8"], "--data", "watch", "--force")
+    train_args = ["--epochs", "15", "--seed", str(seed), "--no-progress"]
+    cli("finetune", "--checkpoint", ckpt, *train_args, "--out", adapter, "--force")
+    cli("export", "--checkpoint", ckpt, "-o", base, "--force")
+    cli("fuse", base, adapter, "-o", fused, "--force")
+    cli("quantize", base, "-o", base8, "--data", "watch", "--force")
     routes = {"fused into the INT8 base": [], "+ --recalibrate watch": ["--recalibrate", "watch"]}
     for i, (name, extra) in enumerate(routes.items()):
-        model = str(out / f"fused{i}.int8.onnx")
-        cli("fuse", f["base8"], f["adapter"], "-o", model, *extra, "--force")
-        vdir = out / f"verify{i}"
-        subprocess.run(
-            [
-                "toolchain",
-                "verify",
-                model,
-                "--reference",
-                f["fused"],
-                "--data",
-                "watch",
-                "--split",
-                "target-test",
-                "--out-dir",
-                str(vdir),
-                "--force",
-            ],
-            check=False,
-            capture_output=True,
-        )
+        model, vdir = str(out / f"fused{i}.int8.onnx"), out / f"verify{i}"
+        cli("fuse", base8, adapter, "-o", model, *extra, "--force")
+        data = ["--data", "watch", "--split", "target-test"]
+        cli("verify", model, "--reference", fused, *data, "--out-dir", str(vdir), "--force", check=False)
         a = json.loads((vdir / "verify.json").read_text())["agreement"]
         print(
             f"{name}: agreement {a['top1_agreement']:.4f} ({a['flipped']} flips of {a['windows']}), "
