@@ -81,3 +81,28 @@ def test_the_legacy_net_computes_what_the_old_mobilenet1d_computed(checkpoints):
 def test_a_wrong_net_or_revision_is_refused(checkpoints, ckpt, model_spec, message):
     with pytest.raises(ToolchainError, match=message):
         load_checkpoint(checkpoints[ckpt], model_spec)
+
+
+def test_the_same_model_saved_twice_gives_the_same_bytes(tmp_path):
+    """The archive is not named after the random temporary file, so a re-run of a pipeline writes the
+    same checkpoint (and the same checkpoint_sha256 in every export of it)."""
+    torch.manual_seed(0)
+    model = build_model("cnn1d", 6, 4)
+    one, two = tmp_path / "one.pt", tmp_path / "sub" / "two.pt"
+    two.parent.mkdir()
+    for path in (one, two):
+        save_checkpoint(model, path, spec="cnn1d", classes=list("abcd"), input_shape=(6, 64), extra={})
+    assert one.read_bytes() == two.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.pt", "sub"]
+
+
+def test_a_full_disk_seen_by_the_file_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    model = build_model("cnn1d", 6, 4)
+    with pytest.raises(ToolchainError, match=r"cannot write the checkpoint.*No space left"):
+        save_checkpoint(model, tmp_path / "x.pt", spec="cnn1d", classes=list("abcd"), input_shape=(6, 64), extra={})
+    assert not list(tmp_path.iterdir())

@@ -167,9 +167,10 @@ def save_checkpoint(
         **extra,
     }
     with atomic_path(path) as tmp:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as err:  # torch's own writer: a full disk is "PytorchStreamWriter failed writing file"
+        try:  # through a file object: a path would name the archive after the random temporary file
+            with open(tmp, "wb") as fh:  # (the same model would then give other bytes on every save)
+                torch.save(payload, fh)
+        except (RuntimeError, OSError) as err:  # torch's writer ("PytorchStreamWriter failed") or the file's
             raise ToolchainError(
                 "cannot write the checkpoint",
                 seen=f"{path}: {' '.join(str(err).split())[:120]}",
