@@ -36,18 +36,16 @@ def read_regular_file(path: Path, limit: int, *, what: str, remedy: str) -> byte
     try:
         st = path.stat()
     except OSError as err:
-        raise ToolchainError(
-            f"the {what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy=remedy
-        ) from None
+        raise ToolchainError(f"{what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy=remedy) from None
     if not stat.S_ISREG(st.st_mode):
-        raise ToolchainError(f"the {what} is not a regular file", seen=str(path), remedy=remedy)
+        raise ToolchainError(f"{what} is not a regular file", seen=str(path), remedy=remedy)
     if st.st_size > limit:
-        raise ToolchainError(f"the {what} is larger than {limit >> 20} MiB", seen=st.st_size, remedy=remedy)
+        raise ToolchainError(f"{what} is larger than {limit >> 20} MiB", seen=st.st_size, remedy=remedy)
     try:
         return path.read_bytes()
     except OSError as err:
         raise ToolchainError(
-            f"the {what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy="check its permissions"
+            f"{what} cannot be read", seen=f"{path}: {err.strerror or err}", remedy="check its permissions"
         ) from None
 
 

@@ -146,3 +146,20 @@ def test_malformed_provenance_is_refused(meta, message, verified):
         model.metadata_props.add(key=k, value=v)
     with pytest.raises(ToolchainError, match=message):
         read_provenance(model)
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "large"])
+def test_an_unreadable_record_is_named_once(tmp_path, kind, monkeypatch):
+    """The file readers' messages name the record as the caller does ("the verify report"), not
+    "the the verify report" (the article was added twice)."""
+    import toolchain.core.jsonio as jsonio
+
+    path = tmp_path / "verify.json"
+    if kind == "folder":
+        path.mkdir()
+    if kind == "large":
+        path.write_text("{}")
+        monkeypatch.setattr(jsonio, "MAX_JSON_BYTES", 1)
+    with pytest.raises(ToolchainError) as err:
+        jsonio.read_json(path, "the verify report", "re-run toolchain verify", limit=jsonio.MAX_JSON_BYTES)
+    assert str(err.value).startswith("the verify report ") and "the the" not in str(err.value)

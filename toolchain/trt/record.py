@@ -155,7 +155,7 @@ def _dynamic_batch(value: object) -> tuple[int, int, int] | None:
 def read_plan(plan: str | os.PathLike[str]) -> bytes:
     """A plan's bytes: a regular file (a FIFO or a device would hang the reader) of at most MAX_PLAN_BYTES."""
     return read_regular_file(
-        Path(plan), MAX_PLAN_BYTES, what="TensorRT plan", remedy="pass an engine file built by `toolchain build`"
+        Path(plan), MAX_PLAN_BYTES, what="the TensorRT plan", remedy="pass an engine file built by `toolchain build`"
     )
 
 
