@@ -173,7 +173,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 def cmd_verify(a: argparse.Namespace) -> int:
     from toolchain.flips import summary as flips_summary
-    from toolchain.saturation import HEAVY
+    from toolchain.saturation import HEAVY, coarse_summary
     from toolchain.saturation import heavy as saturation_heavy
     from toolchain.saturation import summary as saturation_summary
     from toolchain.verify import VerifyOptions, parse_tolerance, verify
@@ -213,10 +213,17 @@ def cmd_verify(a: argparse.Namespace) -> int:
         )
         print(f"INT8 model: {flips_summary(ag)}")
         print(f"INT8 model: {saturation_summary(ag.saturation)}")
+        print(f"INT8 model: {coarse_summary(ag.coarse)}")
         if not ag.passed and saturation_heavy(ag.saturation):
             print(
                 f"remedy: activations clipped on {100 * HEAVY:.0f}% of the windows or more are out of the base's "
                 "calibration; fuse again with --recalibrate on the user's adaptation data (docs/INT8.md)"
+            )
+        if not ag.passed and ag.coarse:
+            print(
+                "remedy: activations that reach at most half their INT8 range here were calibrated on data with "
+                "larger values; fuse again with --recalibrate on the user's adaptation data, or, for the model's "
+                "input, quantize the base with --exclude @first (docs/INT8.md)"
             )
     worst = max(st.max_abs for st in report.comparisons["model"].outputs.values())
     hint = f" --atol {worst * 1.01:.3g} --rtol 1e9" if ag is not None else ""  # INT8: the errors measured

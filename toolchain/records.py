@@ -111,6 +111,7 @@ class Agreement:
     accuracy_reference: float
     passed: bool
     saturation: tuple[Saturation, ...] = ()  # the model's activations past their INT8 range, most often first
+    coarse: tuple[Saturation, ...] = ()  # its activations that reach at most half their range, least used first
     # toolchain.flips: the agreement's Wilson 95% interval; the windows whose top-1 differs (count, and at most
     # flips.MAX_LISTED by index, the reference's most confident first, with the reference's top-2 margin on each);
     # the median margin of all windows; the share of windows at most as confident as the most confident flip
@@ -156,16 +157,18 @@ def read_verify_report(path: PathLike) -> VerifyReport:
         raw = {**raw, "comparisons": {k: _comparison(v, remedy) for k, v in raw["comparisons"].items()}}
     if isinstance(raw, dict):  # reports written before INT8 verification have no agreement
         agreement = raw.get("agreement")
-        if isinstance(agreement, dict):  # written before saturation was measured: none recorded
-            clipped = agreement.get("saturation", [])
-            if not isinstance(clipped, list):
-                clipped = [clipped]  # refused below, as any field of the wrong kind
-            entries = tuple(record_from_dict(Saturation, c, "a verify saturation entry", remedy) for c in clipped)
-            agreement = {**_flip_defaults(), **agreement, "saturation": entries}  # flips: measured since
+        if isinstance(agreement, dict):  # written before saturation (or coarse ranges) was measured: none recorded
+            lists = {key: _range_entries(agreement.get(key, []), key, remedy) for key in ("saturation", "coarse")}
+            agreement = {**_flip_defaults(), **agreement, **lists}  # flips: measured since
         if agreement is not None:
             agreement = record_from_dict(Agreement, agreement, "a verify agreement", remedy)
         raw = {**raw, "agreement": agreement}
     return record_from_dict(VerifyReport, raw, "the verify report", remedy)
+
+
+def _range_entries(value: Any, key: str, remedy: str) -> tuple[Saturation, ...]:
+    entries = value if isinstance(value, list) else [value]  # one entry not in a list: refused below
+    return tuple(record_from_dict(Saturation, c, f"a verify {key} entry", remedy) for c in entries)
 
 
 def _flip_defaults() -> dict[str, Any]:

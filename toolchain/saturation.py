@@ -1,6 +1,8 @@
 """Where an INT8 model's activations leave their calibrated range: for every activation
 QuantizeLinear, the share of real windows on which some value rounds past ``[-128, 127]`` (and is
-clipped), and how far past the range the largest one reaches.
+clipped), and how far past the range the largest one reaches; and which activations stay far inside
+it (``coarse``: the largest value on every window reaches at most half the range, so the step is at
+least twice what these windows need).
 
 An adapter fused into a quantized base keeps the base's activation scales (docs/INT8.md); where it
 makes activations grow, the deployed model clips them. This is what ``verify`` of an INT8 model
@@ -22,6 +24,11 @@ QMIN, QMAX = -128, 127  # signed INT8 with zero point 0: the layout toolchain qu
 # its source windows: 0.5% at most), while an adapter that grew the activations clips most of them (fused
 # into that base: 100% of the target windows at the last conv; recalibrated: 1.5%). docs/INT8.md.
 HEAVY = 0.05
+# An activation whose largest value on the windows reaches at most this share of its range uses at most
+# half its codes. On mobilenet1d the model input's scale, set by spikes in the source subjects, reaches
+# 0.33x on the target test windows, where every other activation reaches 0.8x or more; that one quantizer
+# alone costs as much agreement as all 23 (docs/BENCHMARKS.md, "where the activation loss is").
+COARSE = 0.5
 
 
 def _quantizers(model: str | Path) -> tuple[bytes, list[str], list[float]]:
@@ -53,19 +60,19 @@ def _excess(values: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(high / QMAX, low / QMIN), clipped
 
 
-def saturation(model: str | Path, x: np.ndarray) -> tuple[Saturation, ...]:
-    """For an explicitly quantized ``model`` on the windows ``x`` (N, ...): one entry per activation
-    quantizer whose range is exceeded on at least one window, most often clipped first; batched as
+def _measure(model: str | Path, x: np.ndarray) -> list[Saturation]:
+    """Every activation quantizer of ``model`` on the windows ``x`` (N, ...): the share of windows with a
+    clipped value and the largest value over all of them as a multiple of the range; batched as
     ``verify.model_batches`` (padding rows not counted)."""
     import onnxruntime as ort
 
     from toolchain.verify import model_batches
 
     if not len(x):
-        return ()
+        return []
     serialized, names, scales = _quantizers(model)
     if not names:
-        return ()
+        return []
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as written
     session = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
@@ -77,13 +84,38 @@ def saturation(model: str | Path, x: np.ndarray) -> tuple[Saturation, ...]:
             e, c = _excess(np.asarray(value)[:real], scales[j])
             excess[j].append(e)
             flags[j].append(c)
-    out = []
-    for name, scale, e_parts, c_parts in zip(names, scales, excess, flags, strict=True):
-        clipped = float(np.mean(np.concatenate(c_parts)))
-        if clipped > 0:
-            worst = float(np.concatenate(e_parts).max())
-            out.append(Saturation(tensor=name, scale=scale, windows_clipped=clipped, max_over_range=worst))
-    return tuple(sorted(out, key=lambda s: (-s.windows_clipped, -s.max_over_range, s.tensor)))
+    return [
+        Saturation(
+            tensor=name,
+            scale=scale,
+            windows_clipped=float(np.mean(np.concatenate(c_parts))),
+            max_over_range=float(np.concatenate(e_parts).max()),
+        )
+        for name, scale, e_parts, c_parts in zip(names, scales, excess, flags, strict=True)
+    ]
+
+
+def ranges(model: str | Path, x: np.ndarray) -> tuple[tuple[Saturation, ...], tuple[Saturation, ...]]:
+    """(``saturation``, ``coarse``) of ``model`` on ``x`` from one run."""
+    entries = _measure(model, x)
+    clipped = [s for s in entries if s.windows_clipped > 0]
+    inside = [s for s in entries if s.max_over_range <= COARSE]
+    return (
+        tuple(sorted(clipped, key=lambda s: (-s.windows_clipped, -s.max_over_range, s.tensor))),
+        tuple(sorted(inside, key=lambda s: (s.max_over_range, s.tensor))),
+    )
+
+
+def saturation(model: str | Path, x: np.ndarray) -> tuple[Saturation, ...]:
+    """For an explicitly quantized ``model`` on the windows ``x`` (N, ...): one entry per activation
+    quantizer whose range is exceeded on at least one window, most often clipped first."""
+    return ranges(model, x)[0]
+
+
+def coarse(model: str | Path, x: np.ndarray) -> tuple[Saturation, ...]:
+    """One entry per activation quantizer whose largest value on all of ``x`` reaches at most ``COARSE``
+    of its range (none clipped, then), the least used first."""
+    return ranges(model, x)[1]
 
 
 def heavy(entries: tuple[Saturation, ...]) -> bool:
@@ -100,3 +132,17 @@ def summary(entries: tuple[Saturation, ...], top: int = 3) -> str:
     )
     more = f" and {len(entries) - top} more" if len(entries) > top else ""
     return f"{len(entries)} activations clipped past their INT8 range on some windows: {worst}{more}"
+
+
+def coarse_summary(entries: tuple[Saturation, ...], top: int = 3) -> str:
+    """One line: the activations that use at most half their range, or that none does."""
+    if not entries:
+        return f"every activation reaches more than {COARSE:.0%} of its INT8 range on these windows"
+    worst = ", ".join(f"{s.tensor} ({s.max_over_range:.2f}x)" for s in entries[:top])
+    more = f" and {len(entries) - top} more" if len(entries) > top else ""
+    one = len(entries) == 1
+    return (
+        f"{len(entries)} {'activation reaches' if one else 'activations reach'} at most {COARSE:.0%} of "
+        f"{'its' if one else 'their'} INT8 range on these windows (a step at least twice what "
+        f"{'it needs' if one else 'they need'}): {worst}{more}"
+    )

@@ -351,11 +351,12 @@ def predictions(model: str, x: np.ndarray) -> np.ndarray:
 def task_agreement(model: str, reference: str, opts: VerifyOptions) -> Agreement:
     """Top-1 agreement and macro-F1 of ``model`` and ``reference`` on the labelled windows of
     ``opts.data`` (``opts.split`` of it), every window once, and where the quantized ``model``'s
-    activations leave their INT8 range on those windows; which windows flip (``toolchain.flips``)."""
+    activations leave their INT8 range on those windows or stay far inside it (``toolchain.saturation``);
+    which windows flip (``toolchain.flips``)."""
     from toolchain.data.sources import load_split
     from toolchain.flips import flip_fields
     from toolchain.metrics import accuracy, macro_f1
-    from toolchain.saturation import saturation
+    from toolchain.saturation import ranges
 
     ds = load_split(str(opts.data), opts.split, opts.subjects)
     x = np.ascontiguousarray(ds.X, dtype=np.float32)
@@ -365,6 +366,7 @@ def task_agreement(model: str, reference: str, opts: VerifyOptions) -> Agreement
     got, ref = out.argmax(axis=1), ref_out.argmax(axis=1)
     y, k = ds.y, len(ds.classes)
     top1 = float(np.mean(got == ref))
+    clipped, coarse = ranges(model, x)
     return Agreement(
         data=str(opts.data),
         split=opts.split,
@@ -376,6 +378,7 @@ def task_agreement(model: str, reference: str, opts: VerifyOptions) -> Agreement
         accuracy_model=accuracy(y, got),
         accuracy_reference=accuracy(y, ref),
         passed=top1 >= opts.min_agreement,
-        saturation=saturation(model, x),
+        saturation=clipped,
+        coarse=coarse,
         **flip_fields(out, ref_out),
     )

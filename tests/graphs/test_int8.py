@@ -278,6 +278,43 @@ def test_verify_int8_saturation_is_measured_in_the_deployed_model(art, tmp_path,
         if share:
             expected[n] = share
     assert {e.tensor: e.windows_clipped for e in entries} == pytest.approx(expected)
+    coarse = {}  # the largest value over every window as a multiple of the range, where at most half of it
+    for j, n in enumerate(names):
+        v = np.concatenate([r[j] for r in rows])[: len(x)].astype(np.float64) / scales[n]
+        used = max(v.max() / 127, v.min() / -128)
+        if used <= 0.5:
+            coarse[n] = used
+    got = read_verify_report(out / "verify.json").agreement.coarse
+    assert {e.tensor: e.max_over_range for e in got} == pytest.approx(coarse)
+    assert [e.max_over_range for e in got] == sorted(e.max_over_range for e in got)
+
+
+def test_verify_int8_names_an_input_calibrated_on_larger_values(art, tmp_path, capsys):
+    """The model input's scale made 8x coarser (as spikes in the calibration data make it): verify
+    names that input among the activations that reach at most half their range (on the scale the
+    quantizer set it does not), and where the gate fails the remedy names --exclude @first."""
+    m = onnx.load(str(art["fused8"]))
+    weights = index_weights(m.graph)
+    first = next(n for n in m.graph.node if n.op_type == "Conv")
+    dq = next(n for n in m.graph.node if n.output[0] == first.input[0])
+    q = next(n for n in m.graph.node if n.output[0] == dq.input[0])
+    scale = weights[q.input[1]]
+    scale.set_values(scale.values() * 8)
+    coarse_model = tmp_path / "coarse.int8.onnx"
+    onnx.save(m, str(coarse_model))
+    runs = {}
+    for name, model in (("as quantized", art["fused8"]), ("coarse", coarse_model)):
+        out = tmp_path / name
+        rc = main(["verify", str(model), "--reference", str(art["fused"]), "--split", "target-test",
+                   "--min-agreement", "1.0", "--out-dir", str(out)])  # fmt: skip
+        text = capsys.readouterr().out
+        ag = read_verify_report(out / "verify.json").agreement
+        runs[name] = ({e.tensor: e.max_over_range for e in ag.coarse}, text, rc)
+    plain, text, rc = runs["as quantized"][0], runs["coarse"][1], runs["coarse"][2]
+    coarse = runs["coarse"][0]
+    assert rc == 1 and q.input[0] in coarse and q.input[0] not in plain  # on the base's scale: more than half
+    assert q.input[0] in text and "1 activation reaches at most 50% of its INT8 range" in text
+    assert "--exclude @first" in text and "remedy:" in text
 
 
 def test_verify_fp32_is_unchanged(art, tmp_path):

@@ -129,3 +129,46 @@ def test_an_edited_saturation_entry_is_refused(tmp_path, entries, message):
     path.write_text(json.dumps(report))
     with pytest.raises(ToolchainError, match=message):
         read_verify_report(path)
+
+
+@pytest.mark.parametrize(
+    "x, used",
+    [
+        (_rows(1.0, -3.0), 6.0 / 128),  # the larger side decides: -3 / 0.5 = -6 codes of -128
+        (_rows(31.75, 0.0), 0.5),  # 63.5 codes of 127: exactly half, coarse
+        (_rows(-32.0, 1.0), 0.5),  # -64 of -128
+        (_rows(0.0, 0.0), 0.0),  # never non-zero on these windows
+        (_rows(32.0, 1.0), None),  # 64 of 127: more than half
+        (_rows(200.0, 1.0), None),  # clipped, so not coarse
+    ],
+)
+def test_coarse_names_activations_that_use_at_most_half_their_range(tmp_path, x, used):
+    from toolchain.saturation import coarse, coarse_summary, ranges
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_qdq_model(2), str(path))
+    got = coarse(path, x)
+    assert ranges(path, x) == (saturation(path, x), got)
+    if used is None:
+        assert got == () and coarse_summary(got).startswith("every activation reaches more than 50%")
+        return
+    (entry,) = got
+    assert entry.tensor == "t" and entry.windows_clipped == 0 and entry.max_over_range == pytest.approx(used)
+    assert "t (" in coarse_summary(got) and "at most 50%" in coarse_summary(got)
+
+
+def test_old_verify_reports_without_coarse_ranges_read_and_edited_ones_are_refused(tmp_path):
+    from toolchain.core.errors import ToolchainError
+
+    path = tmp_path / "verify.json"
+    path.write_text(_old_report_text())
+    assert read_verify_report(path).agreement.coarse == ()
+    report = json.loads(_old_report_text())
+    entry = {"tensor": "x", "scale": 0.1, "windows_clipped": 0.0, "max_over_range": 0.33}
+    report["agreement"]["coarse"] = [entry]
+    path.write_text(json.dumps(report))
+    assert read_verify_report(path).agreement.coarse == (Saturation(**entry),)
+    report["agreement"]["coarse"] = [{"tensor": "x"}]
+    path.write_text(json.dumps(report))
+    with pytest.raises(ToolchainError, match="a verify coarse entry"):
+        read_verify_report(path)
