@@ -36,7 +36,12 @@ import onnx
 from onnx import helper
 from onnx import numpy_helper as nh
 
-from toolchain.verify import VerifyOptions, task_agreement
+from toolchain.data.sources import load_split
+from toolchain.graphs.qdq import activation_quantizers, quantized_weights
+from toolchain.graphs.weights import Weight, index_weights
+from toolchain.kernels.quant import fake_quantize
+from toolchain.metrics import macro_f1
+from toolchain.verify import VerifyOptions, first_outputs, predictions, task_agreement
 
 SHIFT = 3.0  # the middle of ReLU6's range
 
@@ -53,10 +58,10 @@ def _pads(node: onnx.NodeProto) -> list[int]:
     return next((list(a.ints) for a in node.attribute if a.name == "pads"), [])
 
 
-def _shiftable(clip: onnx.NodeProto, init: dict[str, onnx.TensorProto], readers: dict, producers: dict) -> bool:
-    if clip.op_type != "Clip" or len(clip.input) < 3 or not {clip.input[1], clip.input[2]} <= init.keys():
+def _shiftable(clip: onnx.NodeProto, weights: dict[str, Weight], readers: dict, producers: dict) -> bool:
+    if clip.op_type != "Clip" or len(clip.input) < 3 or not {clip.input[1], clip.input[2]} <= weights.keys():
         return False
-    if (float(nh.to_array(init[clip.input[1]])), float(nh.to_array(init[clip.input[2]]))) != (0.0, 6.0):
+    if (float(weights[clip.input[1]].values()), float(weights[clip.input[2]].values())) != (0.0, 6.0):
         return False
     rs, bn = readers.get(clip.output[0], []), producers.get(clip.input[0])
     return (
@@ -75,7 +80,7 @@ def _shiftable(clip: onnx.NodeProto, init: dict[str, onnx.TensorProto], readers:
 def shift_relu6(model: onnx.ModelProto, c: float = SHIFT) -> int:
     """Shift every shiftable ReLU6 output by -c in place (see the module doc); returns how many."""
     g = model.graph
-    init = {t.name: t for t in g.initializer}
+    weights = index_weights(g)
     readers, producers = _readers(g), {o: n for n in g.node for o in n.output}
     outputs = {o.name for o in g.output}
 
@@ -84,20 +89,19 @@ def shift_relu6(model: onnx.ModelProto, c: float = SHIFT) -> int:
         return name
 
     def bump(name: str, delta: np.ndarray) -> None:
-        old = nh.to_array(init[name])
-        init[name].CopyFrom(nh.from_array((old + delta).astype(old.dtype), name))
+        weights[name].set_values(weights[name].values() + delta)  # keeps the dtype
 
     pads_to_insert = []
     shifted = 0
     for clip in list(g.node):
-        if not _shiftable(clip, init, readers, producers) or clip.output[0] in outputs:
+        if not _shiftable(clip, weights, readers, producers) or clip.output[0] in outputs:
             continue
         conv, bn = readers[clip.output[0]][0], producers[clip.input[0]]
-        dtype = nh.to_array(init[clip.input[1]]).dtype
+        dtype = weights[clip.input[1]].values().dtype
         bump(bn.input[2], np.asarray(-c))
         clip.input[1] = add(np.asarray(-c, dtype), f"{clip.name}_shift_min")
         clip.input[2] = add(np.asarray(6.0 - c, dtype), f"{clip.name}_shift_max")
-        w = nh.to_array(init[conv.input[1]])
+        w = weights[conv.input[1]].values()
         bump(conv.input[2], c * w.sum(axis=tuple(range(1, w.ndim)), dtype=np.float64))
         pads = _pads(conv)
         if any(pads):
@@ -120,20 +124,10 @@ def shift_relu6(model: onnx.ModelProto, c: float = SHIFT) -> int:
     return shifted
 
 
-def max_difference(a: Path | onnx.ModelProto, b: Path | onnx.ModelProto, data: str) -> float:
-    """Largest logit difference of two models on the target test windows."""
-    import onnxruntime as ort
-
-    from toolchain.data.sources import load_split
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sa, sb = (
-        ort.InferenceSession(m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m), so) for m in (a, b)
-    )
-    name = sa.get_inputs()[0].name
-    x = load_split(data, "target-test", None).X.astype(np.float32)
-    return max(float(np.abs(sa.run(None, {name: w[None]})[0] - sb.run(None, {name: w[None]})[0]).max()) for w in x)
+def max_difference(a: Path, b: Path, data: str) -> float:
+    """Largest logit difference of two models on the target test windows (``verify.first_outputs``)."""
+    x = np.ascontiguousarray(load_split(data, "target-test").X, dtype=np.float32)
+    return float(np.abs(first_outputs(str(a), x) - first_outputs(str(b), x)).max())
 
 
 def cli(*args: str) -> None:
@@ -142,37 +136,28 @@ def cli(*args: str) -> None:
         sys.exit(f"toolchain {' '.join(args)} failed:\n{res.stderr[-2000:]}")
 
 
-def _weight_scales(graph: onnx.GraphProto, init: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Float weight name -> its per-channel scales, for every weight behind a QuantizeLinear."""
-    return {n.input[0]: init[n.input[1]] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in init}
-
-
 def set_biases(model8: Path, shifted: Path, plain: Path, c: float = SHIFT) -> int:
     """Give each shifted conv of an INT8 model the bias b + c * sum(Wq), Wq its weight as the engine sees
-    it (dequantized): then conv(x - c; Wq) + bias = conv(x; Wq) and only the activation's error changes.
-    b is the plain FP32 model's bias; a shifted conv is one whose bias differs between the shifted and the
-    plain fused FP32 models. Returns how many biases were set."""
+    it (``kernels.quant.fake_quantize`` at the chain's scales): then conv(x - c; Wq) + bias = conv(x; Wq)
+    and only the activation's error changes. b is the plain FP32 model's bias; a shifted conv is one whose
+    bias differs between the shifted and the plain fused FP32 models. Returns how many biases were set."""
     ref = {t.name: nh.to_array(t) for t in onnx.load(str(plain)).graph.initializer}
     moved = {t.name: nh.to_array(t) for t in onnx.load(str(shifted)).graph.initializer}
     m = onnx.load(str(model8))
-    init = {t.name: nh.to_array(t) for t in m.graph.initializer}
-    scales = _weight_scales(m.graph, init)
-    by_name = {t.name: t for t in m.graph.initializer}
+    weights = index_weights(m.graph)
+    chains = {c.readers[0].node.name: c for c in quantized_weights(m.graph, weights).values()}
     taken = 0
     for conv in (n for n in m.graph.node if n.op_type == "Conv" and len(n.input) > 2):
         b = conv.input[2]
         if b not in ref or np.array_equal(ref[b], moved[b]):
             continue
-        producer = next((n for n in m.graph.node if conv.input[1] in n.output), None)
-        w_name = producer.input[0] if producer is not None else conv.input[1]
-        if producer is not None:  # DequantizeLinear(QuantizeLinear(W))
-            w_name = next(n for n in m.graph.node if n.output[0] == producer.input[0]).input[0]
-        w = init[w_name].astype(np.float64)
-        if w_name in scales:
-            s = scales[w_name].astype(np.float64).reshape(-1, *[1] * (w.ndim - 1))
-            w = np.clip(np.round(w / s), -128, 127) * s
-        bias = ref[b].astype(np.float64) + c * w.sum(axis=tuple(range(1, w.ndim)))
-        by_name[b].CopyFrom(nh.from_array(bias.astype(np.float32), b))
+        chain = chains.get(conv.name)
+        if chain is None:  # a conv left float (--exclude): the engine sees W itself
+            w = weights[conv.input[1]].values()
+        else:
+            w = fake_quantize(chain.weight.values(), chain.scale.values(), chain.axis)
+        bias = ref[b].astype(np.float64) + c * w.sum(axis=tuple(range(1, w.ndim)), dtype=np.float64)
+        weights[b].set_values(bias.astype(np.float32))
         taken += 1
     onnx.save(m, str(model8))
     return taken
@@ -194,12 +179,12 @@ def route(out: Path, tag: str, adapter: Path, data: str, exclude: list[str]) -> 
     }
 
 
-def keep_activations(src: Path, keep: set[str]) -> onnx.ModelProto:
-    """SRC with every activation Q/DQ pair removed except those quantizing a tensor in KEEP (weights stay INT8)."""
+def keep_activations(src: Path, keep: set[str], dst: Path) -> Path:
+    """SRC with every activation Q/DQ pair removed except those quantizing a tensor in KEEP (weights stay
+    INT8), written to DST."""
     m = onnx.load(str(src))
     g = m.graph
-    init = {t.name for t in g.initializer}
-    quant = {n.output[0]: n.input[0] for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in init}
+    quant = {q.output[0]: q.input[0] for q in activation_quantizers(g, index_weights(g))}
     rename = {n.output[0]: quant[n.input[0]] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in quant}
     rename = {dq: x for dq, x in rename.items() if x not in keep}
     dropped = set(rename) | {q for q, x in quant.items() if x not in keep}
@@ -210,15 +195,15 @@ def keep_activations(src: Path, keep: set[str]) -> onnx.ModelProto:
     kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
     del g.node[:]
     g.node.extend(kept)
-    return m
+    onnx.save(m, str(dst))
+    return dst
 
 
 def parts(fused8: Path, reference: Path, data: str) -> dict[str, float]:
     """Agreement of FUSED8 with only some activation quantizers left (weights INT8 throughout): where the
     activations' loss is. The first conv's input is the standardised window."""
     g = onnx.load(str(fused8)).graph
-    init = {t.name for t in g.initializer}
-    acts = [n.input[0] for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in init]
+    acts = [q.input[0] for q in activation_quantizers(g, index_weights(g))]
     made_by = {o: n for n in g.node for o in n.output}
     dq = made_by[next(n.input[0] for n in g.node if n.op_type == "Conv")]  # the first conv's input DQ
     first = {made_by[dq.input[0]].input[0]}
@@ -234,9 +219,7 @@ def parts(fused8: Path, reference: Path, data: str) -> dict[str, float]:
     }
     out: dict[str, float] = {"quantized_activations": len(acts)}
     for name, keep in subsets.items():
-        path = fused8.with_suffix(f".{name}.onnx")
-        onnx.save(keep_activations(fused8, keep), str(path))
-        out[name] = _agreement(path, reference, data)
+        out[name] = _agreement(keep_activations(fused8, keep, fused8.with_suffix(f".{name}.onnx")), reference, data)
     return out
 
 
@@ -276,12 +259,15 @@ def main() -> None:
     }
     # the shift must leave the weight error as it was: with no activation quantizer, plain == shifted
     result["weights_only_max_logit_difference"] = max_difference(
-        *(keep_activations(a.out / f"fused.{t}.int8.onnx", set()) for t in ("plain", "shift")), a.data
+        *(
+            keep_activations(a.out / f"fused.{t}.int8.onnx", set(), a.out / f"fused.{t}.int8.weights-only.onnx")
+            for t in ("plain", "shift")
+        ),
+        a.data,
     )
-    fp32 = a.out / "fused.plain.onnx"
-    result["f1_fp32_fused"] = round(
-        task_agreement(str(fp32), str(fp32), VerifyOptions(data=a.data, split="target-test")).f1_reference, 4
-    )
+    test = load_split(a.data, "target-test")
+    got = predictions(str(a.out / "fused.plain.onnx"), np.ascontiguousarray(test.X, dtype=np.float32))
+    result["f1_fp32_fused"] = round(macro_f1(test.y, got, len(test.classes)), 4)
     if not a.exclude:  # with the first conv float its input has no quantizer to single out
         result["plain_parts"] = parts(a.out / "fused.plain.int8.onnx", a.out / "fused.plain.onnx", a.data)
     print(json.dumps(result))
